@@ -1,0 +1,19 @@
+"""Cache the /testbed repository of every R2E-Gym task image, concurrently and safely."""
+
+from asynccache.api import cache_repos, dataset_rows
+from asynccache.config import CacheOptions
+from asynccache.entries import Entry, entry_from_row, make_instance_id
+from asynccache.errors import CacheError
+from asynccache.pipeline import Outcome, Summary
+
+__all__ = [
+    "CacheError",
+    "CacheOptions",
+    "Entry",
+    "Outcome",
+    "Summary",
+    "cache_repos",
+    "dataset_rows",
+    "entry_from_row",
+    "make_instance_id",
+]

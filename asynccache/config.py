@@ -1,0 +1,53 @@
+"""Defaults for every option, with environment overrides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Where the cache lives unless --cache_dir or ASYNCCACHE_CACHE_DIR says otherwise.
+repo_cache_dir = os.environ.get("ASYNCCACHE_CACHE_DIR", "/data/repo-cache")
+dataset_name = os.environ.get("ASYNCCACHE_DATASET", "R2E-Gym/R2E-Gym-Lite")
+dataset_split = "train"
+concurrency = 16
+pull_timeout = 600.0
+cp_timeout = 120.0
+testbed_path = "/testbed"
+#: Longest total pause for a registry rate limit before the remaining pulls fail.
+rate_limit_max_wait = 6 * 3600.0
+#: First pause after a rate limit answer (doubles up to rate_limit_pause_max).
+rate_limit_pause = 60.0
+rate_limit_pause_max = 900.0
+
+#: Label put on every container we create; its value is the absolute cache folder.
+CONTAINER_LABEL = "io.asynccache.cache_dir"
+
+INDEX_NAME = "index.json"
+FAILURES_NAME = "failures.json"
+TMP_DIR_NAME = ".tmp"
+META_DIR_NAME = ".meta"
+LOCK_NAME = ".lock"
+
+
+def default_cache_dir() -> Path:
+    """The cache folder used when none is given."""
+    return Path(os.environ.get("ASYNCCACHE_CACHE_DIR", repo_cache_dir))
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything a caching run needs besides its entries."""
+
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    concurrency: int = concurrency
+    skip_existing: bool = True
+    skip_pull: bool = False
+    keep_images: bool = False
+    pull_timeout: float = pull_timeout
+    cp_timeout: float = cp_timeout
+    testbed_path: str = testbed_path
+    rate_limit_max_wait: float = rate_limit_max_wait
+    rate_limit_pause: float = rate_limit_pause
+    retry_attempts: int = 4
+    retry_timeout: float = 300.0

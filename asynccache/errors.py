@@ -1,0 +1,134 @@
+"""Domain errors: every failure the cache can meet, with a clear one-line message."""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base of every error asynccache raises on purpose."""
+
+    #: True when retrying the same operation later may succeed.
+    transient: bool = False
+
+
+class SetupError(CacheError):
+    """The run cannot start (bad flags, unusable cache folder, no daemon); exit code 2."""
+
+
+class DatasetError(SetupError):
+    """The dataset or split cannot be loaded."""
+
+
+class CacheLocked(SetupError):
+    """Another process holds the cache folder's lock."""
+
+
+class InvalidEntry(CacheError):
+    """A dataset row cannot become an entry (missing field, unsafe id, bad image reference)."""
+
+    def __init__(self, row_number: int, reason: str) -> None:
+        self.row_number = row_number
+        self.reason = reason
+        super().__init__(f"row {row_number}: {reason}")
+
+
+class DaemonUnavailable(SetupError):
+    """The Docker daemon cannot be reached."""
+
+    transient = True
+
+    def __init__(self, address: str, detail: str) -> None:
+        self.address = address
+        self.detail = detail
+        super().__init__(
+            f"cannot reach the Docker daemon at {address} ({detail}); start dockerd, "
+            "or set DOCKER_HOST to its address, or use --dry_run"
+        )
+
+
+class ImageNotFound(CacheError):
+    """The image does not exist in its registry (or locally with --skip_pull)."""
+
+    def __init__(self, image: str, detail: str = "") -> None:
+        self.image = image
+        hint = f": {detail}" if detail else ""
+        super().__init__(f"image {image} not found{hint}")
+
+
+class PullFailed(CacheError):
+    """A pull failed for a reason that retrying may fix (network, registry 5xx)."""
+
+    transient = True
+
+    def __init__(self, image: str, detail: str) -> None:
+        self.image = image
+        super().__init__(f"pull of {image} failed: {detail}")
+
+
+class Unauthorized(CacheError):
+    """The registry refused our credentials (or asked for some)."""
+
+    def __init__(self, image: str, detail: str) -> None:
+        self.image = image
+        super().__init__(
+            f"pull of {image} unauthorized: {detail}; run `docker login` for its registry"
+        )
+
+
+class RateLimited(CacheError):
+    """The registry's pull quota is spent (HTTP 429 / toomanyrequests)."""
+
+    transient = True
+
+    def __init__(self, image: str, detail: str, retry_after: float | None = None) -> None:
+        self.image = image
+        self.retry_after = retry_after
+        super().__init__(f"pull of {image} rate limited: {detail}")
+
+
+class NoTestbed(CacheError):
+    """The image has no /testbed (or the requested path)."""
+
+    def __init__(self, image: str, path: str) -> None:
+        self.image = image
+        super().__init__(f"image {image} has no {path}")
+
+
+class TransferFailed(CacheError):
+    """Streaming the archive out of the container failed or timed out; retryable."""
+
+    transient = True
+
+
+class UnsafeArchive(CacheError):
+    """The tar stream holds a member that would write outside its folder, or is malformed."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        self.member = member
+        self.reason = reason
+        super().__init__(f"unsafe archive member {member!r}: {reason}")
+
+
+class TruncatedArchive(CacheError):
+    """The tar stream ended before its end-of-archive marker or mid-member."""
+
+    transient = True
+
+
+class DiskFull(CacheError):
+    """No space left on the cache folder's filesystem."""
+
+
+class IndexCorrupt(CacheError):
+    """index.json cannot be read as an index."""
+
+
+class RateLimitExhausted(CacheError):
+    """The registry's rate limit did not lift within the allowed wait."""
+
+    def __init__(self, image: str, waited: float) -> None:
+        self.image = image
+        super().__init__(
+            f"pull of {image} gave up: the registry's rate limit did not lift in {waited:.0f} s; "
+            "log in with `docker login` (Docker Hub allows more pulls to accounts) or set a "
+            "registry mirror (dockerd --registry-mirror), then rerun"
+        )

@@ -1,0 +1,688 @@
+"""Extract the tar stream of a container folder exactly as `docker cp`, and safely."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import shutil
+import stat
+import tarfile
+import threading
+from collections import deque
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, TypeVar, cast
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["ExtractResult", "extract_stream", "extract_tar", "tree_stats"]
+
+_T = TypeVar("_T")
+
+#: Block size tarfile reads the stream with (its default record size).
+_BUFSIZE = tarfile.RECORDSIZE
+#: Largest read and write while copying a file's data.
+_COPY_CHUNK = 1 << 20
+#: Most bytes the headers of one member (ustar, pax, GNU long names) may take.
+_HEADER_BUDGET = 16 * 1024
+#: Most warnings kept; the rest are counted.
+_MAX_WARNINGS = 100
+#: Most chunks queued between the event loop and the extracting thread.
+_MAX_QUEUED_CHUNKS = 8
+_NAME_MAX = 255
+_PATH_MAX = 4095
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_IMPLICIT_DIR_MODE = 0o755
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_EOFHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EOFHeaderError"]
+_EmptyHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EmptyHeaderError"]
+_TruncatedHeaderError: type[tarfile.HeaderError] = vars(tarfile)["TruncatedHeaderError"]
+_SubsequentHeaderError: type[tarfile.HeaderError] = vars(tarfile)["SubsequentHeaderError"]
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What an extraction wrote: regular files, their total size, what was skipped or altered."""
+
+    file_count: int
+    size_bytes: int
+    warnings: tuple[str, ...]
+
+
+class _Truncated(Exception):
+    """The stream ended too early."""
+
+
+class _Malformed(Exception):
+    """A header cannot be parsed or breaks a limit."""
+
+
+class _BadName(Exception):
+    """A member name that must not be extracted."""
+
+
+class _SourceError(Exception):
+    """Carries an exception raised by the underlying stream through tarfile unchanged."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _PipeAborted(Exception):
+    """The async side stopped feeding the extracting thread."""
+
+
+class _ParseState:
+    """What the header parser saw."""
+
+    __slots__ = ("end_seen",)
+
+    def __init__(self) -> None:
+        self.end_seen = False
+
+
+class _StrictInfo(tarfile.TarInfo):
+    """TarInfo that reports truncation and malformed headers instead of ending the archive."""
+
+    parse_state: ClassVar[_ParseState]
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        """Parse one header block, rejecting negative sizes."""
+        info = super().frombuf(buf, encoding, errors)
+        if info.size < 0:
+            raise _Malformed(f"negative size in the header of {info.name!r}")
+        return info
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
+        """Read the next member's headers; only a zero block ends the archive."""
+        try:
+            return super().fromtarfile(tf)
+        except _EOFHeaderError:
+            cls.parse_state.end_seen = True
+            raise
+        except _EmptyHeaderError:
+            raise _Truncated("the stream ended without the end-of-archive marker") from None
+        except _TruncatedHeaderError:
+            raise _Truncated("the stream ended inside a member header") from None
+        except _SubsequentHeaderError as exc:
+            raise _Malformed(f"extended header without a valid member header ({exc})") from None
+        except tarfile.HeaderError as exc:
+            raise _Malformed(f"malformed tar header ({exc})") from None
+
+
+def _info_class(state: _ParseState) -> type[_StrictInfo]:
+    """A TarInfo class bound to one extraction's parse state."""
+
+    class _Info(_StrictInfo):
+        parse_state = state
+
+    return _Info
+
+
+class _Source:
+    """The stream as tarfile reads it: counts bytes, caps header reads, tunnels stream errors."""
+
+    __slots__ = ("_read", "at_eof", "consumed", "limit")
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self.consumed = 0
+        self.limit: int | None = None
+        self.at_eof = False
+
+    def read(self, size: int) -> bytes:
+        """Read at most size bytes."""
+        if self.limit is not None:
+            room = self.limit - self.consumed
+            if room <= 0:
+                raise _Malformed(f"member headers larger than {_HEADER_BUDGET} bytes")
+            size = min(size, room)
+        try:
+            data = self._read(size)
+        except Exception as exc:
+            raise _SourceError(exc) from exc
+        if not data:
+            if size:
+                self.at_eof = True
+            return b""
+        self.consumed += len(data)
+        return data
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it when /proc allows."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _walk(top: bytes) -> tuple[int, int, list[bytes]]:
+    """Regular files and their total size under top, and every folder (top included)."""
+    files = size = 0
+    folders = [top]
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    files += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+    return files, size, folders
+
+
+def tree_stats(path: Path) -> tuple[int, int]:
+    """(file_count, size_bytes) of regular files under path, by lstat, never following symlinks."""
+    target = os.fsencode(path)
+    info = os.lstat(target)
+    if stat.S_ISREG(info.st_mode):
+        return 1, info.st_size
+    if not stat.S_ISDIR(info.st_mode):
+        return 0, 0
+    files, size, _ = _walk(target)
+    return files, size
+
+
+def _kind(mode: int) -> str:
+    """A file type in words."""
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
+
+
+def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
+    """How deep a folder is, for the final deepest-first pass."""
+    return item[0].count(b"/")
+
+
+class _Extractor:
+    """Writes members under dest with os calls, tracking the folders it created."""
+
+    def __init__(self, dest: Path, root: str, source: _Source) -> None:
+        self.dest = os.fsencode(dest)
+        self.base = os.path.join(self.dest, b"")
+        self.root = root
+        self.root_parts = [part for part in root.split("/") if part not in ("", ".")]
+        if not self.root_parts or ".." in self.root_parts:
+            raise ValueError(f"root must name a folder, not {root!r}")
+        self.source = source
+        self.umask = _current_umask()
+        # folder relative path -> (final mode, mtime in ns or None, mode it has now)
+        self.dirs: dict[bytes, tuple[int, int | None, int]] = {}
+        self.root_attrs: tuple[int, int | None] | None = None
+        self.files = 0
+        self.size = 0
+        self.warnings: list[str] = []
+        self.dropped = 0
+
+    def warn(self, message: str) -> None:
+        """Record a warning, keeping at most _MAX_WARNINGS."""
+        if len(self.warnings) < _MAX_WARNINGS:
+            self.warnings.append(message)
+        else:
+            self.dropped += 1
+
+    def relative(self, name: str) -> bytes:
+        """The path under dest that a member name maps to (b"" for the root)."""
+        if not name:
+            raise _BadName("empty name")
+        if "\x00" in name:
+            raise _BadName("NUL byte in name")
+        if name[0] == "/":
+            raise _BadName("absolute name")
+        parts = [part for part in name.split("/") if part and part != "."]
+        if ".." in parts:
+            raise _BadName("'..' component")
+        count = len(self.root_parts)
+        if parts[:count] != self.root_parts:
+            raise _BadName(f"outside {self.root}/")
+        try:
+            rel = os.fsencode("/".join(parts[count:]))
+        except UnicodeError:
+            raise _BadName("name cannot be encoded") from None
+        if len(rel) > _NAME_MAX and any(len(part) > _NAME_MAX for part in rel.split(b"/")):
+            raise _BadName(f"a path component is longer than {_NAME_MAX} bytes")
+        if len(self.base) + len(rel) > _PATH_MAX:
+            raise _BadName(f"path longer than {_PATH_MAX} bytes once extracted")
+        return rel
+
+    def mode(self, info: tarfile.TarInfo) -> int:
+        """The permission bits to apply, without setuid/setgid/sticky."""
+        mode = info.mode
+        if mode & 0o7000:
+            self.warn(f"{info.name}: dropped setuid/setgid/sticky bits (mode {mode & 0o7777:04o})")
+        return mode & 0o777
+
+    def mtime(self, info: tarfile.TarInfo) -> int | None:
+        """The member's mtime in nanoseconds, or None when it cannot be applied."""
+        value = info.mtime
+        try:
+            ns = value * 1_000_000_000 if isinstance(value, int) else round(value * 1e9)
+        except (ValueError, OverflowError):
+            ns = None
+        if ns is None or not -(2**63) <= ns < 2**63:
+            self.warn(f"{info.name}: mtime {value!r} out of range, left unset")
+            return None
+        return ns
+
+    def add(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+        """Extract one member."""
+        name = info.name
+        try:
+            rel = self.relative(name)
+        except _BadName as exc:
+            raise UnsafeArchive(name, str(exc)) from None
+        if not rel and not info.isdir():
+            raise UnsafeArchive(name, "the root member must be a directory")
+        try:
+            if info.isreg():
+                self.add_file(tar, info, rel)
+            elif info.isdir():
+                self.add_dir(info, rel)
+            elif info.issym():
+                self.add_symlink(info, rel)
+            elif info.islnk():
+                self.add_hardlink(info, rel)
+            elif info.ischr() or info.isblk():
+                kind = "character" if info.ischr() else "block"
+                self.warn(f"{name}: skipped {kind} device")
+            elif info.isfifo():
+                self.warn(f"{name}: skipped FIFO")
+            else:
+                self.warn(f"{name}: skipped member of unknown type {info.type!r}")
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise UnsafeArchive(name, "name too long for the filesystem") from None
+            raise
+
+    def ensure_parent(self, rel: bytes, name: str) -> None:
+        """Make sure every parent folder of rel is a real folder created by this extraction."""
+        parent = rel.rpartition(b"/")[0]
+        if not parent or parent in self.dirs:
+            return
+        parts = parent.split(b"/")
+        for end in range(1, len(parts) + 1):
+            prefix = b"/".join(parts[:end])
+            if prefix in self.dirs:
+                continue
+            full = self.base + prefix
+            try:
+                info = os.lstat(full)
+            except FileNotFoundError:
+                os.mkdir(full, _IMPLICIT_DIR_MODE)
+                self.dirs[prefix] = (_IMPLICIT_DIR_MODE, None, _IMPLICIT_DIR_MODE & ~self.umask)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                mode = stat.S_IMODE(info.st_mode)
+                self.dirs[prefix] = (mode, None, mode)
+                continue
+            where = os.fsdecode(prefix)
+            raise UnsafeArchive(name, f"parent {where!r} is {_kind(info.st_mode)}")
+
+    def remove(self, full: bytes, rel: bytes) -> None:
+        """Remove what is at full (a folder with its content), never following symlinks."""
+        info = os.lstat(full)
+        if stat.S_ISDIR(info.st_mode):
+            files, size, folders = _walk(full)
+            shutil.rmtree(full)
+            self.files -= files
+            self.size -= size
+            cut = len(self.base)
+            for folder in folders:
+                self.dirs.pop(folder[cut:], None)
+            return
+        if stat.S_ISREG(info.st_mode):
+            self.files -= 1
+            self.size -= info.st_size
+        os.unlink(full)
+
+    def add_file(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: bytes) -> None:
+        """Write a regular file with its mode and mtime."""
+        if info.sparse is not None:
+            raise UnsafeArchive(info.name, "sparse files are not supported")
+        mode = self.mode(info)
+        mtime = self.mtime(info)
+        self.ensure_parent(rel, info.name)
+        full = self.base + rel
+        try:
+            fd = os.open(full, _FILE_FLAGS, mode)
+        except FileExistsError:
+            self.remove(full, rel)
+            fd = os.open(full, _FILE_FLAGS, mode)
+        try:
+            if mode & self.umask:
+                os.fchmod(fd, mode)
+            if info.size:
+                self.copy(tar, info, fd)
+            if mtime is not None:
+                os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+        self.files += 1
+        self.size += info.size
+
+    def copy(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None:
+        """Copy a member's data from the stream to fd."""
+        data_file = tar.extractfile(info)
+        if data_file is None:
+            raise UnsafeArchive(info.name, "no data for a regular file")
+        remaining = info.size
+        try:
+            while remaining:
+                data = data_file.read(min(remaining, _COPY_CHUNK))
+                if not data:
+                    raise tarfile.ReadError("unexpected end of data")
+                remaining -= len(data)
+                written = os.write(fd, data)
+                while written < len(data):
+                    written += os.write(fd, memoryview(data)[written:])
+        except tarfile.TarError as exc:
+            if self.source.at_eof:
+                raise TruncatedArchive(
+                    f"the stream ended inside the data of {info.name!r}"
+                ) from None
+            raise UnsafeArchive(info.name, f"unreadable data ({exc})") from None
+
+    def add_dir(self, info: tarfile.TarInfo, rel: bytes) -> None:
+        """Create a folder; its mode and mtime are applied at the end."""
+        mode = self.mode(info)
+        mtime = self.mtime(info)
+        if not rel:
+            self.root_attrs = (mode, mtime)
+            return
+        known = self.dirs.get(rel)
+        if known is not None:
+            self.dirs[rel] = (mode, mtime, known[2])
+            return
+        self.ensure_parent(rel, info.name)
+        full = self.base + rel
+        create = mode | 0o700
+        try:
+            os.mkdir(full, create)
+        except FileExistsError:
+            self.remove(full, rel)
+            os.mkdir(full, create)
+        self.dirs[rel] = (mode, mtime, create & ~self.umask)
+
+    def add_symlink(self, info: tarfile.TarInfo, rel: bytes) -> None:
+        """Create a symlink with the member's target text, verbatim."""
+        target = info.linkname
+        if not target:
+            raise UnsafeArchive(info.name, "empty symlink target")
+        if "\x00" in target:
+            raise UnsafeArchive(info.name, "NUL byte in symlink target")
+        try:
+            raw_target = os.fsencode(target)
+        except UnicodeError:
+            raise UnsafeArchive(info.name, "symlink target cannot be encoded") from None
+        if len(raw_target) > _PATH_MAX:
+            raise UnsafeArchive(info.name, f"symlink target longer than {_PATH_MAX} bytes")
+        mtime = self.mtime(info)
+        self.ensure_parent(rel, info.name)
+        full = self.base + rel
+        try:
+            os.symlink(raw_target, full)
+        except FileExistsError:
+            self.remove(full, rel)
+            os.symlink(raw_target, full)
+        if mtime is not None:
+            os.utime(full, ns=(mtime, mtime), follow_symlinks=False)
+
+    def add_hardlink(self, info: tarfile.TarInfo, rel: bytes) -> None:
+        """Link to a regular file already extracted in this tree."""
+        name, target = info.name, info.linkname
+        try:
+            source = self.relative(target)
+        except _BadName as exc:
+            raise UnsafeArchive(name, f"hardlink target {target!r}: {exc}") from None
+        if not source:
+            raise UnsafeArchive(name, "hardlink to the root folder")
+        parent = source.rpartition(b"/")[0]
+        if parent and parent not in self.dirs:
+            raise UnsafeArchive(name, f"hardlink target {target!r} is not an extracted file")
+        source_full = self.base + source
+        try:
+            found = os.lstat(source_full)
+        except FileNotFoundError:
+            raise UnsafeArchive(name, f"hardlink target {target!r} is not extracted yet") from None
+        if not stat.S_ISREG(found.st_mode):
+            kind = _kind(found.st_mode)
+            raise UnsafeArchive(name, f"hardlink target {target!r} is {kind}, not a regular file")
+        if source == rel:
+            return
+        self.ensure_parent(rel, name)
+        full = self.base + rel
+        try:
+            os.link(source_full, full, follow_symlinks=False)
+        except FileExistsError:
+            self.remove(full, rel)
+            try:
+                os.link(source_full, full, follow_symlinks=False)
+            except FileNotFoundError:
+                raise UnsafeArchive(name, f"hardlink target {target!r} was removed") from None
+        self.files += 1
+        self.size += found.st_size
+
+    def finish(self) -> ExtractResult:
+        """Apply folder modes and mtimes, deepest first, then the root's to dest."""
+        for rel, (mode, mtime, now) in sorted(self.dirs.items(), key=_depth, reverse=True):
+            full = self.base + rel
+            if mode != now:
+                os.chmod(full, mode)
+            if mtime is not None:
+                os.utime(full, ns=(mtime, mtime), follow_symlinks=False)
+        if self.root_attrs is not None:
+            mode, mtime = self.root_attrs
+            os.chmod(self.dest, mode)
+            if mtime is not None:
+                os.utime(self.dest, ns=(mtime, mtime), follow_symlinks=False)
+        warnings = tuple(self.warnings)
+        if self.dropped:
+            warnings += (f"{self.dropped} more warnings not shown",)
+        return ExtractResult(file_count=self.files, size_bytes=self.size, warnings=warnings)
+
+
+def _parse(call: Callable[[], _T], source: _Source, at: int) -> _T:
+    """Run one tarfile parsing step with a header budget, mapping its failures to domain errors."""
+    source.limit = at + _HEADER_BUDGET + _BUFSIZE
+    try:
+        return call()
+    except (_SourceError, _Truncated):
+        raise
+    except _Malformed as exc:
+        raise UnsafeArchive(f"<header at byte {at}>", str(exc)) from None
+    except Exception as exc:
+        if source.at_eof:
+            raise _Truncated(f"the stream ended before the header at byte {at}") from None
+        raise UnsafeArchive(f"<header at byte {at}>", f"malformed tar header ({exc})") from None
+    finally:
+        source.limit = None
+
+
+def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResult:
+    """Extract the tar stream that read() yields under dest."""
+    source = _Source(read)
+    state = _ParseState()
+    extractor = _Extractor(dest, root, source)
+    try:
+        tar = _parse(
+            functools.partial(
+                tarfile.open,
+                fileobj=cast("tarfile._Fileobj", source),
+                mode="r|",
+                bufsize=_BUFSIZE,
+                tarinfo=_info_class(state),
+                encoding="utf-8",
+                errors="surrogateescape",
+            ),
+            source,
+            0,
+        )
+        members: list[tarfile.TarInfo] = vars(tar)["members"]
+        with tar:
+            while True:
+                info = _parse(tar.next, source, tar.offset)
+                if info is None:
+                    break
+                members.clear()
+                extractor.add(tar, info)
+        if not state.end_seen:
+            raise _Truncated("the stream ended without the end-of-archive marker")
+        return extractor.finish()
+    except _SourceError as exc:
+        raise exc.error from None
+    except _Truncated as exc:
+        raise TruncatedArchive(str(exc)) from None
+    except OSError as exc:
+        if exc.errno in _DISK_FULL_ERRNOS:
+            where = os.fsdecode(dest)
+            raise DiskFull(f"no space left while extracting into {where}: {exc.strerror}") from exc
+        raise
+
+
+def extract_tar(fileobj: BinaryIO, dest: Path, *, root: str = "testbed") -> ExtractResult:
+    """Sync: read a tar stream (non-seekable, tarfile mode "r|") and write it under dest."""
+    return _extract(fileobj.read, dest, root)
+
+
+class _ChunkPipe:
+    """A bounded queue of chunks, filled by the event loop and read as a file by one thread."""
+
+    def __init__(self, max_chunks: int) -> None:
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._chunks: deque[bytes] = deque()
+        self._max = max_chunks
+        self._closed = False
+        self._aborted = False
+        self._space: anyio.Event | None = None
+        self._current = b""
+        self._offset = 0
+
+    async def put(self, chunk: bytes) -> None:
+        """Queue a chunk, waiting while the queue is full."""
+        while True:
+            with self._lock:
+                if self._aborted:
+                    return
+                if len(self._chunks) < self._max:
+                    self._chunks.append(chunk)
+                    self._ready.notify()
+                    return
+                if self._space is None:
+                    self._space = anyio.Event()
+                space = self._space
+            await space.wait()
+
+    def close(self) -> None:
+        """Mark the end of the stream."""
+        with self._lock:
+            self._closed = True
+            self._ready.notify_all()
+
+    def abort(self) -> None:
+        """Make the reading thread fail at its next read."""
+        with self._lock:
+            self._aborted = True
+            self._chunks.clear()
+            self._ready.notify_all()
+
+    def _next_chunk(self) -> bytes:
+        """Take the next chunk (b"" at the end), waking the producer when room frees up."""
+        with self._lock:
+            while not self._chunks and not self._closed and not self._aborted:
+                self._ready.wait()
+            if self._aborted:
+                raise _PipeAborted("extraction cancelled")
+            if not self._chunks:
+                return b""
+            chunk = self._chunks.popleft()
+            wake = None
+            if self._space is not None and len(self._chunks) <= self._max // 2:
+                wake, self._space = self._space, None
+        if wake is not None:
+            anyio.from_thread.run_sync(wake.set)
+        return chunk
+
+    def read(self, size: int) -> bytes:
+        """Read at most size bytes (thread side)."""
+        current, offset = self._current, self._offset
+        if offset >= len(current):
+            current = self._current = self._next_chunk()
+            offset = 0
+            if not current:
+                self._offset = 0
+                return b""
+        end = offset + size
+        if offset == 0 and end >= len(current):
+            self._offset = len(current)
+            return current
+        self._offset = min(end, len(current))
+        return current[offset:end]
+
+
+async def extract_stream(
+    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed"
+) -> ExtractResult:
+    """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory."""
+    pipe = _ChunkPipe(_MAX_QUEUED_CHUNKS)
+    results: list[ExtractResult] = []
+    failures: list[Exception] = []
+    feed_error: Exception | None = None
+
+    async def consume(scope: anyio.CancelScope) -> None:
+        try:
+            results.append(
+                await anyio.to_thread.run_sync(functools.partial(_extract, pipe.read, dest, root))
+            )
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume, tg.cancel_scope)
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    await pipe.put(bytes(chunk))
+            pipe.close()
+            await anyio.sleep_forever()
+        except Exception as exc:
+            pipe.abort()
+            feed_error = exc
+        except BaseException:
+            pipe.abort()
+            raise
+    if feed_error is not None:
+        raise feed_error
+    if failures:
+        raise failures[0]
+    if not results:
+        raise RuntimeError("extraction stopped without a result")
+    return results[0]

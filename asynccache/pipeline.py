@@ -1,0 +1,363 @@
+"""Wires producer, workers and the index writer; retries; per-entry outcomes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anyio
+import stamina
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from asynccache.cachedir import CacheDir, remove_tree
+from asynccache.config import CacheOptions
+from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
+from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
+from asynccache.extract import extract_stream
+from asynccache.index import (
+    IndexRecord,
+    IndexWriter,
+    load_and_repair,
+    size_mb,
+    write_json_atomic,
+    write_meta,
+)
+
+log = logging.getLogger(__name__)
+
+Status = Literal["cached", "skipped", "failed"]
+
+
+class ArchiveSource(Protocol):
+    """Where tar bytes of /testbed come from (a Docker daemon today, a registry later)."""
+
+    def testbed_archive(self, entry: Entry) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Yield the tar stream of the entry's /testbed; clean up on exit."""
+        ...
+
+    async def after_extraction(self, entry: Entry) -> None:
+        """Release what the entry needed once it is done, cached or failed."""
+        ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one entry."""
+
+    instance_id: str
+    status: Status
+    docker_image: str = ""
+    reason: str = ""
+    record: IndexRecord | None = None
+    seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+    disk_full: bool = False
+
+
+@dataclass
+class Summary:
+    """Totals of a run and every entry's outcome."""
+
+    cache_dir: str
+    cached: int = 0
+    skipped: int = 0
+    failed: int = 0
+    cached_bytes: int = 0
+    seconds: float = 0.0
+    outcomes: list[Outcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: Why the run stopped before the end of its entries ("" when it did not).
+    stopped: str = ""
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one outcome."""
+        self.outcomes.append(outcome)
+        if outcome.status == "cached":
+            self.cached += 1
+            if outcome.record:
+                self.cached_bytes += int(outcome.record.get("size_bytes", 0))
+        elif outcome.status == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+
+    @property
+    def failures(self) -> list[Outcome]:
+        """The failed outcomes."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
+RowSource = AsyncIterable[Mapping[str, Any] | Entry] | Iterable[Mapping[str, Any] | Entry]
+
+
+def is_transient(exc: Exception) -> bool:
+    """Retry only errors that say a later try may succeed."""
+    return isinstance(exc, CacheError) and exc.transient
+
+
+async def _aiter(rows: RowSource) -> AsyncIterator[Mapping[str, Any] | Entry]:
+    if isinstance(rows, AsyncIterable):
+        async for row in rows:
+            yield row
+    else:
+        for row in rows:
+            yield row
+
+
+class Pipeline:
+    """One caching run over a cache folder: prepare, run the workers, finish."""
+
+    def __init__(
+        self,
+        options: CacheOptions,
+        source: ArchiveSource,
+        *,
+        instance_id_fn: InstanceIdFn = make_instance_id,
+        on_outcome: OutcomeCallback | None = None,
+        index_min_interval: float = 0.5,
+    ) -> None:
+        self.options = options
+        self.source = source
+        self.instance_id_fn = instance_id_fn
+        self.on_outcome = on_outcome
+        self.cache = CacheDir(options.cache_dir)
+        self.summary = Summary(cache_dir=str(self.cache.root))
+        self.index_min_interval = index_min_interval
+        self.records: dict[str, IndexRecord] = {}
+        self._index_lock = anyio.Lock()
+        self._scope: anyio.CancelScope | None = None
+        self._intake_open = True
+
+    def prepare(self) -> None:
+        """Check and lock the folder, sweep stale work, load (and repair) the index."""
+        self.cache.check_usable()
+        self.cache.lock()
+        stale = self.cache.remove_stale_work()
+        if stale:
+            self.summary.notes.append(f"removed {stale} unfinished folders of an earlier run")
+        self.records, notes = load_and_repair(self.cache.root)
+        self.summary.notes.extend(notes)
+
+    def is_cached(self, entry: Entry) -> bool:
+        """True when the entry is in the index and its folder exists."""
+        return (
+            entry.instance_id in self.records
+            and self.cache.instance_path(entry.instance_id).is_dir()
+        )
+
+    async def run(self, rows: RowSource) -> Summary:
+        """Cache every row; return the summary (failures are outcomes, not exceptions)."""
+        started = time.monotonic()
+        jobs_send, jobs_receive = anyio.create_memory_object_stream[Entry](
+            max(1, self.options.concurrency)
+        )
+        results_send, results_receive = anyio.create_memory_object_stream[Outcome](
+            max(1, self.options.concurrency)
+        )
+        index_send, index_receive = anyio.create_memory_object_stream[IndexRecord](100)
+        writer = IndexWriter(self.cache.root, self.records, min_interval=self.index_min_interval)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                if self.summary.stopped:
+                    tg.cancel_scope.cancel()
+                tg.start_soon(writer.run, index_receive)
+                tg.start_soon(self._collect, results_receive, index_send)
+                async with jobs_receive, results_send:
+                    for _ in range(max(1, self.options.concurrency)):
+                        tg.start_soon(self._worker, jobs_receive.clone(), results_send.clone())
+                    tg.start_soon(self._produce, rows, jobs_send, results_send.clone())
+        finally:
+            self.summary.seconds = time.monotonic() - started
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._write_failures)
+        return self.summary
+
+    def stop(self, reason: str) -> None:
+        """Stop the run: no new entries, in-flight work cancelled and cleaned up."""
+        if not self.summary.stopped:
+            self.summary.stopped = reason
+        self._intake_open = False
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def cache_one(self, entry: Entry) -> Outcome:
+        """Cache one entry outside run() and write the index at once (for on-demand callers)."""
+        outcome = await self.process(entry)
+        if outcome.record is not None:
+            async with self._index_lock:
+                self.records[entry.instance_id] = outcome.record
+                snapshot = dict(self.records)
+                await anyio.to_thread.run_sync(write_json_atomic, self.cache.index_path, snapshot)
+        return outcome
+
+    def close(self) -> None:
+        """Release the cache folder's lock."""
+        self.cache.unlock()
+
+    async def _produce(
+        self,
+        rows: RowSource,
+        jobs: ObjectSendStream[Entry],
+        results: ObjectSendStream[Outcome],
+    ) -> None:
+        async with jobs, results:
+            row_number = 0
+            async for row in _aiter(rows):
+                if not self._intake_open:
+                    return
+                row_number += 1
+                try:
+                    entry = (
+                        row
+                        if isinstance(row, Entry)
+                        else entry_from_row(row, row_number, self.instance_id_fn)
+                    )
+                except InvalidEntry as exc:
+                    await results.send(
+                        Outcome(
+                            instance_id=f"row-{row_number}",
+                            status="failed",
+                            docker_image=str(row.get("docker_image", ""))
+                            if isinstance(row, Mapping)
+                            else "",
+                            reason=f"{exc}; fix or drop this row",
+                        )
+                    )
+                    continue
+                if self.options.skip_existing and self.is_cached(entry):
+                    await results.send(
+                        Outcome(entry.instance_id, "skipped", entry.docker_image, "already cached")
+                    )
+                    continue
+                await jobs.send(entry)
+
+    async def _worker(
+        self, jobs: ObjectReceiveStream[Entry], results: ObjectSendStream[Outcome]
+    ) -> None:
+        async with jobs, results:
+            async for entry in jobs:
+                await results.send(await self.process(entry))
+
+    async def process(self, entry: Entry) -> Outcome:
+        """Cache one entry with retries; never raise for its failure; release what it needed."""
+        try:
+            return await self._attempt(entry)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.source.after_extraction(entry)
+
+    async def _attempt(self, entry: Entry) -> Outcome:
+        started = time.monotonic()
+        try:
+            async for attempt in stamina.retry_context(
+                on=is_transient,
+                attempts=self.options.retry_attempts,
+                timeout=self.options.retry_timeout,
+            ):
+                with attempt:
+                    record, warnings = await self.cache_entry(entry)
+        except CacheError as exc:
+            return Outcome(
+                entry.instance_id,
+                "failed",
+                entry.docker_image,
+                str(exc),
+                seconds=time.monotonic() - started,
+                disk_full=isinstance(exc, DiskFull),
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Outcome(
+                    entry.instance_id,
+                    "failed",
+                    entry.docker_image,
+                    f"no space left in {self.cache.root}: {exc}",
+                    seconds=time.monotonic() - started,
+                    disk_full=True,
+                )
+            return Outcome(
+                entry.instance_id,
+                "failed",
+                entry.docker_image,
+                f"{type(exc).__name__}: {exc}",
+                seconds=time.monotonic() - started,
+            )
+        return Outcome(
+            entry.instance_id,
+            "cached",
+            entry.docker_image,
+            record=record,
+            seconds=time.monotonic() - started,
+            warnings=warnings,
+        )
+
+    async def cache_entry(self, entry: Entry) -> tuple[IndexRecord, tuple[str, ...]]:
+        """Extract one entry into a work folder, record it, publish it under its final name."""
+        started = time.monotonic()
+        work_dir = self.cache.new_work_dir(entry.instance_id)
+        try:
+            async with self.source.testbed_archive(entry) as chunks:
+                try:
+                    with anyio.fail_after(self.options.cp_timeout):
+                        result = await extract_stream(chunks, work_dir)
+                except TimeoutError:
+                    raise TransferFailed(
+                        f"copying /testbed of {entry.docker_image} took longer than "
+                        f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
+                    ) from None
+            final = self.cache.instance_path(entry.instance_id)
+            record: IndexRecord = {
+                "instance_id": entry.instance_id,
+                "repo_name": entry.repo_name,
+                "docker_image": entry.docker_image,
+                "commit_hash": entry.commit_hash,
+                "cache_path": str(final),
+                "file_count": result.file_count,
+                "size_mb": size_mb(result.size_bytes),
+                "size_bytes": result.size_bytes,
+                "seconds": round(time.monotonic() - started, 3),
+                "cached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            await anyio.to_thread.run_sync(self._publish, work_dir, record)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if work_dir.exists():
+                    await anyio.to_thread.run_sync(remove_tree, work_dir)
+        return record, result.warnings
+
+    def _publish(self, work_dir: Any, record: IndexRecord) -> None:
+        write_meta(self.cache.root, record)
+        self.cache.publish(work_dir, record["instance_id"])
+
+    async def _collect(
+        self, results: ObjectReceiveStream[Outcome], index: ObjectSendStream[IndexRecord]
+    ) -> None:
+        async with results, index:
+            async for outcome in results:
+                self.summary.add(outcome)
+                if outcome.record is not None:
+                    self.records[outcome.instance_id] = outcome.record
+                    await index.send(outcome.record)
+                if outcome.status == "failed":
+                    log.warning("%s failed: %s", outcome.instance_id, outcome.reason)
+                    if outcome.disk_full and not self.cache.has_free_space():
+                        self.stop(f"the disk of {self.cache.root} stays full; free space and rerun")
+                if self.on_outcome is not None:
+                    maybe = self.on_outcome(outcome)
+                    if maybe is not None:
+                        await maybe
+
+    def _write_failures(self) -> None:
+        failures = {
+            o.instance_id: {"docker_image": o.docker_image, "reason": o.reason}
+            for o in self.summary.failures
+        }
+        if failures or self.cache.failures_path.exists():
+            write_json_atomic(self.cache.failures_path, failures)

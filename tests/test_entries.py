@@ -1,0 +1,110 @@
+"""Dataset rows become entries: ids, validation, local dataset loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from asynccache.entries import (
+    count_rows,
+    entry_from_row,
+    load_rows,
+    make_instance_id,
+    validate_image_reference,
+)
+from asynccache.errors import DatasetError, InvalidEntry
+
+ROW = {
+    "repo_name": "aiohttp",
+    "docker_image": "namanjain12/aiohttp_final:f0d74880deec8fcd982bce639c93c5e130d41198",
+    "commit_hash": "f0d74880deec8fcd982bce639c93c5e130d41198",
+}
+
+
+def test_instance_id_is_repo_and_first_twelve_hash_characters() -> None:
+    assert make_instance_id(ROW) == "aiohttp__f0d74880deec"
+    assert entry_from_row(ROW, 1).instance_id == "aiohttp__f0d74880deec"
+
+
+def test_custom_instance_id_function_is_used() -> None:
+    entry = entry_from_row(ROW, 1, lambda row: f"x-{row['commit_hash'][:6]}")
+    assert entry.instance_id == "x-f0d748"
+
+
+@pytest.mark.parametrize("column", ["repo_name", "docker_image", "commit_hash"])
+@pytest.mark.parametrize("value", [None, "", "   ", 3])
+def test_missing_or_empty_field_fails_the_row_naming_it(column: str, value: object) -> None:
+    row = {**ROW, column: value}
+    with pytest.raises(InvalidEntry, match=rf"row 7: field '{column}' is missing or empty"):
+        entry_from_row(row, 7)
+
+
+@pytest.mark.parametrize("repo_name", ["../etc", "a/b", ".hidden", "..", "a b", "x\x00y"])
+def test_unsafe_instance_id_fails_the_row(repo_name: str) -> None:
+    with pytest.raises(InvalidEntry, match="not a safe folder name"):
+        entry_from_row({**ROW, "repo_name": repo_name}, 3)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "namanjain12/aiohttp_final:abc",
+        "ubuntu",
+        "127.0.0.1:5000/namanjain12/x_final:" + "a" * 40,
+        "localhost/x@sha256:" + "b" * 64,
+        "registry.example:443/a/b/c:v1.2-rc",
+    ],
+)
+def test_valid_image_references_pass(image: str) -> None:
+    validate_image_reference(image)
+
+
+@pytest.mark.parametrize(
+    "image", ["a/UPPER", "a//b", "x:tag with space", "-lead", "a:", "http://x/y", "a@sha256:zz"]
+)
+def test_malformed_image_reference_fails_the_row(image: str) -> None:
+    with pytest.raises(InvalidEntry, match="malformed image reference"):
+        entry_from_row({**ROW, "docker_image": image}, 2)
+
+
+def _write_split(root: Path, split: str, rows: list[dict[str, object]]) -> None:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+
+
+def test_local_dataset_reads_only_needed_columns_in_order(tmp_path: Path) -> None:
+    rows = [{**ROW, "commit_hash": f"{i:040x}", "problem_statement": "x" * 100} for i in range(5)]
+    _write_split(tmp_path, "dev_10pr_v1", rows)
+    loaded = list(load_rows(str(tmp_path), "dev_10pr_v1"))
+    assert [row["commit_hash"] for row in loaded] == [f"{i:040x}" for i in range(5)]
+    assert set(loaded[0]) == {"repo_name", "docker_image", "commit_hash"}
+    assert count_rows(str(tmp_path), "dev_10pr_v1") == 5
+
+
+def test_unknown_split_names_the_splits_that_exist(tmp_path: Path) -> None:
+    _write_split(tmp_path, "dev_10pr_v1", [ROW])
+    _write_split(tmp_path, "train", [ROW])
+    with pytest.raises(DatasetError, match=r"unknown split .nope.*splits: dev_10pr_v1, train"):
+        load_rows(str(tmp_path), "nope")
+
+
+def test_local_dataset_without_needed_column_is_a_clear_error(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [{"repo_name": "a", "commit_hash": "b"}])
+    with pytest.raises(DatasetError, match="lacks columns docker_image"):
+        load_rows(str(tmp_path), "train")
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_rows(str(tmp_path / "nowhere"), "train")
+
+
+def test_unreachable_hub_suggests_a_local_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(DatasetError, match="--dataset /path/to/a/local/copy"):
+        list(load_rows("R2E-Gym/R2E-Gym-Lite-does-not-exist", "train"))
