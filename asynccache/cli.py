@@ -175,6 +175,8 @@ def print_summary(summary: Summary) -> None:
     )
     if summary.failed:
         print(f"Failure reasons: {cache.failures_path}")
+    if summary.stopped:
+        print(f"Stopped early: {summary.stopped}; rerun to finish (cached entries are kept)")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -211,8 +213,10 @@ async def run(args: argparse.Namespace) -> int:
                     pipeline.stop(f"stopped by {signal.Signals(signalled[0]).name}")
                 _warn_if_disk_small(pipeline, total)
                 summary = await pipeline.run(rows)
+        print_summary(summary)
         tg.cancel_scope.cancel()
-    print_summary(summary)
+    # Removing the loop's handler may leave SIGINT at SIG_DFL; make it an exception again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if signalled:
         return 128 + signalled[0]
     return EXIT_FAILURES if summary.failed else EXIT_OK
@@ -265,13 +269,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
-        return anyio.run(run, args, backend="asyncio", backend_options=_backend_options())
+        code = anyio.run(run, args, backend="asyncio", backend_options=_backend_options())
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
     except (CacheError, BaseExceptionGroup) as exc:
         error = _cache_error(exc)
         if error is None:
             raise
         print(f"asynccache: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if code > 128:
+        # Stopped by a signal: everything is written; skip the interpreter's slow teardown,
+        # during which a further Ctrl-C would kill the process without our exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cache_error(exc: BaseException) -> CacheError | None:

@@ -17,7 +17,7 @@ testbed_path = "/testbed"
 #: Longest total pause for a registry rate limit before the remaining pulls fail.
 rate_limit_max_wait = 6 * 3600.0
 #: First pause after a rate limit answer (doubles up to rate_limit_pause_max).
-rate_limit_pause = 60.0
+rate_limit_pause = float(os.environ.get("ASYNCCACHE_RATE_LIMIT_PAUSE", "60"))
 rate_limit_pause_max = 900.0
 
 #: Label put on every container we create; its value is the absolute cache folder.
@@ -49,5 +49,7 @@ class CacheOptions:
     testbed_path: str = testbed_path
     rate_limit_max_wait: float = rate_limit_max_wait
     rate_limit_pause: float = rate_limit_pause
-    retry_attempts: int = 4
-    retry_timeout: float = 300.0
+    retry_attempts: int = 6
+    retry_timeout: float = 600.0
+    retry_wait_initial: float = 0.5
+    retry_wait_max: float = 10.0

@@ -110,7 +110,11 @@ class DockerBackend:
             self._docker = aiodocker.Docker()
         except (ValueError, OSError, aiodocker.DockerError) as exc:
             raise DaemonUnavailable(self.address, str(exc)) from None
-        await self.ping()
+        try:
+            await self.ping()
+        except BaseException:
+            await self.close()
+            raise
 
     async def ping(self) -> None:
         """Raise DaemonUnavailable unless the daemon answers."""

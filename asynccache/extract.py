@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar, cast
 
 import anyio
 import anyio.from_thread
@@ -38,6 +38,8 @@ _HEADER_BUDGET = 16 * 1024
 _MAX_WARNINGS = 100
 #: Most chunks queued between the event loop and the extracting thread.
 _MAX_QUEUED_CHUNKS = 8
+#: Most buffers gathered into one writev.
+_MAX_IOV = 512
 _NAME_MAX = 255
 _PATH_MAX = 4095
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,6 +49,7 @@ _EOFHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EOFHeaderError"]
 _EmptyHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EmptyHeaderError"]
 _TruncatedHeaderError: type[tarfile.HeaderError] = vars(tarfile)["TruncatedHeaderError"]
 _SubsequentHeaderError: type[tarfile.HeaderError] = vars(tarfile)["SubsequentHeaderError"]
+_Stream: type = vars(tarfile)["_Stream"]
 
 
 @dataclass(frozen=True)
@@ -134,10 +137,11 @@ def _info_class(state: _ParseState) -> type[_StrictInfo]:
 class _Source:
     """The stream as tarfile reads it: counts bytes, caps header reads, tunnels stream errors."""
 
-    __slots__ = ("_read", "at_eof", "consumed", "limit")
+    __slots__ = ("_read", "_spill", "at_eof", "consumed", "limit")
 
     def __init__(self, read: Callable[[int], bytes]) -> None:
         self._read = read
+        self._spill = b""
         self.consumed = 0
         self.limit: int | None = None
         self.at_eof = False
@@ -149,14 +153,19 @@ class _Source:
             if room <= 0:
                 raise _Malformed(f"member headers larger than {_HEADER_BUDGET} bytes")
             size = min(size, room)
-        try:
-            data = self._read(size)
-        except Exception as exc:
-            raise _SourceError(exc) from exc
-        if not data:
-            if size:
-                self.at_eof = True
-            return b""
+        if self._spill:
+            data, self._spill = self._spill[:size], self._spill[size:]
+        else:
+            try:
+                data = self._read(size)
+            except Exception as exc:
+                raise _SourceError(exc) from exc
+            if not data:
+                if size:
+                    self.at_eof = True
+                return b""
+            if len(data) > size:
+                data, self._spill = data[:size], data[size:]
         self.consumed += len(data)
         return data
 
@@ -202,6 +211,15 @@ def tree_stats(path: Path) -> tuple[int, int]:
         return 0, 0
     files, size, _ = _walk(target)
     return files, size
+
+
+def _write_all(fd: int, pieces: list[bytes], total: int) -> None:
+    """Write pieces to fd in one system call when the kernel takes them all."""
+    written = os.writev(fd, pieces) if len(pieces) > 1 else os.write(fd, pieces[0])
+    if written < total:
+        rest = memoryview(b"".join(pieces))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 def _kind(mode: int) -> str:
@@ -299,6 +317,8 @@ class _Extractor:
             raise UnsafeArchive(name, str(exc)) from None
         if not rel and not info.isdir():
             raise UnsafeArchive(name, "the root member must be a directory")
+        if info.size < 0:
+            raise UnsafeArchive(name, "negative size")
         try:
             if info.isreg():
                 self.add_file(tar, info, rel)
@@ -388,6 +408,45 @@ class _Extractor:
 
     def copy(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None:
         """Copy a member's data from the stream to fd."""
+        stream = tar.fileobj
+        if isinstance(stream, _Stream):
+            state = vars(stream)
+            if (
+                state.get("comptype") == "tar"
+                and type(state.get("buf")) is bytes
+                and state.get("pos") == info.offset_data
+            ):
+                self.copy_direct(state, info, fd)
+                return
+        self.copy_through_tarfile(tar, info, fd)
+
+    def copy_direct(self, state: dict[str, Any], info: tarfile.TarInfo, fd: int) -> None:
+        """Copy data from tarfile's read-ahead buffer, then straight from the source."""
+        size = info.size
+        buffered: bytes = state["buf"]
+        head = buffered[:size]
+        state["buf"] = buffered[len(head) :]
+        pieces = [head] if head else []
+        pending = len(head)
+        remaining = size - pending
+        read = self.source.read
+        while remaining:
+            data = read(min(remaining, _COPY_CHUNK))
+            if not data:
+                raise TruncatedArchive(f"the stream ended inside the data of {info.name!r}")
+            remaining -= len(data)
+            pieces.append(data)
+            pending += len(data)
+            if pending >= _COPY_CHUNK or len(pieces) >= _MAX_IOV:
+                _write_all(fd, pieces, pending)
+                pieces = []
+                pending = 0
+        if pieces:
+            _write_all(fd, pieces, pending)
+        state["pos"] += size
+
+    def copy_through_tarfile(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None:
+        """Copy data with tarfile's own file object."""
         data_file = tar.extractfile(info)
         if data_file is None:
             raise UnsafeArchive(info.name, "no data for a regular file")
@@ -398,9 +457,7 @@ class _Extractor:
                 if not data:
                     raise tarfile.ReadError("unexpected end of data")
                 remaining -= len(data)
-                written = os.write(fd, data)
-                while written < len(data):
-                    written += os.write(fd, memoryview(data)[written:])
+                _write_all(fd, [data], len(data))
         except tarfile.TarError as exc:
             if self.source.at_eof:
                 raise TruncatedArchive(
@@ -631,6 +688,8 @@ class _ChunkPipe:
 
     def read(self, size: int) -> bytes:
         """Read at most size bytes (thread side)."""
+        if self._aborted:
+            raise _PipeAborted("extraction cancelled")
         current, offset = self._current, self._offset
         if offset >= len(current):
             current = self._current = self._next_chunk()

@@ -144,6 +144,11 @@ def load_and_repair(cache_dir: Path) -> tuple[dict[str, IndexRecord], list[str]]
     """
     path = cache_dir / INDEX_NAME
     notes: list[str] = []
+    for stale in [
+        *cache_dir.glob(f".{INDEX_NAME}.*.tmp"),
+        *cache_dir.glob(f"{META_DIR_NAME}/.*.tmp"),
+    ]:
+        stale.unlink(missing_ok=True)
     try:
         records = read_index(path)
     except IndexCorrupt as exc:

@@ -260,6 +260,8 @@ class Pipeline:
                 on=is_transient,
                 attempts=self.options.retry_attempts,
                 timeout=self.options.retry_timeout,
+                wait_initial=self.options.retry_wait_initial,
+                wait_max=self.options.retry_wait_max,
             ):
                 with attempt:
                     record, warnings = await self.cache_entry(entry)

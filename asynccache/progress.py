@@ -73,7 +73,7 @@ class ProgressReporter:
             self._refresh()
             self._progress.__exit__(exc_type, exc, tb)
             self._progress = None
-        else:
+        elif exc_type is None:
             self._log_line()
 
     def _counts(self) -> str:
