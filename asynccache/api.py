@@ -18,7 +18,14 @@ from asynccache.entries import (
     load_rows,
     make_instance_id,
 )
-from asynccache.pipeline import ArchiveSource, OutcomeCallback, Pipeline, RowSource, Summary
+from asynccache.pipeline import (
+    ArchiveSource,
+    OutcomeCallback,
+    Pipeline,
+    RowSource,
+    Summary,
+    TreeSource,
+)
 from asynccache.ratelimit import PullGate, StatusCallback
 
 
@@ -47,7 +54,7 @@ async def cache_repos(
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
     on_status: StatusCallback | None = None,
-    source: ArchiveSource | None = None,
+    source: ArchiveSource | TreeSource | None = None,
 ) -> Summary:
     """Cache every entry (rows, Entry objects, or a dataset split) and return the summary."""
     options = CacheOptions(
@@ -98,7 +105,7 @@ async def open_pipeline(
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
     on_status: StatusCallback | None = None,
-    source: ArchiveSource | None = None,
+    source: ArchiveSource | TreeSource | None = None,
 ) -> AsyncIterator[Pipeline]:
     """A prepared pipeline (folder locked, index loaded, source connected) until exit."""
     pipeline = Pipeline(options, _NoSource(), instance_id_fn=instance_id_fn, on_outcome=on_outcome)
@@ -108,18 +115,32 @@ async def open_pipeline(
             pipeline.source = source
             yield pipeline
             return
+        gate = PullGate(
+            first_pause=options.rate_limit_pause,
+            max_pause=config.rate_limit_pause_max,
+            max_wait=options.rate_limit_max_wait,
+            on_status=on_status,
+        )
+        if options.backend == "registry":
+            from asynccache.registry import RegistryBackend
+
+            async with RegistryBackend(
+                pipeline.cache.root,
+                platform=options.platform,
+                insecure_registries=options.insecure_registries,
+                registry_mirror=options.registry_mirror,
+                pull_gate=gate,
+            ) as registry:
+                pipeline.source = registry
+                yield pipeline
+            return
         backend = DockerBackend(
             pipeline.cache.root,
             pull_timeout=options.pull_timeout,
             skip_pull=options.skip_pull,
             keep_images=options.keep_images,
             testbed_path=options.testbed_path,
-            pull_gate=PullGate(
-                first_pause=options.rate_limit_pause,
-                max_pause=config.rate_limit_pause_max,
-                max_wait=options.rate_limit_max_wait,
-                on_status=on_status,
-            ),
+            pull_gate=gate,
         )
         async with backend:
             leaked = await backend.remove_leaked_containers()

@@ -103,6 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait out a registry's rate limit before failing the "
         "remaining entries (default 21600, Docker Hub's window)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("docker", "registry"),
+        default="docker",
+        help="docker: through a Docker daemon (default); registry: read image "
+        "layers straight from the registry, no daemon needed",
+    )
+    parser.add_argument(
+        "--platform",
+        default="linux/amd64",
+        help="with --backend registry: platform to pick from multi-platform images",
+    )
+    parser.add_argument(
+        *_flag("insecure_registry"),
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="with --backend registry: reach this registry over plain HTTP "
+        "(loopback registries always are); repeatable",
+    )
+    parser.add_argument(
+        *_flag("registry_mirror"),
+        default=None,
+        metavar="URL",
+        help="with --backend registry: pull Docker Hub images through this pull-through mirror",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only")
     return parser
@@ -198,6 +224,10 @@ async def run(args: argparse.Namespace) -> int:
         pull_timeout=args.pull_timeout,
         cp_timeout=args.cp_timeout,
         rate_limit_max_wait=args.rate_limit_max_wait,
+        backend=args.backend,
+        platform=args.platform,
+        insecure_registries=tuple(args.insecure_registry),
+        registry_mirror=args.registry_mirror,
     )
     reporter = ProgressReporter(total=total, live=sys.stderr.isatty() and not args.quiet)
     signalled: list[int] = []

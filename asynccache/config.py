@@ -47,6 +47,10 @@ class CacheOptions:
     pull_timeout: float = pull_timeout
     cp_timeout: float = cp_timeout
     testbed_path: str = testbed_path
+    backend: str = "docker"
+    platform: str = "linux/amd64"
+    insecure_registries: tuple[str, ...] = ()
+    registry_mirror: str | None = None
     rate_limit_max_wait: float = rate_limit_max_wait
     rate_limit_pause: float = rate_limit_pause
     retry_attempts: int = 6

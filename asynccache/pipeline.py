@@ -8,7 +8,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import stamina
@@ -18,7 +19,7 @@ from asynccache.cachedir import CacheDir, remove_tree
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
-from asynccache.extract import extract_stream
+from asynccache.extract import ExtractResult, extract_stream
 from asynccache.index import (
     IndexRecord,
     IndexWriter,
@@ -38,6 +39,19 @@ class ArchiveSource(Protocol):
 
     def testbed_archive(self, entry: Entry) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Yield the tar stream of the entry's /testbed; clean up on exit."""
+        ...
+
+    async def after_extraction(self, entry: Entry) -> None:
+        """Release what the entry needed once it is done, cached or failed."""
+        ...
+
+
+@runtime_checkable
+class TreeSource(Protocol):
+    """A source that writes the /testbed tree itself (e.g. by applying image layers)."""
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
+        """Write the entry's /testbed into the empty folder ``dest``."""
         ...
 
     async def after_extraction(self, entry: Entry) -> None:
@@ -116,7 +130,7 @@ class Pipeline:
     def __init__(
         self,
         options: CacheOptions,
-        source: ArchiveSource,
+        source: ArchiveSource | TreeSource,
         *,
         instance_id_fn: InstanceIdFn = make_instance_id,
         on_outcome: OutcomeCallback | None = None,
@@ -305,15 +319,7 @@ class Pipeline:
         started = time.monotonic()
         work_dir = self.cache.new_work_dir(entry.instance_id)
         try:
-            async with self.source.testbed_archive(entry) as chunks:
-                try:
-                    with anyio.fail_after(self.options.cp_timeout):
-                        result = await extract_stream(chunks, work_dir)
-                except TimeoutError:
-                    raise TransferFailed(
-                        f"copying /testbed of {entry.docker_image} took longer than "
-                        f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
-                    ) from None
+            result = await self._extract(entry, work_dir)
             final = self.cache.instance_path(entry.instance_id)
             record: IndexRecord = {
                 "instance_id": entry.instance_id,
@@ -333,6 +339,20 @@ class Pipeline:
                 if work_dir.exists():
                     await anyio.to_thread.run_sync(remove_tree, work_dir)
         return record, result.warnings
+
+    async def _extract(self, entry: Entry, work_dir: Path) -> ExtractResult:
+        source = self.source
+        if isinstance(source, TreeSource):
+            return await source.extract_into(entry, work_dir)
+        async with source.testbed_archive(entry) as chunks:
+            try:
+                with anyio.fail_after(self.options.cp_timeout):
+                    return await extract_stream(chunks, work_dir)
+            except TimeoutError:
+                raise TransferFailed(
+                    f"copying /testbed of {entry.docker_image} took longer than "
+                    f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
+                ) from None
 
     def _publish(self, work_dir: Any, record: IndexRecord) -> None:
         write_meta(self.cache.root, record)
