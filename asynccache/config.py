@@ -11,6 +11,8 @@ repo_cache_dir = os.environ.get("ASYNCCACHE_CACHE_DIR", "/data/repo-cache")
 dataset_name = os.environ.get("ASYNCCACHE_DATASET", "R2E-Gym/R2E-Gym-Lite")
 dataset_split = "train"
 concurrency = 16
+#: Extractions running at once (CPU-bound); pulls are not limited by this.
+extract_slots = max(2, 2 * (os.cpu_count() or 1))
 pull_timeout = 600.0
 cp_timeout = 120.0
 testbed_path = "/testbed"
@@ -41,6 +43,7 @@ class CacheOptions:
 
     cache_dir: Path = field(default_factory=default_cache_dir)
     concurrency: int = concurrency
+    extract_slots: int = extract_slots
     skip_existing: bool = True
     skip_pull: bool = False
     keep_images: bool = False

@@ -244,6 +244,10 @@ class DockerBackend:
             await self.remove_container(str(container.id))
         return len(leaked)
 
+    async def prepare(self, entry: Entry) -> None:
+        """Pull the entry's image if needed (before an extraction slot is taken)."""
+        await self.ensure_image(entry.docker_image)
+
     @asynccontextmanager
     async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
         """Yield the tar bytes of the image's /testbed; the container is removed on exit."""

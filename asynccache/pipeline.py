@@ -147,6 +147,7 @@ class Pipeline:
         self._index_lock = anyio.Lock()
         self._scope: anyio.CancelScope | None = None
         self._intake_open = True
+        self._extract_slots = anyio.Semaphore(max(1, options.extract_slots))
 
     def prepare(self) -> None:
         """Check and lock the folder, sweep stale work, load (and repair) the index."""
@@ -344,7 +345,11 @@ class Pipeline:
         source = self.source
         if isinstance(source, TreeSource):
             return await source.extract_into(entry, work_dir)
-        async with source.testbed_archive(entry) as chunks:
+        prepare = getattr(source, "prepare", None)
+        if prepare is not None:
+            await prepare(entry)
+        # Pulls overlap freely; extractions are CPU work, so only a few run at once.
+        async with self._extract_slots, source.testbed_archive(entry) as chunks:
             try:
                 with anyio.fail_after(self.options.cp_timeout):
                     return await extract_stream(chunks, work_dir)
