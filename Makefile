@@ -43,5 +43,8 @@ train:
 small:
 	$(RUN) --split dev_10pr_v1 --max_entries 3
 
+bench-checkout: setup
+	$(PYTHON) scripts/bench_checkout.py --reps 15
+
 clean-demo:
 	rm -rf $(DEMO_DIR)

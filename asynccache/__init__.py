@@ -5,12 +5,16 @@ from asynccache.config import CacheOptions
 from asynccache.entries import Entry, entry_from_row, make_instance_id
 from asynccache.errors import CacheError
 from asynccache.pipeline import Outcome, Summary
+from asynccache.repo_cache import EnsureFailed, MissingInstance, RepoCache
 
 __all__ = [
     "CacheError",
     "CacheOptions",
+    "EnsureFailed",
     "Entry",
+    "MissingInstance",
     "Outcome",
+    "RepoCache",
     "Summary",
     "cache_repos",
     "dataset_rows",

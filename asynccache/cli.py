@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 
-from asynccache import config
+from asynccache import config, maintenance_cli
 from asynccache.api import dataset_rows, open_pipeline
 from asynccache.cachedir import TYPICAL_INSTANCE_BYTES, CacheDir
 from asynccache.config import CacheOptions
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="asynccache",
         description="Cache /testbed of every R2E-Gym image into a folder, concurrently and safely.",
+        epilog="Maintenance: `asynccache verify --cache_dir DIR [--deep] [--repair]` and "
+        "`asynccache status --cache_dir DIR [--dataset D --split S]`.",
     )
     parser.add_argument(
         *_flag("cache_dir"),
@@ -296,7 +298,10 @@ def _backend_options() -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asynccache`` command."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in maintenance_cli.COMMANDS:
+        return maintenance_cli.main(arguments)
+    args = build_parser().parse_args(arguments)
     _configure_logging(args.verbose, args.quiet)
     try:
         code = anyio.run(run, args, backend="asyncio", backend_options=_backend_options())

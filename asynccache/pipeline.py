@@ -17,6 +17,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from asynccache.cachedir import CacheDir, remove_tree
 from asynccache.config import CacheOptions
+from asynccache.digest import tree_digest, write_digest
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
 from asynccache.extract import ExtractResult, extract_stream
@@ -359,7 +360,8 @@ class Pipeline:
                     f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
                 ) from None
 
-    def _publish(self, work_dir: Any, record: IndexRecord) -> None:
+    def _publish(self, work_dir: Path, record: IndexRecord) -> None:
+        write_digest(self.cache.root, record["instance_id"], tree_digest(work_dir))
         write_meta(self.cache.root, record)
         self.cache.publish(work_dir, record["instance_id"])
 
