@@ -1,6 +1,6 @@
 """Cache the /testbed repository of every R2E-Gym task image, concurrently and safely."""
 
-from asynccache.api import cache_repos, dataset_rows
+from asynccache.api import cache_repos, cache_repos_stream, dataset_rows
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, entry_from_row, make_instance_id
 from asynccache.errors import CacheError
@@ -17,6 +17,7 @@ __all__ = [
     "RepoCache",
     "Summary",
     "cache_repos",
+    "cache_repos_stream",
     "dataset_rows",
     "entry_from_row",
     "make_instance_id",

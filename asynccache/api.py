@@ -8,6 +8,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
 from asynccache import config
 from asynccache.config import CacheOptions
 from asynccache.docker import DockerBackend
@@ -20,6 +23,7 @@ from asynccache.entries import (
 )
 from asynccache.pipeline import (
     ArchiveSource,
+    Outcome,
     OutcomeCallback,
     Pipeline,
     RowSource,
@@ -37,53 +41,83 @@ def dataset_rows(
     return islice(rows, max_entries) if max_entries is not None else rows
 
 
+def make_options(**options: Any) -> CacheOptions:
+    """CacheOptions from keyword arguments (the CLI's flags as names); unknown names raise."""
+    if options.get("cache_dir") is not None:
+        options["cache_dir"] = Path(options["cache_dir"])
+    else:
+        options.pop("cache_dir", None)
+    return CacheOptions(**options)
+
+
+async def _entries(
+    entries: RowSource | None, dataset: str | None, split: str, max_entries: int | None
+) -> RowSource:
+    if entries is None:
+        rows = await anyio.to_thread.run_sync(
+            dataset_rows, dataset or config.dataset_name, split, max_entries
+        )
+        return iterate_in_thread(rows)
+    if max_entries is not None:
+        return _take(entries, max_entries)
+    return entries
+
+
 async def cache_repos(
     entries: RowSource | None = None,
     *,
     dataset: str | None = None,
     split: str = config.dataset_split,
     max_entries: int | None = None,
-    cache_dir: str | Path | None = None,
-    concurrency: int = config.concurrency,
-    skip_existing: bool = True,
-    skip_pull: bool = False,
-    keep_images: bool = False,
-    pull_timeout: float = config.pull_timeout,
-    cp_timeout: float = config.cp_timeout,
-    rate_limit_max_wait: float = config.rate_limit_max_wait,
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
     on_status: StatusCallback | None = None,
     source: ArchiveSource | TreeSource | None = None,
+    **options: Any,
 ) -> Summary:
-    """Cache every entry (rows, Entry objects, or a dataset split) and return the summary."""
-    options = CacheOptions(
-        cache_dir=Path(cache_dir) if cache_dir is not None else config.default_cache_dir(),
-        concurrency=concurrency,
-        skip_existing=skip_existing,
-        skip_pull=skip_pull,
-        keep_images=keep_images,
-        pull_timeout=pull_timeout,
-        cp_timeout=cp_timeout,
-        rate_limit_max_wait=rate_limit_max_wait,
-    )
-    if entries is None:
-        if dataset is None:
-            dataset = config.dataset_name
-        entries = iterate_in_thread(dataset_rows(dataset, split, max_entries))
-    elif max_entries is not None:
-        entries = _take(entries, max_entries)
+    """Cache every entry (rows, Entry objects, or a dataset split); return the summary.
+
+    ``options`` are CacheOptions fields, named like the CLI's flags: ``cache_dir``,
+    ``concurrency``, ``skip_existing``, ``skip_pull``, ``keep_images``, ``cp_timeout``,
+    ``pull_timeout``, ``backend``, ...
+    """
+    settings = make_options(**options)
+    rows = await _entries(entries, dataset, split, max_entries)
     async with open_pipeline(
-        options,
+        settings,
         instance_id_fn=instance_id_fn,
         on_outcome=on_outcome,
         on_status=on_status,
         source=source,
     ) as pipeline:
-        return await pipeline.run(entries)
+        return await pipeline.run(rows)
 
 
-async def _take(rows: RowSource, count: int) -> Any:
+@asynccontextmanager
+async def cache_repos_stream(
+    entries: RowSource | None = None,
+    *,
+    buffer: int = 64,
+    **kwargs: Any,
+) -> AsyncIterator[MemoryObjectReceiveStream[Outcome]]:
+    """``cache_repos`` yielding each outcome as it completes.
+
+    ``async with cache_repos_stream(rows, cache_dir=...) as outcomes: async for o in outcomes``.
+    Leaving the block early cancels the run (in-flight entries are cleaned up).
+    """
+    send, receive = anyio.create_memory_object_stream[Outcome](buffer)
+
+    async def produce() -> None:
+        async with send:
+            await cache_repos(entries, on_outcome=send.send, **kwargs)
+
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(produce)
+        yield receive
+        tg.cancel_scope.cancel()
+
+
+async def _take(rows: RowSource, count: int) -> AsyncIterator[Mapping[str, Any] | Entry]:
     taken = 0
     if count <= 0:
         return
@@ -109,7 +143,7 @@ async def open_pipeline(
 ) -> AsyncIterator[Pipeline]:
     """A prepared pipeline (folder locked, index loaded, source connected) until exit."""
     pipeline = Pipeline(options, _NoSource(), instance_id_fn=instance_id_fn, on_outcome=on_outcome)
-    pipeline.prepare()
+    await anyio.to_thread.run_sync(pipeline.prepare)
     try:
         if source is not None:
             pipeline.source = source
