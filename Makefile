@@ -42,6 +42,12 @@ train:
 small:
 	$(RUN) --split dev_10pr_v1 --max_entries 3
 
+BENCH_ARGS ?=
+
+# Throughput against the sequential docker-CLI script (loopback and an emulated wide-area link).
+bench: setup
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+
 bench-checkout: setup
 	$(PYTHON) scripts/bench_checkout.py --reps 15
 

@@ -164,6 +164,7 @@ async def open_pipeline(
                 insecure_registries=options.insecure_registries,
                 registry_mirror=options.registry_mirror,
                 pull_gate=gate,
+                testbed_path=options.testbed_path,
             ) as registry:
                 pipeline.source = registry
                 yield pipeline

@@ -138,7 +138,7 @@ class DockerBackend:
             if exc.status == 900:
                 raise DaemonUnavailable(self.address, _short(exc)) from None
             raise classify_pull_error(image, str(exc.message), exc.status) from None
-        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise DaemonUnavailable(self.address, _short(exc)) from None
 
     async def image_present(self, image: str) -> bool:

@@ -132,3 +132,28 @@ class RateLimitExhausted(CacheError):
             "log in with `docker login` (Docker Hub allows more pulls to accounts) or set a "
             "registry mirror (dockerd --registry-mirror), then rerun"
         )
+
+
+class InvalidReference(CacheError):
+    """An image reference that Docker would not parse."""
+
+    def __init__(self, image: str, reason: str) -> None:
+        self.image = image
+        super().__init__(f"malformed image reference {image!r}: {reason}")
+
+
+class RegistryError(CacheError):
+    """The registry answered something this client cannot use (bad manifest, unknown type)."""
+
+    def __init__(self, image: str, detail: str) -> None:
+        self.image = image
+        super().__init__(f"registry answer for {image} unusable: {detail}")
+
+
+class DigestMismatch(CacheError):
+    """A manifest or blob does not hash to the digest it was asked by; nothing is kept."""
+
+    def __init__(self, image: str, expected: str, detail: str) -> None:
+        self.image = image
+        self.expected = expected
+        super().__init__(f"content of {expected} in {image} does not match its digest: {detail}")

@@ -10,7 +10,8 @@ import stat
 import tarfile
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar, cast
@@ -24,7 +25,15 @@ from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 if TYPE_CHECKING:
     from typing import Self
 
-__all__ = ["ExtractResult", "extract_stream", "extract_tar", "tree_stats"]
+__all__ = [
+    "ExtractResult",
+    "LayerResult",
+    "LayerTree",
+    "extract_stream",
+    "extract_tar",
+    "feed_thread",
+    "tree_stats",
+]
 
 _T = TypeVar("_T")
 
@@ -44,6 +53,15 @@ _NAME_MAX = 255
 _PATH_MAX = 4095
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _IMPLICIT_DIR_MODE = 0o755
+#: Name prefix of an OCI whiteout entry.
+_WHITEOUT = ".wh."
+#: Name prefix of whiteout metadata (aufs); such entries are never materialised.
+_WHITEOUT_META = ".wh..wh."
+#: Name of the entry that makes its folder opaque.
+_OPAQUE = ".wh..wh..opq"
+_WHITEOUT_BYTES = _WHITEOUT.encode()
+_WHITEOUT_META_BYTES = _WHITEOUT_META.encode()
+_OPAQUE_BYTES = _OPAQUE.encode()
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EOFHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EOFHeaderError"]
 _EmptyHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EmptyHeaderError"]
@@ -71,6 +89,10 @@ class _Malformed(Exception):
 
 class _BadName(Exception):
     """A member name that must not be extracted."""
+
+
+class _Outside(_BadName):
+    """A well-formed member name that lies outside the extracted root."""
 
 
 class _SourceError(Exception):
@@ -233,6 +255,25 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
+def _member_kind(info: tarfile.TarInfo) -> str:
+    """A member's type in words."""
+    if info.issym():
+        return "a symlink"
+    if info.isreg() or info.islnk():
+        return "a file"
+    return "a special file"
+
+
+def _copy_file(source: bytes, fd: int) -> None:
+    """Copy the content of the file at source into fd."""
+    with open(source, "rb") as handle:
+        while True:
+            data = handle.read(_COPY_CHUNK)
+            if not data:
+                return
+            _write_all(fd, [data], len(data))
+
+
 def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
     """How deep a folder is, for the final deepest-first pass."""
     return item[0].count(b"/")
@@ -241,7 +282,7 @@ def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
 class _Extractor:
     """Writes members under dest with os calls, tracking the folders it created."""
 
-    def __init__(self, dest: Path, root: str, source: _Source) -> None:
+    def __init__(self, dest: Path, root: str, source: _Source, *, layered: bool = False) -> None:
         self.dest = os.fsencode(dest)
         self.base = os.path.join(self.dest, b"")
         self.root = root
@@ -257,6 +298,14 @@ class _Extractor:
         self.size = 0
         self.warnings: list[str] = []
         self.dropped = 0
+        # Layer mode: members outside the root are skipped, whiteouts apply to lower layers.
+        self.layered = layered
+        # paths the current layer wrote (with their ancestors), kept by its opaque markers
+        self.created: set[bytes] = set()
+        # target name outside the root -> placeholders (path, inode) that wait for its data
+        self.deferred: dict[str, list[tuple[bytes, int]]] = {}
+        self.touched = False
+        self.present = False
 
     def warn(self, message: str) -> None:
         """Record a warning, keeping at most _MAX_WARNINGS."""
@@ -265,8 +314,8 @@ class _Extractor:
         else:
             self.dropped += 1
 
-    def relative(self, name: str) -> bytes:
-        """The path under dest that a member name maps to (b"" for the root)."""
+    def parts(self, name: str) -> list[str]:
+        """The components of a safe member name (no empty, "." or ".." component)."""
         if not name:
             raise _BadName("empty name")
         if "\x00" in name:
@@ -276,9 +325,14 @@ class _Extractor:
         parts = [part for part in name.split("/") if part and part != "."]
         if ".." in parts:
             raise _BadName("'..' component")
+        return parts
+
+    def relative(self, name: str) -> bytes:
+        """The path under dest that a member name maps to (b"" for the root)."""
+        parts = self.parts(name)
         count = len(self.root_parts)
         if parts[:count] != self.root_parts:
-            raise _BadName(f"outside {self.root}/")
+            raise _Outside(f"outside {self.root}/")
         try:
             rel = os.fsencode("/".join(parts[count:]))
         except UnicodeError:
@@ -313,12 +367,28 @@ class _Extractor:
         name = info.name
         try:
             rel = self.relative(name)
+        except _Outside as exc:
+            if not self.layered:
+                raise UnsafeArchive(name, str(exc)) from None
+            self.add_outside(info)
+            return
         except _BadName as exc:
             raise UnsafeArchive(name, str(exc)) from None
-        if not rel and not info.isdir():
-            raise UnsafeArchive(name, "the root member must be a directory")
         if info.size < 0:
             raise UnsafeArchive(name, "negative size")
+        if self.layered:
+            self.touched = True
+            if self.add_layer_special(info, rel):
+                return
+            if not rel and not info.isdir():
+                self.warn(f"{name}: the root replaced by {_member_kind(info)}; its content hidden")
+                self.hide_lower(b"")
+                self.present = False
+                self.root_attrs = None
+                return
+            self.present = True
+        elif not rel and not info.isdir():
+            raise UnsafeArchive(name, "the root member must be a directory")
         try:
             if info.isreg():
                 self.add_file(tar, info, rel)
@@ -339,6 +409,166 @@ class _Extractor:
             if exc.errno == errno.ENAMETOOLONG:
                 raise UnsafeArchive(name, "name too long for the filesystem") from None
             raise
+        if self.layered:
+            self.mark_created(rel)
+
+    def mark_created(self, rel: bytes) -> None:
+        """Record that the current layer holds rel (and so every folder above it)."""
+        created = self.created
+        while rel not in created:
+            created.add(rel)
+            if not rel:
+                return
+            rel = rel.rpartition(b"/")[0]
+
+    def add_outside(self, info: tarfile.TarInfo) -> None:
+        """Layer mode: skip a member outside the root, unless it whites out the root itself."""
+        parts = self.parts(info.name)
+        if not parts:
+            return
+        base, folder = parts[-1], parts[:-1]
+        count = len(folder)
+        if base == _OPAQUE:
+            hides_root = folder == self.root_parts[:count]
+        elif base.startswith(_WHITEOUT_META):
+            return
+        elif base.startswith(_WHITEOUT):
+            target = base[len(_WHITEOUT) :]
+            if target in ("", ".", ".."):
+                raise UnsafeArchive(info.name, f"whiteout of {target!r} points outside its folder")
+            hides_root = [*folder, target] == self.root_parts[: count + 1]
+        else:
+            return
+        if hides_root:
+            self.touched = True
+            self.hide_lower(b"")
+            if b"" not in self.created:
+                self.present = False
+                self.root_attrs = None
+
+    def add_layer_special(self, info: tarfile.TarInfo, rel: bytes) -> bool:
+        """Layer mode: apply a whiteout or skip whiteout metadata; False for an ordinary member."""
+        parent, _, base = rel.rpartition(b"/")
+        if any(part.startswith(_WHITEOUT_META_BYTES) for part in parent.split(b"/")):
+            return True
+        if not base.startswith(_WHITEOUT_BYTES):
+            return False
+        if base == _OPAQUE_BYTES:
+            self.add_opaque(info, parent)
+            return True
+        if base.startswith(_WHITEOUT_META_BYTES):
+            return True
+        target = base[len(_WHITEOUT_BYTES) :]
+        if target in (b"", b".", b".."):
+            raise UnsafeArchive(info.name, f"whiteout of {os.fsdecode(target)!r} points outside")
+        self.ensure_parent(rel, info.name)
+        self.present = True
+        path = parent + b"/" + target if parent else target
+        if path not in self.created:
+            full = self.base + path
+            try:
+                os.lstat(full)
+            except FileNotFoundError:
+                pass
+            else:
+                self.remove(full, path)
+        if parent:
+            self.mark_created(parent)
+        else:
+            self.mark_created(b"")
+        return True
+
+    def add_opaque(self, info: tarfile.TarInfo, folder: bytes) -> None:
+        """Hide every child of folder that a lower layer wrote."""
+        self.present = True
+        if folder:
+            self.ensure_parent(folder + b"/" + _OPAQUE_BYTES, info.name)
+        self.mark_created(folder)
+        self.hide_lower(folder)
+
+    def hide_lower(self, folder: bytes) -> None:
+        """Remove what lower layers wrote under folder, keeping the current layer's paths."""
+        full = self.base + folder if folder else self.dest
+        with os.scandir(full) as entries:
+            children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+        for name, is_dir in children:
+            child = folder + b"/" + os.fsencode(name) if folder else os.fsencode(name)
+            if child in self.created:
+                if is_dir:
+                    self.hide_lower(child)
+                continue
+            self.remove(self.base + child, child)
+
+    def defer_hardlink(self, info: tarfile.TarInfo, rel: bytes) -> None:
+        """Layer mode: a hardlink to a file outside the root waits for that file's data."""
+        key = "/".join(self.parts(info.linkname))
+        self.ensure_parent(rel, info.name)
+        full = self.base + rel
+        for first, inode in self.deferred.get(key, ()):
+            try:
+                found = os.lstat(self.base + first)
+            except FileNotFoundError:
+                continue
+            if found.st_ino == inode and stat.S_ISREG(found.st_mode) and first != rel:
+                try:
+                    os.link(self.base + first, full, follow_symlinks=False)
+                except FileExistsError:
+                    self.remove(full, rel)
+                    os.link(self.base + first, full, follow_symlinks=False)
+                self.files += 1
+                return
+        try:
+            fd = os.open(full, _FILE_FLAGS, 0o600)
+        except FileExistsError:
+            self.remove(full, rel)
+            fd = os.open(full, _FILE_FLAGS, 0o600)
+        try:
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        self.files += 1
+        self.deferred.setdefault(key, []).append((rel, inode))
+
+    def fill_deferred(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> bool:
+        """Write a target's data into the placeholders waiting for it; True once none wait."""
+        try:
+            key = "/".join(self.parts(info.name))
+        except _BadName:
+            return not self.deferred
+        waiting = self.deferred.pop(key, None)
+        if waiting is None:
+            return not self.deferred
+        if not info.isreg() or info.sparse is not None:
+            raise UnsafeArchive(info.name, "hardlink target is not a regular file")
+        mode = self.mode(info)
+        mtime = self.mtime(info)
+        filled: bytes | None = None
+        for rel, inode in waiting:
+            parent = rel.rpartition(b"/")[0]
+            if parent and parent not in self.dirs:
+                continue
+            full = self.base + rel
+            try:
+                fd = os.open(full, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                found = os.fstat(fd)
+                if found.st_ino != inode or not stat.S_ISREG(found.st_mode):
+                    continue
+                os.ftruncate(fd, 0)
+                if filled is None:
+                    if info.size:
+                        self.copy(tar, info, fd)
+                    filled = full
+                else:
+                    _copy_file(filled, fd)
+                os.fchmod(fd, mode)
+                if mtime is not None:
+                    os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+        return not self.deferred
 
     def ensure_parent(self, rel: bytes, name: str) -> None:
         """Make sure every parent folder of rel is a real folder created by this extraction."""
@@ -361,6 +591,11 @@ class _Extractor:
                 mode = stat.S_IMODE(info.st_mode)
                 self.dirs[prefix] = (mode, None, mode)
                 continue
+            if self.layered and prefix not in self.created:
+                self.remove(full, prefix)
+                os.mkdir(full, _IMPLICIT_DIR_MODE)
+                self.dirs[prefix] = (_IMPLICIT_DIR_MODE, None, _IMPLICIT_DIR_MODE & ~self.umask)
+                continue
             where = os.fsdecode(prefix)
             raise UnsafeArchive(name, f"parent {where!r} is {_kind(info.st_mode)}")
 
@@ -375,6 +610,9 @@ class _Extractor:
             cut = len(self.base)
             for folder in folders:
                 self.dirs.pop(folder[cut:], None)
+            if self.created:
+                inside = rel + b"/"
+                self.created = {p for p in self.created if not p.startswith(inside)}
             return
         if stat.S_ISREG(info.st_mode):
             self.files -= 1
@@ -515,6 +753,11 @@ class _Extractor:
         name, target = info.name, info.linkname
         try:
             source = self.relative(target)
+        except _Outside as exc:
+            if not self.layered:
+                raise UnsafeArchive(name, f"hardlink target {target!r}: {exc}") from None
+            self.defer_hardlink(info, rel)
+            return
         except _BadName as exc:
             raise UnsafeArchive(name, f"hardlink target {target!r}: {exc}") from None
         if not source:
@@ -561,6 +804,8 @@ class _Extractor:
         warnings = tuple(self.warnings)
         if self.dropped:
             warnings += (f"{self.dropped} more warnings not shown",)
+        if self.layered:
+            self.files, self.size, _ = _walk(self.dest)
         return ExtractResult(file_count=self.files, size_bytes=self.size, warnings=warnings)
 
 
@@ -581,36 +826,39 @@ def _parse(call: Callable[[], _T], source: _Source, at: int) -> _T:
         source.limit = None
 
 
-def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResult:
-    """Extract the tar stream that read() yields under dest."""
-    source = _Source(read)
+def _members(source: _Source) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Each member of the tar stream source reads, checking that the archive ends properly."""
     state = _ParseState()
-    extractor = _Extractor(dest, root, source)
+    tar = _parse(
+        functools.partial(
+            tarfile.open,
+            fileobj=cast("tarfile._Fileobj", source),
+            mode="r|",
+            bufsize=_BUFSIZE,
+            tarinfo=_info_class(state),
+            encoding="utf-8",
+            errors="surrogateescape",
+        ),
+        source,
+        0,
+    )
+    members: list[tarfile.TarInfo] = vars(tar)["members"]
+    with tar:
+        while True:
+            info = _parse(tar.next, source, tar.offset)
+            if info is None:
+                break
+            members.clear()
+            yield tar, info
+    if not state.end_seen:
+        raise _Truncated("the stream ended without the end-of-archive marker")
+
+
+@contextmanager
+def _domain_errors(dest: Path) -> Iterator[None]:
+    """Turn the parser's internal failures and a full disk into domain errors."""
     try:
-        tar = _parse(
-            functools.partial(
-                tarfile.open,
-                fileobj=cast("tarfile._Fileobj", source),
-                mode="r|",
-                bufsize=_BUFSIZE,
-                tarinfo=_info_class(state),
-                encoding="utf-8",
-                errors="surrogateescape",
-            ),
-            source,
-            0,
-        )
-        members: list[tarfile.TarInfo] = vars(tar)["members"]
-        with tar:
-            while True:
-                info = _parse(tar.next, source, tar.offset)
-                if info is None:
-                    break
-                members.clear()
-                extractor.add(tar, info)
-        if not state.end_seen:
-            raise _Truncated("the stream ended without the end-of-archive marker")
-        return extractor.finish()
+        yield
     except _SourceError as exc:
         raise exc.error from None
     except _Truncated as exc:
@@ -620,6 +868,76 @@ def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResu
             where = os.fsdecode(dest)
             raise DiskFull(f"no space left while extracting into {where}: {exc.strerror}") from exc
         raise
+
+
+def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResult:
+    """Extract the tar stream that read() yields under dest."""
+    source = _Source(read)
+    extractor = _Extractor(dest, root, source)
+    with _domain_errors(dest):
+        for tar, info in _members(source):
+            extractor.add(tar, info)
+        return extractor.finish()
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What applying one layer did to the tree."""
+
+    #: The layer held something under the root (an entry or a whiteout hiding it).
+    touched: bool
+    #: Hardlinks to files outside the root wait for :meth:`LayerTree.fill_links`.
+    links_pending: bool
+
+
+class LayerTree:
+    """Applies image layers in order to one folder: only ``root``, OCI whiteouts, safe writes."""
+
+    def __init__(self, dest: Path, *, root: str = "testbed") -> None:
+        self.dest = dest
+        self._extractor = _Extractor(dest, root, _Source(_no_data), layered=True)
+
+    @property
+    def present(self) -> bool:
+        """True when the root exists after the layers applied so far."""
+        return self._extractor.present
+
+    def apply(self, read: Callable[[int], bytes]) -> LayerResult:
+        """Sync: apply the uncompressed layer tar that read() yields (in a worker thread)."""
+        extractor = self._extractor
+        source = _Source(read)
+        extractor.source = source
+        extractor.created = set()
+        extractor.deferred = {}
+        extractor.touched = False
+        with _domain_errors(self.dest):
+            for tar, info in _members(source):
+                extractor.add(tar, info)
+        return LayerResult(touched=extractor.touched, links_pending=bool(extractor.deferred))
+
+    def fill_links(self, read: Callable[[int], bytes]) -> None:
+        """Sync: read the last applied layer again to fill hardlinks to files outside the root."""
+        extractor = self._extractor
+        if not extractor.deferred:
+            return
+        source = _Source(read)
+        extractor.source = source
+        with _domain_errors(self.dest):
+            for tar, info in _members(source):
+                if extractor.fill_deferred(tar, info):
+                    return
+        missing = next(iter(extractor.deferred))
+        raise UnsafeArchive(missing, "hardlink target not found earlier in its layer")
+
+    def finish(self) -> ExtractResult:
+        """Apply folder modes and mtimes; count the regular files of the final tree."""
+        with _domain_errors(self.dest):
+            return self._extractor.finish()
+
+
+def _no_data(size: int) -> bytes:
+    """A source that is empty."""
+    return b""
 
 
 def extract_tar(fileobj: BinaryIO, dest: Path, *, root: str = "testbed") -> ExtractResult:
@@ -705,27 +1023,25 @@ class _ChunkPipe:
         return current[offset:end]
 
 
-async def extract_stream(
-    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed"
-) -> ExtractResult:
-    """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory."""
+async def feed_thread(
+    chunks: AsyncIterable[bytes], consume: Callable[[Callable[[int], bytes]], _T]
+) -> _T:
+    """Run consume(read) in a thread, read() giving the bytes of chunks (the rest left unread)."""
     pipe = _ChunkPipe(_MAX_QUEUED_CHUNKS)
-    results: list[ExtractResult] = []
+    results: list[_T] = []
     failures: list[Exception] = []
     feed_error: Exception | None = None
 
-    async def consume(scope: anyio.CancelScope) -> None:
+    async def run_consumer(scope: anyio.CancelScope) -> None:
         try:
-            results.append(
-                await anyio.to_thread.run_sync(functools.partial(_extract, pipe.read, dest, root))
-            )
+            results.append(await anyio.to_thread.run_sync(consume, pipe.read))
         except Exception as exc:
             failures.append(exc)
         finally:
             scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(consume, tg.cancel_scope)
+        tg.start_soon(run_consumer, tg.cancel_scope)
         try:
             async for chunk in chunks:
                 if chunk:
@@ -743,5 +1059,12 @@ async def extract_stream(
     if failures:
         raise failures[0]
     if not results:
-        raise RuntimeError("extraction stopped without a result")
+        raise RuntimeError("the reading thread stopped without a result")
     return results[0]
+
+
+async def extract_stream(
+    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed"
+) -> ExtractResult:
+    """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory."""
+    return await feed_thread(chunks, functools.partial(_extract, dest=dest, root=root))
