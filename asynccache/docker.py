@@ -88,6 +88,7 @@ class DockerBackend:
         self.address = daemon_address()
         self._docker: aiodocker.Docker | None = None
         self._pulled_by_us: set[str] = set()
+        self._hold = RepositoryHold()
         self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
 
     async def __aenter__(self) -> DockerBackend:
@@ -95,7 +96,11 @@ class DockerBackend:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        try:
+            for image in self._hold.drain():
+                await self.remove_image(image)
+        finally:
+            await self.close()
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -273,8 +278,38 @@ class DockerBackend:
             await self.remove_container(container_id)
 
     async def after_extraction(self, entry: Entry) -> None:
-        """Release what the entry needed: its image, when this run pulled it."""
-        await self.remove_image(entry.docker_image)
+        """Release the entry's image when this run pulled it (see RepositoryHold)."""
+        image = entry.docker_image
+        if self.keep_images or image not in self._pulled_by_us:
+            return
+        older = self._hold.done_with(image)
+        if older is not None:
+            await self.remove_image(older)
+
+
+class RepositoryHold:
+    """Which pulled images to remove when, keeping the newest image of each repository.
+
+    Images of one repository share their base layers: the newest finished image of a
+    repository stays until the next one of that repository is done, so the pulls in between
+    find the shared layers present. The rest go at the end of the run.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+
+    def done_with(self, image: str) -> str | None:
+        """Hold ``image`` for its repository; return the older image it replaces, if any."""
+        repository = split_reference(image)[0].split("@")[0]
+        previous = self._held.get(repository)
+        self._held[repository] = image
+        return previous if previous != image else None
+
+    def drain(self) -> list[str]:
+        """Every image still held (the run is over)."""
+        images = list(self._held.values())
+        self._held.clear()
+        return images
 
 
 async def _iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import stamina
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
 from asynccache.cachedir import CacheDir, remove_tree
 from asynccache.config import CacheOptions
@@ -147,6 +147,7 @@ class Pipeline:
         self.records: dict[str, IndexRecord] = {}
         self._index_lock = anyio.Lock()
         self._scope: anyio.CancelScope | None = None
+        self._releases: TaskGroup | None = None
         self._intake_open = True
         self._extract_slots = anyio.Semaphore(max(1, options.extract_slots))
 
@@ -179,7 +180,8 @@ class Pipeline:
         index_send, index_receive = anyio.create_memory_object_stream[IndexRecord](100)
         writer = IndexWriter(self.cache.root, self.records, min_interval=self.index_min_interval)
         try:
-            async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as releases, anyio.create_task_group() as tg:
+                self._releases = releases
                 self._scope = tg.cancel_scope
                 if self.summary.stopped:
                     tg.cancel_scope.cancel()
@@ -190,6 +192,7 @@ class Pipeline:
                         tg.start_soon(self._worker, jobs_receive.clone(), results_send.clone())
                     tg.start_soon(self._produce, rows, jobs_send, results_send.clone())
         finally:
+            self._releases = None
             self.summary.seconds = time.monotonic() - started
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._write_failures)
@@ -266,8 +269,15 @@ class Pipeline:
         try:
             return await self._attempt(entry)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.source.after_extraction(entry)
+            if self._releases is not None:
+                # Image removal runs beside the workers instead of stalling this one.
+                self._releases.start_soon(self._release, entry)
+            else:
+                await self._release(entry)
+
+    async def _release(self, entry: Entry) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.source.after_extraction(entry)
 
     async def _attempt(self, entry: Entry) -> Outcome:
         started = time.monotonic()

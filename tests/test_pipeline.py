@@ -1,0 +1,77 @@
+"""The pipeline with an in-memory archive source: releases run beside the workers."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccache import Entry, Outcome, cache_repos
+
+
+def make_testbed_tar(text: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        root = tarfile.TarInfo("testbed")
+        root.type = tarfile.DIRTYPE
+        root.mode = 0o755
+        tar.addfile(root)
+        data = text.encode()
+        member = tarfile.TarInfo("testbed/README")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class SlowReleaseSource:
+    """Archives from memory; releasing an entry blocks until the test allows it."""
+
+    def __init__(self) -> None:
+        self.allow_release = anyio.Event()
+        self.released: list[str] = []
+
+    @asynccontextmanager
+    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield make_testbed_tar(entry.instance_id)
+
+        yield chunks()
+
+    async def after_extraction(self, entry: Entry) -> None:
+        await self.allow_release.wait()
+        self.released.append(entry.instance_id)
+
+
+@pytest.mark.anyio
+async def test_slow_image_release_does_not_stall_the_workers(tmp_path: Path) -> None:
+    source = SlowReleaseSource()
+    entries = [
+        Entry(f"repo__{i:012x}", "repo", f"namanjain12/repo_final:{i:040x}", f"{i:040x}")
+        for i in range(6)
+    ]
+    cached: list[Outcome] = []
+
+    async def on_outcome(outcome: Outcome) -> None:
+        cached.append(outcome)
+        if len(cached) == len(entries):
+            # Every entry finished while no release had been allowed to complete.
+            assert source.released == []
+            source.allow_release.set()
+
+    with anyio.fail_after(30):
+        summary = await cache_repos(
+            entries,
+            cache_dir=tmp_path / "cache",
+            concurrency=1,
+            source=source,
+            on_outcome=on_outcome,
+        )
+    assert summary.cached == len(entries)
+    assert sorted(source.released) == sorted(e.instance_id for e in entries)
+    for entry in entries:
+        assert (tmp_path / "cache" / entry.instance_id / "README").read_text() == entry.instance_id
