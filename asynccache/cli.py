@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -210,6 +211,7 @@ def print_summary(summary: Summary) -> None:
 async def run(args: argparse.Namespace) -> int:
     """Run the caching job for parsed arguments; return the exit code."""
     _validate(args)
+    log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
     cache_dir = Path(args.cache_dir) if args.cache_dir is not None else config.default_cache_dir()
     if args.dry_run:
         return await dry_run(args, cache_dir)

@@ -568,6 +568,7 @@ def test_full_disk_fails_cleanly_and_stops_the_run(
     failures = json.loads((cache_dir / "failures.json").read_text())
     assert instance_id(big[0]) in failures
     assert "space" in failures[instance_id(big[0])]["reason"]
+    assert "this run may fill the disk" in done.stderr
     assert "stays full" in done.stdout
     assert not (cache_dir / instance_id(big[0])).exists()
     assert read_index(cache_dir / "index.json") == {}
