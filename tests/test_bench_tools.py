@@ -76,3 +76,40 @@ def test_index_sim_small() -> None:
     assert result["bytes_written"] >= result["final_index_bytes"] > 0
     original = bench.original_index_cost(200)
     assert original["bytes_written"] > result["final_index_bytes"]
+
+
+def test_registry_contenders(tmp_path: Path) -> None:
+    command = bench.contender_command("r4", tmp_path / "ds", tmp_path / "cache", tmp_path / "s")
+    assert command[command.index("--backend") + 1] == "registry"
+    assert command[command.index("--concurrency") + 1] == "4"
+    assert "--backend" not in bench.contender_command("c16", tmp_path, tmp_path, tmp_path)
+    assert bench.contender_env("r1", None)["DOCKER_HOST"] == "unix:///nonexistent"
+    assert bench.contender_env("c1", None).get("DOCKER_HOST") == os.environ.get("DOCKER_HOST")
+    log = tmp_path / "r4.log"
+    log.write_bytes(
+        b"00:00:01 INFO progress: 4/4 done\n"
+        b"00:00:02 INFO registry backend: 139460608 bytes downloaded; layers fetched 9, "
+        b"from cache 3, skipped as holding no /testbed 4\n"
+    )
+    assert bench.client_downloaded_bytes(log) == 139460608
+    assert bench.client_downloaded_bytes(tmp_path / "missing.log") is None
+
+
+def test_served_bytes_from_access_log() -> None:
+    ua = b'"" "docker/20.10.24 UpstreamClient(Python/3.11 aiohttp/3.14.5)"\n'
+    chunk = (
+        b'127.0.0.1 - - [24/Nov/2026:23:56:58 +0000] "GET /v2/namanjain12/pandas_final/blobs/'
+        b'sha256:ab HTTP/1.1" 200 1000 '
+        + ua
+        + b'127.0.0.1 - - [24/Nov/2026:23:56:58 +0000] "GET /v2/namanjain12/numpy_final/'
+        b'manifests/0123 HTTP/1.1" 200 20 '
+        + ua
+        + b'127.0.0.1 - - [24/Nov/2026:23:56:58 +0000] "HEAD /v2/namanjain12/numpy_final/'
+        b'manifests/0123 HTTP/1.1" 200 20 '
+        + ua
+        + b'127.0.0.1 - - [24/Nov/2026:23:56:58 +0000] "GET /v2/namanjain12/toolkit_final/'
+        b'blobs/sha256:cd HTTP/1.1" 200 5000 ' + ua
+    )
+    repos = bi.bench_repositories()
+    assert bench.served_bytes(chunk, repos) == 1020
+    assert bench.served_bytes(chunk, []) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,10 @@ from scripts.fixtures import (
     snapshot_tree,
     write_dataset,
 )
+from tests.cli_runner import instance_id as default_instance_id
+from tests.cli_runner import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 Dataset = tuple[Path, str, list[dict[str, Any]]]
-
-
-def run_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m asynccache`` as a user would."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    return subprocess.run(
-        [sys.executable, "-m", "asynccache", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def read_index(cache_dir: Path) -> dict[str, dict[str, Any]]:
@@ -52,7 +37,7 @@ def assert_clean(cache_dir: Path, leftover_containers: Callable[[Path], list[str
 
 
 def instance_id(image: FixtureImage) -> str:
-    return f"{image.repo}__{image.commit_hash[:12]}"
+    return default_instance_id(image.repo, image.commit_hash)
 
 
 def test_every_cached_tree_is_identical_to_docker_cp(

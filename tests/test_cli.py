@@ -10,13 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.fixtures import FixtureImage
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
+from tests.cli_runner import ROOT, cli_env
 
 
 def test_terminal_gets_a_live_progress_bar(
@@ -43,7 +37,7 @@ def test_terminal_gets_a_live_progress_bar(
         stdin=child,
         stdout=child,
         stderr=child,
-        env=env(COLUMNS="160"),
+        env=cli_env(COLUMNS="160"),
         cwd=ROOT,
     )
     os.close(child)
@@ -86,7 +80,7 @@ def test_plain_log_lines_when_not_a_terminal_and_uvloop_is_the_loop(
         ],
         capture_output=True,
         text=True,
-        env=env(),
+        env=cli_env(),
         cwd=ROOT,
         timeout=300,
         check=False,
@@ -114,7 +108,7 @@ def test_cache_dir_comes_from_the_environment_when_not_given(
         ],
         capture_output=True,
         text=True,
-        env=env(ASYNCCACHE_CACHE_DIR=str(tmp_path / "envcache")),
+        env=cli_env(ASYNCCACHE_CACHE_DIR=str(tmp_path / "envcache")),
         cwd=ROOT,
         timeout=300,
         check=False,
@@ -129,7 +123,7 @@ def test_bad_flag_values_are_usage_errors(tmp_path: Path) -> None:
             [sys.executable, "-m", "asynccache", "--cache_dir", str(tmp_path), *args],
             capture_output=True,
             text=True,
-            env=env(),
+            env=cli_env(),
             cwd=ROOT,
             timeout=60,
             check=False,

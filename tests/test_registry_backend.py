@@ -6,10 +6,8 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -55,8 +53,9 @@ from scripts.fixtures import (
     write_dataset,
 )
 from scripts.oci_fixtures import file, folder, hardlink, layer, opaque, symlink, whiteout
+from tests.cli_runner import instance_id
+from tests.cli_runner import run_cli as run_asynccache
 
-ROOT = Path(__file__).resolve().parents[1]
 Dataset = tuple[Path, str, list[dict[str, Any]]]
 ZERO = "sha256:" + "0" * 64
 
@@ -548,26 +547,9 @@ async def test_blob_with_a_wrong_digest_fails_and_nothing_is_published(tmp_path:
 def run_cli(
     *args: str | Path, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": path,
-        "DOCKER_HOST": "unix:///nonexistent",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "asynccache", "--backend", "registry", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=full_env,
-        cwd=ROOT,
-        check=False,
+    return run_asynccache(
+        "--backend", "registry", *args, DOCKER_HOST="unix:///nonexistent", **(env or {})
     )
-
-
-def instance_id(repo: str, commit: str) -> str:
-    return f"{repo}__{commit[:12]}"
 
 
 def test_cli_registry_backend_gives_the_docker_cp_tree_of_every_fixture_image(

@@ -23,47 +23,13 @@ from scripts.fixtures import (
     snapshot_tree,
     write_dataset,
 )
+from tests.cli_runner import ROOT, cli_env, run_cli, start_cli
+from tests.cli_runner import instance_id as default_instance_id
 from tests.registry_proxy import RegistryProxy, registry_proxy
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_command(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "asynccache", *map(str, args)]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
-def run_cli(
-    *args: str | Path, timeout: float = 600, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cli_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(**env),
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def start_cli(*args: str | Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        cli_command(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(**env),
-        cwd=ROOT,
-    )
 
 
 def instance_id(image: FixtureImage) -> str:
-    return f"{image.repo}__{image.commit_hash[:12]}"
+    return default_instance_id(image.repo, image.commit_hash)
 
 
 def proxied(image: FixtureImage, proxy: RegistryProxy) -> str:

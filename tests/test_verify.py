@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from asynccache.verify import (
 )
 from scripts.cache_trees import build_sample_tree, cache_instance
 from scripts.fixtures import row_for
+from tests.cli_runner import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 ALPHA, BETA, GAMMA = "alpha__aaaaaaaaaaaa", "beta__bbbbbbbbbbbb", "gamma__cccccccccccc"
 
 
@@ -44,15 +43,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "asynccache.maintenance_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
+    return run_cli(*args, timeout=120, module="asynccache.maintenance_cli")
 
 
 def test_a_healthy_cache_verifies(cache_dir: Path) -> None:
