@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from scripts.fixtures import FixtureImage
-from tests.cli_runner import ROOT, cli_env
+from tests.cli_runner import ROOT, cli_command, cli_env, run_cli
 
 
 def test_terminal_gets_a_live_progress_bar(
@@ -21,19 +20,16 @@ def test_terminal_gets_a_live_progress_bar(
     dataset_dir, split, _rows = sample_dataset
     main, child = pty.openpty()
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "asynccache",
+        cli_command(
             "--dataset",
-            str(dataset_dir),
+            dataset_dir,
             "--split",
             split,
             "--cache_dir",
-            str(tmp_path / "cache"),
+            tmp_path / "cache",
             "--concurrency",
             "4",
-        ],
+        ),
         stdin=child,
         stdout=child,
         stderr=child,
@@ -65,25 +61,8 @@ def test_plain_log_lines_when_not_a_terminal_and_uvloop_is_the_loop(
     fixture_images: list[FixtureImage],
 ) -> None:
     dataset_dir, split, _rows = sample_dataset
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asynccache",
-            "--dataset",
-            str(dataset_dir),
-            "--split",
-            split,
-            "--cache_dir",
-            str(tmp_path / "cache"),
-            "-v",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-        timeout=300,
-        check=False,
+    done = run_cli(
+        "--dataset", dataset_dir, "--split", split, "--cache_dir", tmp_path / "cache", "-v"
     )
     assert done.returncode == 0, done.stderr
     total = len(fixture_images)
@@ -95,23 +74,13 @@ def test_cache_dir_comes_from_the_environment_when_not_given(
     tmp_path: Path, sample_dataset: tuple[Path, str, list[dict[str, Any]]]
 ) -> None:
     dataset_dir, split, _rows = sample_dataset
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asynccache",
-            "--dataset",
-            str(dataset_dir),
-            "--split",
-            split,
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(ASYNCCACHE_CACHE_DIR=str(tmp_path / "envcache")),
-        cwd=ROOT,
-        timeout=300,
-        check=False,
+    done = run_cli(
+        "--dataset",
+        dataset_dir,
+        "--split",
+        split,
+        "--dry-run",
+        ASYNCCACHE_CACHE_DIR=str(tmp_path / "envcache"),
     )
     assert done.returncode == 0, done.stderr
     assert f"cache {tmp_path / 'envcache'}" in done.stdout
@@ -119,14 +88,6 @@ def test_cache_dir_comes_from_the_environment_when_not_given(
 
 def test_bad_flag_values_are_usage_errors(tmp_path: Path) -> None:
     for args in (["--concurrency", "0"], ["--cp_timeout", "-1"], ["--bogus"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "asynccache", "--cache_dir", str(tmp_path), *args],
-            capture_output=True,
-            text=True,
-            env=cli_env(),
-            cwd=ROOT,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli("--cache_dir", tmp_path, *args, timeout=60)
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr

@@ -325,6 +325,21 @@ def test_kill_during_index_write_then_rerun_repairs_and_finishes(
 # --- signals --------------------------------------------------------------------------------------
 
 
+def start_slow_run(
+    tmp_path: Path, images: list[FixtureImage], proxy: RegistryProxy, cache_dir: Path
+) -> tuple[subprocess.Popen[str], Path]:
+    """A run pulling through a throttled proxy, returned once its first entry is cached."""
+    dataset = dataset_through(tmp_path, images, proxy)
+    proxy.faults.bytes_per_second = 100_000
+    run = start_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2")
+    wait_for(
+        lambda: (cache_dir / "index.json").exists() or run.poll() is not None,
+        what="a first cached entry",
+    )
+    assert run.poll() is None, "the run ended before it could be signalled"
+    return run, dataset
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_writes_index_and_summary(
     tmp_path: Path,
@@ -335,16 +350,9 @@ def test_signal_stops_cleanly_writes_index_and_summary(
     signum: int,
     code: int,
 ) -> None:
+    cache_dir = tmp_path / "cache"
     with registry_proxy(docker_services) as proxy:
-        dataset = dataset_through(tmp_path, images, proxy)
-        cache_dir = tmp_path / "cache"
-        proxy.faults.bytes_per_second = 100_000
-        run = start_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2")
-        wait_for(
-            lambda: (cache_dir / "index.json").exists() or run.poll() is not None,
-            what="a first cached entry",
-        )
-        assert run.poll() is None
+        run, _dataset = start_slow_run(tmp_path, images, proxy, cache_dir)
         run.send_signal(signum)
         stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == code, stderr
@@ -360,15 +368,9 @@ def test_second_sigint_leaves_at_once_without_corrupting_the_index(
     reference_trees: ReferenceTrees,
     leftover_containers: Callable[[Path], list[str]],
 ) -> None:
+    cache_dir = tmp_path / "cache"
     with registry_proxy(docker_services) as proxy:
-        dataset = dataset_through(tmp_path, images, proxy)
-        cache_dir = tmp_path / "cache"
-        proxy.faults.bytes_per_second = 100_000
-        run = start_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2")
-        wait_for(
-            lambda: (cache_dir / "index.json").exists() or run.poll() is not None,
-            what="a first cached entry",
-        )
+        run, dataset = start_slow_run(tmp_path, images, proxy, cache_dir)
         run.send_signal(signal.SIGINT)
         time.sleep(0.05)
         run.send_signal(signal.SIGINT)
