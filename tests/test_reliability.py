@@ -28,6 +28,14 @@ from tests.cli_runner import instance_id as default_instance_id
 from tests.registry_proxy import RegistryProxy, registry_proxy
 
 
+def require_root(why: str) -> None:
+    """Skip a test that needs root outside CI; under CI (run as root) fail instead."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run as root: this test {why}")
+        pytest.skip(why)
+
+
 def instance_id(image: FixtureImage) -> str:
     return default_instance_id(image.repo, image.commit_hash)
 
@@ -153,8 +161,7 @@ def test_unreachable_daemon_is_one_line_naming_the_address(
 def test_unwritable_cache_dir_is_a_clear_error_before_any_pull(
     tmp_path: Path, images: list[FixtureImage]
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only filesystem")
+    require_root("needs root to mount a read-only filesystem")
     cache_dir = tmp_path / "readonly"
     cache_dir.mkdir()
     subprocess.run(
@@ -480,8 +487,7 @@ def test_daemon_restart_in_the_middle_of_a_run_is_survived(
     reference_trees: ReferenceTrees,
     leftover_containers: Callable[[Path], list[str]],
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to restart dockerd")
+    require_root("needs root to restart dockerd")
     with registry_proxy(docker_services) as proxy:
         proxy.faults.bytes_per_second = 400_000
         dataset = dataset_through(tmp_path, images, proxy)
@@ -510,8 +516,7 @@ def test_daemon_restart_in_the_middle_of_a_run_is_survived(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+    require_root("needs root to mount a small tmpfs")
     mount = tmp_path / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], check=True)
