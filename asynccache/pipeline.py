@@ -317,6 +317,16 @@ class Pipeline:
                 f"{type(exc).__name__}: {exc}",
                 seconds=time.monotonic() - started,
             )
+        except Exception as exc:
+            # An error no layer translated still fails only its own entry.
+            log.debug("unexpected error caching %s", entry.instance_id, exc_info=True)
+            return Outcome(
+                entry.instance_id,
+                "failed",
+                entry.docker_image,
+                f"unexpected {type(exc).__name__}: {exc}",
+                seconds=time.monotonic() - started,
+            )
         return Outcome(
             entry.instance_id,
             "cached",
@@ -355,7 +365,8 @@ class Pipeline:
     async def _extract(self, entry: Entry, work_dir: Path) -> ExtractResult:
         source = self.source
         if isinstance(source, TreeSource):
-            return await source.extract_into(entry, work_dir)
+            async with self._extract_slots:
+                return await source.extract_into(entry, work_dir)
         prepare = getattr(source, "prepare", None)
         if prepare is not None:
             await prepare(entry)

@@ -3,8 +3,10 @@
 For each scenario (``loopback``: the registry on 127.0.0.1:5000 directly; ``wan``: the same
 registry behind a socat proxy that adds ~40 ms per new connection and caps each connection's
 responses at 20 MiB/s with pv) and each contender (``baseline``: scripts/baseline_cache_repos.py;
-``cN``: ``python -m asynccache --concurrency N``), the benchmark removes every local image of
-the bench set and clears the cache folder, runs the contender as a child process, and records:
+``cN``: ``python -m asynccache --concurrency N``; ``rN``: ``python -m asynccache --backend
+registry --concurrency N`` with ``DOCKER_HOST=unix:///nonexistent``, so that it cannot use
+dockerd), the benchmark removes every local image of the bench set and sets the whole cache
+folder aside (``.layers/`` included), runs the contender as a child process, and records:
 
 * wall time, images per minute, MiB of /testbed extracted per second, ratio to the baseline;
 * CPU seconds of the contender's process tree (``os.wait4`` rusage of the child: for the
@@ -12,7 +14,12 @@ the bench set and clears the cache folder, runs the contender as a child process
 * for the baseline, the CPU of ``docker cp`` alone per image (the CLI's own extraction);
 * CPU seconds of dockerd, containerd (and shims) and the registry (``/proc/PID/stat``), and of
   the WAN proxy;
-* peak RSS of the child (``ru_maxrss``).
+* peak RSS of the child (``ru_maxrss``);
+* MiB downloaded: for ``rN`` the client's own count (its ``registry backend: N bytes
+  downloaded`` log line); for every contender, the bytes the registry served for the bench
+  repositories (the sizes of the GET lines of its access log, found through
+  ``/proc/PID/fd/1``), and the registry process's ``wchar`` growth (every write and sendfile,
+  so any other client of the registry counts too) as a cross-check.
 
 Results: one table per scenario on stdout, JSON in ``.bench/results-<timestamp>.json`` and
 ``.bench/latest.json``. With ``--repeat N`` every number is the median of N runs.
@@ -25,7 +32,8 @@ index.json and the time per update, next to what rewriting the whole index after
 Usage::
 
     python scripts/bench.py [--images N] [--scenarios loopback,wan]
-                            [--contenders baseline,c1,c4,c16] [--repeat N] [--index-sim 5000]
+                            [--contenders baseline,c1,c4,c16,r1,r4,r16] [--repeat N]
+                            [--loopback-repeat N] [--code worktree|head] [--index-sim 5000]
 """
 
 from __future__ import annotations
@@ -115,6 +123,75 @@ class CpuProbe:
     def stop(self) -> float:
         after = self._sample()
         return sum(max(0.0, cpu - self.before.get(pid, 0.0)) for pid, cpu in after.items())
+
+
+ACCESS_RE = re.compile(rb'"GET /v2/([^ ]+)/(?:blobs|manifests)/[^ ]+ HTTP/[0-9.]+" (\d{3}) (\d+) ')
+
+
+def _proc_wchar(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def served_bytes(chunk: bytes, repositories: Sequence[str]) -> int:
+    """Bytes of GET responses (manifests, blobs) for the given repositories in access-log text."""
+    wanted = {name.encode() for name in repositories}
+    return sum(
+        int(size)
+        for name, _status, size in ACCESS_RE.findall(chunk)
+        if name in wanted or name.split(b"/", 1)[-1] in wanted
+    )
+
+
+class RegistryTraffic:
+    """What the loopback registry sent between start() and stop().
+
+    ``served``: the access-log sizes of GET responses for the bench repositories (the log is
+    the registry's stdout/stderr when that is a regular file: ``/proc/PID/fd/1``). ``wchar``:
+    the growth of the registry process's write counter (sendfile included), which also counts
+    other clients of the same registry and its own log lines.
+    """
+
+    def __init__(self, repositories: Sequence[str]) -> None:
+        self.repositories = list(repositories)
+        self.pid: int | None = None
+        self.log: Path | None = None
+        self.offset = 0
+        self.wchar: int | None = None
+
+    def start(self) -> None:
+        pids = sorted(_pids_named(REGISTRY_NAMES))
+        self.pid = pids[0] if pids else None
+        self.log = None
+        if self.pid is None:
+            return
+        for fd in (1, 2):
+            try:
+                target = Path(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if target.is_file():
+                self.log = target
+                self.offset = target.stat().st_size
+                break
+        self.wchar = _proc_wchar(self.pid)
+
+    def stop(self) -> dict[str, int | None]:
+        served: int | None = None
+        wchar: int | None = None
+        if self.log is not None:
+            with open(self.log, "rb") as handle:
+                handle.seek(self.offset)
+                served = served_bytes(handle.read(), self.repositories)
+        if self.pid is not None and self.wchar is not None:
+            after = _proc_wchar(self.pid)
+            wchar = after - self.wchar if after is not None else None
+        return {"served": served, "wchar": wchar}
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,10 +418,45 @@ def contender_command(
     common = ["--dataset", str(dataset), "--split", bi.SPLIT, "--cache_dir", str(cache)]
     if name == "baseline":
         return [sys.executable, str(BASELINE_SCRIPT), *common, "--stats_json", str(stats)]
-    match = re.fullmatch(r"c(\d+)", name)
+    match = re.fullmatch(r"([cr])(\d+)", name)
     if not match:
-        raise SystemExit(f"unknown contender {name!r} (baseline or cN)")
-    return [sys.executable, "-m", "asynccache", *common, "--concurrency", match.group(1), *extra]
+        raise SystemExit(f"unknown contender {name!r} (baseline, cN or rN)")
+    backend = ["--backend", "registry"] if match.group(1) == "r" else []
+    return [
+        sys.executable,
+        "-m",
+        "asynccache",
+        *common,
+        *backend,
+        "--concurrency",
+        match.group(2),
+        *extra,
+    ]
+
+
+def is_registry_contender(name: str) -> bool:
+    """True for the rN contenders (--backend registry, no Docker)."""
+    return re.fullmatch(r"r\d+", name) is not None
+
+
+def contender_env(name: str, code: Path | None) -> dict[str, str]:
+    """The child's environment: the frozen code, and no reachable dockerd for rN."""
+    env = code_env(code)
+    if is_registry_contender(name):
+        env["DOCKER_HOST"] = "unix:///nonexistent"
+    return env
+
+
+DOWNLOADED_RE = re.compile(rb"registry backend: (\d+) bytes downloaded")
+
+
+def client_downloaded_bytes(log: Path) -> int | None:
+    """The byte count an rN contender logs when its registry backend closes (None if absent)."""
+    try:
+        found = DOWNLOADED_RE.findall(log.read_bytes())
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
 
 
 def tree_totals(root: Path) -> tuple[int, int]:
@@ -442,10 +554,13 @@ def run_contender(
     command = [*wrapper, *contender_command(name, dataset, cache, stats)]
     daemon = CpuProbe(DAEMON_NAMES)
     registry = CpuProbe(REGISTRY_NAMES)
+    traffic = RegistryTraffic(bi.bench_repositories())
     proxy_before = proxy.cpu() if proxy else 0.0
     log_path = log_dir / f"{label}.log"
+    load_before = os.getloadavg()
     daemon.start()
     registry.start()
+    traffic.start()
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -453,21 +568,25 @@ def run_contender(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=code or ROOT,
-            env=code_env(code),
+            env=contender_env(name, code),
         )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     daemon_cpu = daemon.stop()
     registry_cpu = registry.stop()
+    sent = traffic.stop()
+    client_bytes = client_downloaded_bytes(log_path) if is_registry_contender(name) else None
     proxy_cpu = (proxy.cpu() - proxy_before) if proxy else 0.0
 
     index_path = cache / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     files, size = tree_totals(cache) if cache.exists() else (0, 0)
-    if (cache / ".meta").exists():
-        meta_files, meta_size = tree_totals(cache / ".meta")
-        files, size = files - meta_files, size - meta_size
+    # bookkeeping, not /testbed: .meta/ records, and the registry backend's .layers/ store
+    for aside in (".meta", ".layers", ".tmp"):
+        if (cache / aside).is_dir():
+            aside_files, aside_size = tree_totals(cache / aside)
+            files, size = files - aside_files, size - aside_size
     files -= sum(1 for n in ("index.json", "failures.json", ".lock") if (cache / n).is_file())
     size -= sum(
         (cache / n).stat().st_size
@@ -496,11 +615,21 @@ def run_contender(
         "dockerd_cpu_per_image_s": daemon_cpu / images if images else None,
         "registry_cpu_s": registry_cpu,
         "proxy_cpu_s": proxy_cpu,
+        "client_downloaded_mib": client_bytes / MIB if client_bytes is not None else None,
+        "served_mib": sent["served"] / MIB if sent["served"] is not None else None,
+        "registry_wchar_mib": sent["wchar"] / MIB if sent["wchar"] is not None else None,
         "removed_images_before": removed,
+        "loadavg_before": list(load_before),
         "create_us_before": create_us,
         "file_counts": {key: rec.get("file_count") for key, rec in index.items()},
         "log": str(log_path.relative_to(ROOT)),
     }
+    # the column: the client's own count for rN, else what the registry served
+    result["downloaded_mib"] = (
+        result["client_downloaded_mib"]
+        if result["client_downloaded_mib"] is not None
+        else result["served_mib"]
+    )
     if name == "baseline" and stats.exists():
         steps = json.loads(stats.read_text())
         good = [s for s in steps if "failed" not in s]
@@ -518,7 +647,7 @@ def run_contender(
 # Aggregation and output
 # --------------------------------------------------------------------------------------------
 
-NUMERIC_SKIP = {"exit_code", "expected", "removed_images_before"}
+NUMERIC_SKIP = {"exit_code", "expected", "removed_images_before", "loadavg_before"}
 
 
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -528,7 +657,7 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if key in NUMERIC_SKIP or isinstance(value, bool):
             continue
         if isinstance(value, int | float) or value is None:
-            values = [r.get(key) for r in runs if isinstance(r.get(key), int | float)]
+            values: list[float] = [v for r in runs if isinstance(v := r.get(key), int | float)]
             merged[key] = statistics.median(values) if values else None
     merged["ok"] = all(r["ok"] for r in runs)
     merged["runs"] = len(runs)
@@ -558,6 +687,8 @@ COLUMNS = (
     ("registry s", "registry_cpu_s", 1),
     ("proxy s", "proxy_cpu_s", 1),
     ("RSS MiB", "peak_rss_mib", 0),
+    ("MiB dl", "downloaded_mib", 0),
+    ("served MiB", "served_mib", 0),
     ("create us", "create_us_before", 0),
     ("ok", "ok", 0),
 )
@@ -691,8 +822,14 @@ def original_index_cost(count: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per contender (median)")
+    parser.add_argument(
+        "--loopback-repeat",
+        type=int,
+        default=None,
+        help="runs per contender in the loopback scenario (default: --repeat)",
+    )
     parser.add_argument("--scenarios", default="loopback,wan")
-    parser.add_argument("--contenders", default="baseline,c1,c4,c16")
+    parser.add_argument("--contenders", default="baseline,c1,c4,c16,r1,r4,r16")
     parser.add_argument("--images", type=int, default=None, help="the first N bench images")
     parser.add_argument("--registry", default=fx.DEFAULT_REGISTRY)
     parser.add_argument("--wan-port", type=int, default=5055)
@@ -704,8 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--code",
         choices=("head", "worktree"),
-        default="head",
-        help="benchmark the committed asynccache/ (default) or the working tree's",
+        default="worktree",
+        help="benchmark the working tree's asynccache/ (default) or the committed one",
     )
     parser.add_argument(
         "--cache-root",
@@ -773,7 +910,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shutil.rmtree(dataset)
                 bi.write_bench_dataset(dataset, images, registry)
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
-                for repeat in range(args.repeat):
+                repeats = args.repeat
+                if scenario == "loopback" and args.loopback_repeat is not None:
+                    repeats = args.loopback_repeat
+                for repeat in range(repeats):
                     for contender in contenders:
                         label = f"{scenario}-{contender}-{repeat}"
                         result = run_contender(
@@ -793,6 +933,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"  {label}: {result['wall_s']:.1f}s, "
                             f"{result['images_per_min']:.1f} img/min, CPU {result['cpu_s']:.1f}s, "
                             f"dockerd {result['dockerd_cpu_s']:.1f}s, "
+                            f"dl {_fmt(result['downloaded_mib'], 0)} MiB, "
+                            f"load {_fmt(result['loadavg_before'][0], 2)}, "
                             f"exit {result['exit_code']}{'' if result['ok'] else ' NOT OK'}",
                             flush=True,
                         )
@@ -825,6 +967,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for step in ("pull", "create", "cp", "rm", "rmi", "count", "index")
                         )
                     )
+                print(
+                    "   MiB dl: rN = the client's own count (its 'registry backend: N bytes "
+                    "downloaded' line); baseline/cN = 'served MiB', the bytes of the registry's "
+                    "GET responses (manifests + compressed blobs) for the bench repositories, "
+                    "from its access log"
+                )
                 for problem in problems[:10]:
                     print(f"   INCONSISTENT: {problem}")
                 print()

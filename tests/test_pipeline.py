@@ -75,3 +75,27 @@ async def test_slow_image_release_does_not_stall_the_workers(tmp_path: Path) -> 
     assert sorted(source.released) == sorted(e.instance_id for e in entries)
     for entry in entries:
         assert (tmp_path / "cache" / entry.instance_id / "README").read_text() == entry.instance_id
+
+
+class BrokenSource(SlowReleaseSource):
+    """Raises an error no layer translates for one entry."""
+
+    @asynccontextmanager
+    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+        if entry.instance_id.endswith("1"):
+            raise ValueError("something nobody planned for")
+        async with super().testbed_archive(entry) as chunks:
+            yield chunks
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_fails_only_its_entry(tmp_path: Path) -> None:
+    source = BrokenSource()
+    source.allow_release.set()
+    entries = [
+        Entry(f"repo__{i:012x}", "repo", f"namanjain12/repo_final:{i:040x}", f"{i:040x}")
+        for i in range(3)
+    ]
+    summary = await cache_repos(entries, cache_dir=tmp_path / "cache", source=source)
+    assert (summary.cached, summary.failed) == (2, 1)
+    assert summary.failures[0].reason == "unexpected ValueError: something nobody planned for"
