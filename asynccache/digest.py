@@ -9,7 +9,14 @@ from pathlib import Path
 
 from asynccache.config import META_DIR_NAME
 
-__all__ = ["DIGEST_SUFFIX", "digest_path", "read_digest", "tree_digest", "write_digest"]
+__all__ = [
+    "DIGEST_SUFFIX",
+    "digest_path",
+    "read_digest",
+    "remove_digest",
+    "tree_digest",
+    "write_digest",
+]
 
 DIGEST_SUFFIX = ".digest"
 _BLOCK = 1 << 20
@@ -80,6 +87,11 @@ def write_digest(cache_dir: Path, instance_id: str, digest: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{digest}\n", encoding="ascii")
     os.replace(tmp, path)
+
+
+def remove_digest(cache_dir: Path, instance_id: str) -> None:
+    """Forget a tree's digest (its folder is about to be replaced)."""
+    digest_path(cache_dir, instance_id).unlink(missing_ok=True)
 
 
 def read_digest(cache_dir: Path, instance_id: str) -> str | None:

@@ -17,7 +17,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
 from asynccache.cachedir import CacheDir, remove_tree
 from asynccache.config import CacheOptions
-from asynccache.digest import tree_digest, write_digest
+from asynccache.digest import remove_digest, tree_digest, write_digest
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
 from asynccache.extract import ExtractResult, extract_stream
@@ -356,6 +356,11 @@ class Pipeline:
                 "cached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             await anyio.to_thread.run_sync(self._publish, work_dir, record)
+            if self._releases is not None:
+                # The content digest (for `verify --deep`) is read back beside the workers.
+                self._releases.start_soon(self._record_digest, entry.instance_id)
+            else:
+                await self._record_digest(entry.instance_id)
         finally:
             with anyio.CancelScope(shield=True):
                 if work_dir.exists():
@@ -381,8 +386,14 @@ class Pipeline:
                     f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
                 ) from None
 
+    async def _record_digest(self, instance_id: str) -> None:
+        with anyio.CancelScope(shield=True):
+            folder = self.cache.instance_path(instance_id)
+            digest = await anyio.to_thread.run_sync(tree_digest, folder)
+            await anyio.to_thread.run_sync(write_digest, self.cache.root, instance_id, digest)
+
     def _publish(self, work_dir: Path, record: IndexRecord) -> None:
-        write_digest(self.cache.root, record["instance_id"], tree_digest(work_dir))
+        remove_digest(self.cache.root, record["instance_id"])
         write_meta(self.cache.root, record)
         self.cache.publish(work_dir, record["instance_id"])
 

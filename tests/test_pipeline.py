@@ -12,6 +12,8 @@ import anyio
 import pytest
 
 from asynccache import Entry, Outcome, cache_repos
+from asynccache.digest import read_digest, tree_digest
+from asynccache.verify import verify_cache
 
 
 def make_testbed_tar(text: str) -> bytes:
@@ -99,3 +101,26 @@ async def test_an_unexpected_error_fails_only_its_entry(tmp_path: Path) -> None:
     summary = await cache_repos(entries, cache_dir=tmp_path / "cache", source=source)
     assert (summary.cached, summary.failed) == (2, 1)
     assert summary.failures[0].reason == "unexpected ValueError: something nobody planned for"
+
+
+@pytest.mark.anyio
+async def test_content_digests_are_recorded_for_verify_deep(tmp_path: Path) -> None:
+    source = SlowReleaseSource()
+    source.allow_release.set()
+    entries = [
+        Entry(f"repo__{i:012x}", "repo", f"namanjain12/repo_final:{i:040x}", f"{i:040x}")
+        for i in range(3)
+    ]
+    cache_dir = tmp_path / "cache"
+    await cache_repos(entries, cache_dir=cache_dir, source=source)
+    for entry in entries:
+        recorded = read_digest(cache_dir, entry.instance_id)
+        assert recorded == tree_digest(cache_dir / entry.instance_id)
+    report = verify_cache(cache_dir, deep=True)
+    assert report.problems == [] and report.no_digest == []
+    # Same size, other bytes: only the recorded content digest can tell.
+    (cache_dir / entries[0].instance_id / "README").write_text("X" * len(entries[0].instance_id))
+    assert verify_cache(cache_dir, deep=False).problems == []
+    assert [p.instance_id for p in verify_cache(cache_dir, deep=True).problems] == [
+        entries[0].instance_id
+    ]
