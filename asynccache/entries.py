@@ -164,8 +164,18 @@ async def iterate_in_thread(
 ) -> AsyncIterator[Mapping[str, Any]]:
     """Iterate a blocking iterable from a worker thread, a batch at a time."""
     iterator = iter(rows)
+    read = 0
     while True:
-        batch = await anyio.to_thread.run_sync(lambda: list(islice(iterator, batch_size)))
+        try:
+            batch = await anyio.to_thread.run_sync(lambda: list(islice(iterator, batch_size)))
+        except DatasetError:
+            raise
+        except Exception as exc:
+            raise DatasetError(
+                f"reading the dataset failed after {read} rows ({type(exc).__name__}: {exc}); "
+                "rerun to resume, or pass --dataset /path/to/a/local/copy"
+            ) from exc
+        read += len(batch)
         if not batch:
             return
         for row in batch:

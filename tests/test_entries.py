@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 from asynccache.entries import (
     count_rows,
     entry_from_row,
+    iterate_in_thread,
     load_rows,
     make_instance_id,
     validate_image_reference,
@@ -108,3 +110,16 @@ def test_unreachable_hub_suggests_a_local_copy(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(DatasetError, match="--dataset /path/to/a/local/copy"):
         list(load_rows("R2E-Gym/R2E-Gym-Lite-does-not-exist", "train"))
+
+
+@pytest.mark.anyio
+async def test_a_dataset_failing_mid_read_is_a_clear_dataset_error() -> None:
+    def rows() -> Iterator[dict[str, str]]:
+        yield ROW
+        raise ConnectionError("hub went away")
+
+    seen = []
+    with pytest.raises(DatasetError, match=r"after 1 rows \(ConnectionError: hub went away\)"):
+        async for row in iterate_in_thread(rows(), batch_size=1):
+            seen.append(row)
+    assert seen == [ROW]
