@@ -292,41 +292,16 @@ class Pipeline:
                 with attempt:
                     record, warnings = await self.cache_entry(entry)
         except CacheError as exc:
-            return Outcome(
-                entry.instance_id,
-                "failed",
-                entry.docker_image,
-                str(exc),
-                seconds=time.monotonic() - started,
-                disk_full=isinstance(exc, DiskFull),
-            )
+            return self._failed(entry, str(exc), started, disk_full=isinstance(exc, DiskFull))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return Outcome(
-                    entry.instance_id,
-                    "failed",
-                    entry.docker_image,
-                    f"no space left in {self.cache.root}: {exc}",
-                    seconds=time.monotonic() - started,
-                    disk_full=True,
-                )
-            return Outcome(
-                entry.instance_id,
-                "failed",
-                entry.docker_image,
-                f"{type(exc).__name__}: {exc}",
-                seconds=time.monotonic() - started,
-            )
+                reason = f"no space left in {self.cache.root}: {exc}"
+                return self._failed(entry, reason, started, disk_full=True)
+            return self._failed(entry, f"{type(exc).__name__}: {exc}", started)
         except Exception as exc:
             # An error no layer translated still fails only its own entry.
             log.debug("unexpected error caching %s", entry.instance_id, exc_info=True)
-            return Outcome(
-                entry.instance_id,
-                "failed",
-                entry.docker_image,
-                f"unexpected {type(exc).__name__}: {exc}",
-                seconds=time.monotonic() - started,
-            )
+            return self._failed(entry, f"unexpected {type(exc).__name__}: {exc}", started)
         return Outcome(
             entry.instance_id,
             "cached",
@@ -334,6 +309,17 @@ class Pipeline:
             record=record,
             seconds=time.monotonic() - started,
             warnings=warnings,
+        )
+
+    @staticmethod
+    def _failed(entry: Entry, reason: str, started: float, *, disk_full: bool = False) -> Outcome:
+        return Outcome(
+            entry.instance_id,
+            "failed",
+            entry.docker_image,
+            reason,
+            seconds=time.monotonic() - started,
+            disk_full=disk_full,
         )
 
     async def cache_entry(self, entry: Entry) -> tuple[IndexRecord, tuple[str, ...]]:

@@ -28,8 +28,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import random
@@ -37,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +55,6 @@ BENCH_LABEL = "io.asynccache.bench.hash"
 SPLIT = "bench"
 #: Default folder of the benchmark dataset.
 DEFAULT_DATASET_DIR = ROOT / ".bench" / "dataset"
-_LOCK_PATH = Path(tempfile.gettempdir()) / "asynccache-bench-images.lock"
 MIB = 1024 * 1024
 
 
@@ -413,16 +410,6 @@ def write_commit(shape: RepoShape, index: int, root: Path, pool: list[str]) -> l
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    with open(_LOCK_PATH, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def is_pushed(image: BenchImage) -> bool:
     """True when the registry holds the image, built from this very spec."""
     try:
@@ -494,7 +481,7 @@ def ensure_bench_images(
 ) -> list[BenchImage]:
     """Make sure the registry holds the first ``count`` bench images; return them."""
     images = all_images(registry)[: count if count is not None else None]
-    with _lock():
+    with fx.build_lock():
         todo = [image for image in images if force or not is_pushed(image)]
         if not todo:
             return images

@@ -759,7 +759,8 @@ def is_pushed(spec: FixtureSpec, registry: str) -> bool:
 
 
 @contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
+def build_lock() -> Iterator[None]:
+    """Hold the machine-wide lock that keeps image builds of separate processes apart."""
     with open(_LOCK_PATH, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -912,7 +913,7 @@ def ensure_images(
     jobs: int = 3,
 ) -> list[FixtureImage]:
     """Make sure the registry holds every spec's image; build the missing ones in parallel."""
-    with _build_lock():
+    with build_lock():
         todo = [spec for spec in specs if force or not is_pushed(spec, registry)]
         if todo:
             build_base_image()
