@@ -254,3 +254,22 @@ def test_missing_cache_parent_is_a_usage_error_before_any_pull(
     )
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_keep_images_leaves_the_pulled_images(
+    tmp_path: Path,
+    fixture_images: list[FixtureImage],
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    images = fixture_images[:2]
+    dataset_dir = tmp_path / "dataset"
+    write_dataset(dataset_dir, [row_for(i.ref, i.repo, i.commit_hash) for i in images], "train")
+    cache_dir = tmp_path / "cache"
+    try:
+        done = run_cli("--dataset", dataset_dir, "--cache_dir", cache_dir, "--keep-images")
+        assert done.returncode == 0, done.stderr
+        assert all(image_exists(image.ref) for image in images)
+    finally:
+        for image in images:
+            remove_local_image(image.ref)
+    assert_clean(cache_dir, leftover_containers)
