@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,9 +35,10 @@ from asynccache.ratelimit import PullGate
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
+CREATE_TIMEOUT = 120.0
 _NOT_FOUND_MARKERS = ("manifest unknown", "not found", "does not exist", "no such image")
 _AUTH_MARKERS = ("unauthorized", "authentication required", "denied")
-_RATE_MARKERS = ("toomanyrequests", "too many requests", "429", "rate limit")
+_RATE_MARKERS = ("toomanyrequests", "too many requests", "rate limit")
 
 
 def daemon_address() -> str:
@@ -44,8 +47,12 @@ def daemon_address() -> str:
 
 
 def classify_pull_error(image: str, message: str, status: int = 0) -> CacheError:
-    """Turn a daemon's pull error message into a domain error."""
-    lowered = message.lower()
+    """Turn a daemon's pull error message into a domain error.
+
+    Markers are looked for in the message with the image reference taken out, so that a
+    name or a port (``127.0.0.1:42909``, ``ratelimit/app``) never decides the kind of error.
+    """
+    lowered = _without_references(message, image).lower()
     if status == 429 or any(marker in lowered for marker in _RATE_MARKERS):
         return RateLimited(image, message)
     if "pull access denied" in lowered or "repository does not exist" in lowered:
@@ -55,6 +62,21 @@ def classify_pull_error(image: str, message: str, status: int = 0) -> CacheError
     if status == 401 or any(marker in lowered for marker in _AUTH_MARKERS):
         return Unauthorized(image, message)
     return PullFailed(image, message)
+
+
+def _without_references(message: str, image: str) -> str:
+    repository = split_reference(image)[0]
+    for reference in sorted(
+        {image, repository, repository.split("/", 1)[-1]}, key=len, reverse=True
+    ):
+        message = message.replace(reference, "<image>")
+    return message
+
+
+def container_name(instance_id: str) -> str:
+    """A fresh container name for an entry, so that a create whose answer was lost is found."""
+    readable = re.sub(r"[^a-zA-Z0-9_.-]", "-", instance_id)[:80]
+    return f"asynccache-{readable}-{secrets.token_hex(4)}"
 
 
 def split_reference(image: str) -> tuple[str, str | None]:
@@ -211,8 +233,16 @@ class DockerBackend:
             "NetworkDisabled": True,
             "HostConfig": {"NetworkMode": "none"},
         }
-        async with self._translate(entry.docker_image):
-            container = await self.docker.containers.create(config)
+        name = container_name(entry.instance_id)
+        try:
+            # Shielded: a create cancelled in flight could still finish in the daemon
+            # after we gave up on it, leaving a container nobody knows the id of.
+            with anyio.CancelScope(shield=True), anyio.fail_after(CREATE_TIMEOUT):
+                async with self._translate(entry.docker_image):
+                    container = await self.docker.containers.create(config, name=name)
+        except BaseException:
+            await self.remove_container(name)
+            raise
         return str(container.id)
 
     async def remove_container(self, container_id: str) -> None:

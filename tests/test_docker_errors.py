@@ -39,3 +39,23 @@ def test_pull_errors_are_classified(
     assert isinstance(error, kind)
     assert is_transient(error) is transient
     assert IMAGE in str(error)
+
+
+@pytest.mark.parametrize(
+    ("image", "message", "status"),
+    [
+        (
+            "127.0.0.1:42909/namanjain12/x_final:abc",
+            "No such image: 127.0.0.1:42909/namanjain12/x_final:abc",
+            404,
+        ),
+        ("ratelimit/app:1", "manifest for ratelimit/app:1 not found: manifest unknown", 404),
+        ("toomanyrequests/app:1", "pull access denied for toomanyrequests/app", 0),
+    ],
+)
+def test_the_image_reference_never_decides_the_kind_of_error(
+    image: str, message: str, status: int
+) -> None:
+    error = classify_pull_error(image, message, status)
+    assert isinstance(error, ImageNotFound), error
+    assert is_transient(error) is False

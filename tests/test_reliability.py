@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from asynccache.docker import DockerBackend
+from asynccache.entries import Entry
 from asynccache.index import read_index
 from scripts.fixtures import (
     FixtureImage,
@@ -546,4 +549,28 @@ def test_full_disk_fails_cleanly_and_stops_the_run(
     assert not (cache_dir / instance_id(big[0])).exists()
     assert read_index(cache_dir / "index.json") == {}
     assert work_in_progress(cache_dir) == []
+    assert leftover_containers(cache_dir) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02, 0.05])
+def test_a_container_create_cancelled_in_flight_leaves_no_container(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    leftover_containers: Callable[[Path], list[str]],
+    delay: float,
+) -> None:
+    image = images[0]
+    entry = Entry(instance_id(image), image.repo, image.ref, image.commit_hash)
+    cache_dir = tmp_path / "cache"
+
+    async def cancel_a_create() -> None:
+        async with DockerBackend(cache_dir, keep_images=True) as backend:
+            await backend.ensure_image(image.ref)
+            created: str | None = None
+            with anyio.move_on_after(delay):
+                created = await backend.create_container(entry)
+            if created is not None:  # the create finished: its id is the caller's to remove
+                await backend.remove_container(created)
+
+    anyio.run(cancel_a_create)
     assert leftover_containers(cache_dir) == []
