@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import threading
 from collections import deque
@@ -18,9 +19,20 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar, cast
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
+from asynccache.writer import (
+    FILE_FLAGS,
+    MAX_IOV,
+    MAX_QUEUED_FILE,
+    DirJob,
+    FileJob,
+    FileWriter,
+    Job,
+    write_all,
+)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -36,6 +48,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+#: Takes the pieces of a member's data and their total size.
+_Sink = Callable[[list[bytes], int], object]
 
 #: Block size tarfile reads the stream with (its default record size).
 _BUFSIZE = tarfile.RECORDSIZE
@@ -47,11 +61,8 @@ _HEADER_BUDGET = 16 * 1024
 _MAX_WARNINGS = 100
 #: Most chunks queued between the event loop and the extracting thread.
 _MAX_QUEUED_CHUNKS = 8
-#: Most buffers gathered into one writev.
-_MAX_IOV = 512
 _NAME_MAX = 255
 _PATH_MAX = 4095
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _IMPLICIT_DIR_MODE = 0o755
 #: Name prefix of an OCI whiteout entry.
 _WHITEOUT = ".wh."
@@ -68,6 +79,8 @@ _EmptyHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EmptyHeaderError"]
 _TruncatedHeaderError: type[tarfile.HeaderError] = vars(tarfile)["TruncatedHeaderError"]
 _SubsequentHeaderError: type[tarfile.HeaderError] = vars(tarfile)["SubsequentHeaderError"]
 _Stream: type = vars(tarfile)["_Stream"]
+#: The fields of a ustar header block, the 12 bytes of padding left out.
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 
 
 @dataclass(frozen=True)
@@ -124,7 +137,9 @@ class _StrictInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         """Parse one header block, rejecting negative sizes."""
-        info = super().frombuf(buf, encoding, errors)
+        info = _plain_header(cls, buf, encoding, errors)
+        if info is None:
+            info = super().frombuf(buf, encoding, errors)
         if info.size < 0:
             raise _Malformed(f"negative size in the header of {info.name!r}")
         return info
@@ -145,6 +160,67 @@ class _StrictInfo(tarfile.TarInfo):
             raise _Malformed(f"extended header without a valid member header ({exc})") from None
         except tarfile.HeaderError as exc:
             raise _Malformed(f"malformed tar header ({exc})") from None
+
+
+def _octal(field: bytes) -> int:
+    """A number field in octal text; ValueError for anything else (base-256 included)."""
+    if field[0] in (0o200, 0o377):
+        raise ValueError("base-256 number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _text(field: bytes, encoding: str, errors: str) -> str:
+    return field.split(b"\0", 1)[0].decode(encoding, errors)
+
+
+_InfoT = TypeVar("_InfoT", bound=tarfile.TarInfo)
+
+
+def _plain_header(
+    cls: type[_InfoT], buf: bytes | bytearray, encoding: str, errors: str
+) -> _InfoT | None:
+    """TarInfo.frombuf for the common block, quicker; None leaves the rest to tarfile.
+
+    Gives what frombuf gives for a complete block with a valid unsigned checksum, octal
+    numbers and no old GNU sparse data; anything else (end-of-archive blocks, bad checksums,
+    base-256 numbers) returns None, and tarfile's own parser decides.
+    """
+    if len(buf) != tarfile.BLOCKSIZE:
+        return None
+    fields = _HEADER.unpack(buf)
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname) = fields[:9]
+    (uname, gname, devmajor, devminor, prefix) = fields[11:]
+    if kind == tarfile.GNUTYPE_SPARSE:
+        return None
+    try:
+        checksum = _octal(chksum)
+        if checksum != 256 + sum(buf) - sum(chksum):
+            return None
+        info = cls()
+        info.mode = _octal(mode)
+        info.uid = _octal(uid)
+        info.gid = _octal(gid)
+        info.size = _octal(size)
+        info.mtime = _octal(mtime)
+        info.devmajor = _octal(devmajor)
+        info.devminor = _octal(devminor)
+    except ValueError:
+        return None
+    info.chksum = checksum
+    info.type = kind
+    text = _text(name, encoding, errors)
+    info.linkname = _text(linkname, encoding, errors)
+    info.uname = _text(uname, encoding, errors)
+    info.gname = _text(gname, encoding, errors)
+    if kind == tarfile.AREGTYPE and text.endswith("/"):
+        info.type = tarfile.DIRTYPE
+    if info.type == tarfile.DIRTYPE:
+        text = text.rstrip("/")
+    lead = _text(prefix, encoding, errors)
+    if lead and info.type not in tarfile.GNU_TYPES:
+        text = lead + "/" + text
+    info.name = text
+    return info
 
 
 def _info_class(state: _ParseState) -> type[_StrictInfo]:
@@ -235,15 +311,6 @@ def tree_stats(path: Path) -> tuple[int, int]:
     return files, size
 
 
-def _write_all(fd: int, pieces: list[bytes], total: int) -> None:
-    """Write pieces to fd in one system call when the kernel takes them all."""
-    written = os.writev(fd, pieces) if len(pieces) > 1 else os.write(fd, pieces[0])
-    if written < total:
-        rest = memoryview(b"".join(pieces))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-
-
 def _kind(mode: int) -> str:
     """A file type in words."""
     if stat.S_ISLNK(mode):
@@ -271,7 +338,7 @@ def _copy_file(source: bytes, fd: int) -> None:
             data = handle.read(_COPY_CHUNK)
             if not data:
                 return
-            _write_all(fd, [data], len(data))
+            write_all(fd, [data], len(data))
 
 
 def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
@@ -306,6 +373,42 @@ class _Extractor:
         self.deferred: dict[str, list[tuple[bytes, int]]] = {}
         self.touched = False
         self.present = False
+        # creates small files in a thread of its own while a stream is read (see writer.py)
+        self.writer: FileWriter | None = None
+
+    def start_writer(self) -> None:
+        """Hand small regular files to a writer thread until stop_writer."""
+        if self.writer is None:
+            self.writer = FileWriter(self.umask)
+
+    def stop_writer(self, *, completed: bool) -> None:
+        """Finish the writer's work (when completed) and stop its thread."""
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            if completed:
+                self.flush()
+        finally:
+            self.writer = None
+            writer.close()
+
+    def flush(self) -> None:
+        """Wait until every queued file is written; write here what the writer could not."""
+        writer = self.writer
+        if writer is None or not writer.pending:
+            return
+        failed, removed_files, removed_bytes = writer.flush()
+        self.files -= removed_files
+        self.size -= removed_bytes
+        for job in failed:
+            self.write_now(job)
+
+    def flush_for(self, rel: bytes) -> None:
+        """Flush when a file is queued at rel."""
+        writer = self.writer
+        if writer is not None and rel in writer.pending:
+            self.flush()
 
     def warn(self, message: str) -> None:
         """Record a warning, keeping at most _MAX_WARNINGS."""
@@ -395,8 +498,10 @@ class _Extractor:
             elif info.isdir():
                 self.add_dir(info, rel)
             elif info.issym():
+                self.flush()
                 self.add_symlink(info, rel)
             elif info.islnk():
+                self.flush()
                 self.add_hardlink(info, rel)
             elif info.ischr() or info.isblk():
                 kind = "character" if info.ischr() else "block"
@@ -440,6 +545,7 @@ class _Extractor:
         else:
             return
         if hides_root:
+            self.flush()
             self.touched = True
             self.hide_lower(b"")
             if b"" not in self.created:
@@ -453,6 +559,7 @@ class _Extractor:
             return True
         if not base.startswith(_WHITEOUT_BYTES):
             return False
+        self.flush()
         if base == _OPAQUE_BYTES:
             self.add_opaque(info, parent)
             return True
@@ -518,10 +625,10 @@ class _Extractor:
                 self.files += 1
                 return
         try:
-            fd = os.open(full, _FILE_FLAGS, 0o600)
+            fd = os.open(full, FILE_FLAGS, 0o600)
         except FileExistsError:
             self.remove(full, rel)
-            fd = os.open(full, _FILE_FLAGS, 0o600)
+            fd = os.open(full, FILE_FLAGS, 0o600)
         try:
             inode = os.fstat(fd).st_ino
         finally:
@@ -580,6 +687,7 @@ class _Extractor:
             prefix = b"/".join(parts[:end])
             if prefix in self.dirs:
                 continue
+            self.flush()  # what is on disk must be what the members so far made
             full = self.base + prefix
             try:
                 info = os.lstat(full)
@@ -627,25 +735,69 @@ class _Extractor:
         mtime = self.mtime(info)
         self.ensure_parent(rel, info.name)
         full = self.base + rel
-        try:
-            fd = os.open(full, _FILE_FLAGS, mode)
-        except FileExistsError:
-            self.remove(full, rel)
-            fd = os.open(full, _FILE_FLAGS, mode)
-        try:
-            if mode & self.umask:
-                os.fchmod(fd, mode)
-            if info.size:
-                self.copy(tar, info, fd)
-            if mtime is not None:
-                os.utime(fd, ns=(mtime, mtime))
-        finally:
-            os.close(fd)
+        writer = self.writer
+        if writer is not None and info.size <= MAX_QUEUED_FILE and rel not in self.dirs:
+            pieces = self.read_data(tar, info)
+            job = FileJob(info.name, rel, full, mode, mtime, pieces, info.size)
+            while not writer.submit(job):
+                self.flush()
+        else:
+            self.flush()
+            try:
+                fd = os.open(full, FILE_FLAGS, mode)
+            except FileExistsError:
+                self.remove(full, rel)
+                fd = os.open(full, FILE_FLAGS, mode)
+            try:
+                if mode & self.umask:
+                    os.fchmod(fd, mode)
+                if info.size:
+                    self.copy(tar, info, fd)
+                if mtime is not None:
+                    os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
         self.files += 1
         self.size += info.size
 
-    def copy(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None:
-        """Copy a member's data from the stream to fd."""
+    def write_now(self, job: Job) -> None:
+        """Create a file or folder the writer gave back, here (counted when it was queued)."""
+        if isinstance(job, DirJob):
+            attributes = self.dirs.get(job.rel)
+            self.make_dir(job.full, job.rel, job.mode)
+            if attributes is not None:
+                self.dirs[job.rel] = attributes
+            return
+        try:
+            try:
+                fd = os.open(job.full, FILE_FLAGS, job.mode)
+            except FileExistsError:
+                self.remove(job.full, job.rel)
+                fd = os.open(job.full, FILE_FLAGS, job.mode)
+            try:
+                if job.mode & self.umask:
+                    os.fchmod(fd, job.mode)
+                if job.size:
+                    write_all(fd, job.pieces, job.size)
+                if job.mtime is not None:
+                    os.utime(fd, ns=(job.mtime, job.mtime))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise UnsafeArchive(job.name, "name too long for the filesystem") from None
+            raise
+
+    def read_data(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> list[bytes]:
+        """Read a member's data into memory (small members only)."""
+        pieces: list[bytes] = []
+        if info.size:
+            self.copy(tar, info, lambda more, _size: pieces.extend(more))
+        return pieces
+
+    def copy(self, tar: tarfile.TarFile, info: tarfile.TarInfo, out: int | _Sink) -> None:
+        """Copy a member's data from the stream to a file descriptor, or collect its pieces."""
+        sink: _Sink = out if callable(out) else functools.partial(write_all, out)
         stream = tar.fileobj
         if isinstance(stream, _Stream):
             state = vars(stream)
@@ -654,11 +806,11 @@ class _Extractor:
                 and type(state.get("buf")) is bytes
                 and state.get("pos") == info.offset_data
             ):
-                self.copy_direct(state, info, fd)
+                self.copy_direct(state, info, sink)
                 return
-        self.copy_through_tarfile(tar, info, fd)
+        self.copy_through_tarfile(tar, info, sink)
 
-    def copy_direct(self, state: dict[str, Any], info: tarfile.TarInfo, fd: int) -> None:
+    def copy_direct(self, state: dict[str, Any], info: tarfile.TarInfo, sink: _Sink) -> None:
         """Copy data from tarfile's read-ahead buffer, then straight from the source."""
         size = info.size
         buffered: bytes = state["buf"]
@@ -675,15 +827,17 @@ class _Extractor:
             remaining -= len(data)
             pieces.append(data)
             pending += len(data)
-            if pending >= _COPY_CHUNK or len(pieces) >= _MAX_IOV:
-                _write_all(fd, pieces, pending)
+            if pending >= _COPY_CHUNK or len(pieces) >= MAX_IOV:
+                sink(pieces, pending)
                 pieces = []
                 pending = 0
         if pieces:
-            _write_all(fd, pieces, pending)
+            sink(pieces, pending)
         state["pos"] += size
 
-    def copy_through_tarfile(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None:
+    def copy_through_tarfile(
+        self, tar: tarfile.TarFile, info: tarfile.TarInfo, sink: _Sink
+    ) -> None:
         """Copy data with tarfile's own file object."""
         data_file = tar.extractfile(info)
         if data_file is None:
@@ -695,7 +849,7 @@ class _Extractor:
                 if not data:
                     raise tarfile.ReadError("unexpected end of data")
                 remaining -= len(data)
-                _write_all(fd, [data], len(data))
+                sink([data], len(data))
         except tarfile.TarError as exc:
             if self.source.at_eof:
                 raise TruncatedArchive(
@@ -714,15 +868,25 @@ class _Extractor:
         if known is not None:
             self.dirs[rel] = (mode, mtime, known[2])
             return
+        self.flush_for(rel)
         self.ensure_parent(rel, info.name)
         full = self.base + rel
         create = mode | 0o700
+        writer = self.writer
+        if writer is None:
+            self.make_dir(full, rel, create)
+        else:
+            while not writer.submit(DirJob(info.name, rel, full, create)):
+                self.flush()
+        self.dirs[rel] = (mode, mtime, create & ~self.umask)
+
+    def make_dir(self, full: bytes, rel: bytes, create: int) -> None:
+        """Create a folder, replacing what a lower layer left there."""
         try:
             os.mkdir(full, create)
         except FileExistsError:
             self.remove(full, rel)
             os.mkdir(full, create)
-        self.dirs[rel] = (mode, mtime, create & ~self.umask)
 
     def add_symlink(self, info: tarfile.TarInfo, rel: bytes) -> None:
         """Create a symlink with the member's target text, verbatim."""
@@ -875,8 +1039,14 @@ def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResu
     source = _Source(read)
     extractor = _Extractor(dest, root, source)
     with _domain_errors(dest):
-        for tar, info in _members(source):
-            extractor.add(tar, info)
+        extractor.start_writer()
+        completed = False
+        try:
+            for tar, info in _members(source):
+                extractor.add(tar, info)
+            completed = True
+        finally:
+            extractor.stop_writer(completed=completed)
         return extractor.finish()
 
 
@@ -911,8 +1081,14 @@ class LayerTree:
         extractor.deferred = {}
         extractor.touched = False
         with _domain_errors(self.dest):
-            for tar, info in _members(source):
-                extractor.add(tar, info)
+            extractor.start_writer()
+            completed = False
+            try:
+                for tar, info in _members(source):
+                    extractor.add(tar, info)
+                completed = True
+            finally:
+                extractor.stop_writer(completed=completed)
         return LayerResult(touched=extractor.touched, links_pending=bool(extractor.deferred))
 
     def fill_links(self, read: Callable[[int], bytes]) -> None:
@@ -958,6 +1134,8 @@ class _ChunkPipe:
         self._space: anyio.Event | None = None
         self._current = b""
         self._offset = 0
+        # The reading thread may be any thread (see layers._ReadAhead), not only an anyio one.
+        self._loop = anyio.lowlevel.current_token()
 
     async def put(self, chunk: bytes) -> None:
         """Queue a chunk, waiting while the queue is full."""
@@ -1001,7 +1179,7 @@ class _ChunkPipe:
             if self._space is not None and len(self._chunks) <= self._max // 2:
                 wake, self._space = self._space, None
         if wake is not None:
-            anyio.from_thread.run_sync(wake.set)
+            anyio.from_thread.run_sync(wake.set, token=self._loop)
         return chunk
 
     def read(self, size: int) -> bytes:

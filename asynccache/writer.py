@@ -1,0 +1,180 @@
+"""A thread that creates folders and small files, in member order, while the parser reads on.
+
+Creating a file is mostly kernel work done without the GIL, so on a second core it overlaps
+the parsing of the next tar headers. The extracting thread stays in charge: it queues only
+fresh regular files whose data it has read, waits for the queue to drain before any other
+kind of change that could meet a queued path, and replays itself whatever the writer could
+not do (see :meth:`FileWriter.flush`), so that every error is reported where it always was.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+#: Flags of every regular file an extraction creates.
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Most buffers gathered into one writev.
+MAX_IOV = 512
+#: Largest file handed to the writer; bigger ones are written by the extracting thread.
+MAX_QUEUED_FILE = 1 << 20
+_MAX_QUEUED_BYTES = 16 << 20
+_MAX_QUEUED_JOBS = 256
+#: Most paths remembered between flushes (the extracting thread flushes beyond).
+_MAX_PENDING = 1024
+
+
+def write_all(fd: int, pieces: list[bytes], total: int) -> None:
+    """Write pieces to fd in one system call when the kernel takes them all."""
+    if len(pieces) > MAX_IOV:
+        pieces = [b"".join(pieces)]
+    written = os.writev(fd, pieces) if len(pieces) > 1 else os.write(fd, pieces[0])
+    if written < total:
+        rest = memoryview(b"".join(pieces))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+
+
+@dataclass(slots=True)
+class FileJob:
+    """One regular file to create: where, with what mode, mtime and data."""
+
+    name: str
+    rel: bytes
+    full: bytes
+    mode: int
+    mtime: int | None
+    pieces: list[bytes]
+    size: int
+
+
+@dataclass(slots=True)
+class DirJob:
+    """One folder to create."""
+
+    name: str
+    rel: bytes
+    full: bytes
+    mode: int
+    size: int = 0
+
+
+Job = FileJob | DirJob
+
+
+class FileWriter:
+    """Creates queued files in order in its own thread; stops at the first one it cannot."""
+
+    def __init__(self, umask: int) -> None:
+        self.umask = umask
+        #: Paths queued since the last flush (read and written by the extracting thread only).
+        self.pending: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._jobs: deque[Job] = deque()
+        self._queued_bytes = 0
+        self._failed: list[Job] = []
+        self._closed = False
+        self._removed_files = 0
+        self._removed_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="asynccache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue job, waiting while the queue is full; False when the caller must flush first."""
+        if len(self.pending) >= _MAX_PENDING:
+            return False
+        with self._lock:
+            while (
+                len(self._jobs) >= _MAX_QUEUED_JOBS or self._queued_bytes >= _MAX_QUEUED_BYTES
+            ) and not self._failed:
+                self._changed.wait()
+            if self._failed:
+                return False
+            self._jobs.append(job)
+            self._queued_bytes += job.size
+            self._changed.notify_all()
+        self.pending.add(job.rel)
+        return True
+
+    def flush(self) -> tuple[list[Job], int, int]:
+        """Wait for the queue to drain.
+
+        Returns the jobs to replay in order (the one that failed and every later one), and the
+        regular files and bytes the writer removed to replace them.
+        """
+        with self._lock:
+            while self._jobs and not self._failed:
+                self._changed.wait()
+            failed, self._failed = self._failed, []
+            removed = (self._removed_files, self._removed_bytes)
+            self._removed_files = self._removed_bytes = 0
+        self.pending.clear()
+        return failed, *removed
+
+    def close(self) -> None:
+        """Drop what is still queued and stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._jobs.clear()
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                job = self._jobs[0]
+            try:
+                removed = self._write(job)
+            except Exception:  # replayed by the extracting thread, which reports it
+                removed = None
+            with self._lock:
+                if self._closed:
+                    return
+                if removed is None:
+                    self._failed = list(self._jobs)
+                    self._jobs.clear()
+                    self._queued_bytes = 0
+                else:
+                    self._jobs.popleft()
+                    self._queued_bytes -= job.size
+                    self._removed_files += removed[0]
+                    self._removed_bytes += removed[1]
+                self._changed.notify_all()
+
+    def _write(self, job: Job) -> tuple[int, int]:
+        """Create job's file, replacing a regular file or symlink; a folder there is an error.
+
+        A folder is created where nothing is; anything already there is an error.
+        """
+        if isinstance(job, DirJob):
+            os.mkdir(job.full, job.mode)
+            return (0, 0)
+        removed = (0, 0)
+        try:
+            fd = os.open(job.full, FILE_FLAGS, job.mode)
+        except FileExistsError:
+            found = os.lstat(job.full)
+            if stat.S_ISDIR(found.st_mode):
+                raise
+            if stat.S_ISREG(found.st_mode):
+                removed = (1, found.st_size)
+            os.unlink(job.full)
+            fd = os.open(job.full, FILE_FLAGS, job.mode)
+        try:
+            if job.mode & self.umask:
+                os.fchmod(fd, job.mode)
+            if job.size:
+                write_all(fd, job.pieces, job.size)
+            if job.mtime is not None:
+                os.utime(fd, ns=(job.mtime, job.mtime))
+        finally:
+            os.close(fd)
+        return removed
