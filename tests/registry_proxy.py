@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -153,7 +154,25 @@ def registry_proxy(upstream: str) -> Iterator[RegistryProxy]:
     """A running proxy in front of ``upstream`` for the duration of the block."""
     proxy = RegistryProxy(upstream)
     proxy.start()
+    # Ports are reused: images an earlier proxy on this port left would make pulls no-ops.
+    remove_local_images(proxy.address)
     try:
         yield proxy
     finally:
         proxy.stop()
+
+
+def remove_local_images(registry: str) -> None:
+    """Remove the Docker daemon's images named after registry (host:port), if it runs."""
+    try:
+        listed = subprocess.run(
+            ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:  # no docker CLI: no images to remove
+        return
+    ours = [name for name in listed.stdout.split() if name.startswith(registry + "/")]
+    if listed.returncode == 0 and ours:
+        subprocess.run(["docker", "rmi", "-f", *ours], capture_output=True, check=True)

@@ -340,7 +340,6 @@ def start_slow_run(
 ) -> tuple[subprocess.Popen[str], Path]:
     """A run pulling through a throttled proxy, returned once its first entry is cached."""
     dataset = dataset_through(tmp_path, images, proxy)
-    remove_local_images(proxy.address)  # an earlier proxy on the same port left them
     proxy.faults.bytes_per_second = 100_000
     run = start_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2")
     wait_for(
@@ -351,19 +350,6 @@ def start_slow_run(
         _stdout, stderr = run.communicate()
         raise AssertionError(f"the run ended before it could be signalled:\n{stderr[-4000:]}")
     return run, dataset
-
-
-def remove_local_images(registry: str) -> None:
-    """Remove the daemon's images named after registry (host:port)."""
-    listed = subprocess.run(
-        ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    ours = [name for name in listed if name.startswith(registry + "/")]
-    if ours:
-        subprocess.run(["docker", "rmi", "-f", *ours], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
