@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from asynccache.config import META_DIR_NAME
+from asynccache.writer import FileHash
 
 __all__ = [
     "DIGEST_SUFFIX",
@@ -22,12 +24,15 @@ DIGEST_SUFFIX = ".digest"
 _BLOCK = 1 << 20
 
 
-def tree_digest(path: Path) -> str:
+def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> str:
     """sha256 (hex) over the sorted (path, type, mode, content sha256 or link target) list.
 
     The root itself, times, owners and hard-link structure are left out, so a faithful copy
-    of a tree has the tree's digest.
+    of a tree has the tree's digest. ``known`` gives content hashes taken while the files
+    were written, by relative path; each is used only while the file's inode, size and
+    mtime are still those it was taken with, else the file is read.
     """
+    known = known or {}
     top = os.fsencode(path)
     lines: list[bytes] = []
     stack = [b""]
@@ -37,7 +42,15 @@ def tree_digest(path: Path) -> str:
             for entry in entries:
                 name = os.path.join(rel, entry.name) if rel else entry.name
                 info = entry.stat(follow_symlinks=False)
-                kind, detail = _describe(entry.path, info)
+                hashed = known.get(name)
+                if (
+                    hashed is not None
+                    and stat.S_ISREG(info.st_mode)
+                    and hashed[0] == (info.st_ino, info.st_size, info.st_mtime_ns)
+                ):
+                    kind, detail = b"f", hashed[1].encode()
+                else:
+                    kind, detail = _describe(entry.path, info)
                 mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
                 lines.append(b"\0".join((name, kind, b"%o" % mode, detail)) + b"\n")
                 if kind == b"d":

@@ -11,9 +11,9 @@ import struct
 import tarfile
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar, cast
 
@@ -28,6 +28,7 @@ from asynccache.writer import (
     MAX_IOV,
     MAX_QUEUED_FILE,
     DirJob,
+    FileHash,
     FileJob,
     FileWriter,
     Job,
@@ -57,6 +58,8 @@ _BUFSIZE = tarfile.RECORDSIZE
 _COPY_CHUNK = 1 << 20
 #: Most bytes the headers of one member (ustar, pax, GNU long names) may take.
 _HEADER_BUDGET = 16 * 1024
+#: Most file hashes an extraction keeps for its digest (the other files are read again).
+MAX_KEPT_HASHES = 50_000
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
 #: Most chunks queued between the event loop and the extracting thread.
@@ -90,6 +93,8 @@ class ExtractResult:
     file_count: int
     size_bytes: int
     warnings: tuple[str, ...]
+    #: Content hashes of files as written, by path under the tree (see digest.tree_digest).
+    file_hashes: Mapping[bytes, FileHash] = field(default_factory=dict, repr=False, compare=False)
 
 
 class _Truncated(Exception):
@@ -349,7 +354,15 @@ def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
 class _Extractor:
     """Writes members under dest with os calls, tracking the folders it created."""
 
-    def __init__(self, dest: Path, root: str, source: _Source, *, layered: bool = False) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        root: str,
+        source: _Source,
+        *,
+        layered: bool = False,
+        keep_hashes: bool = False,
+    ) -> None:
         self.dest = os.fsencode(dest)
         self.base = os.path.join(self.dest, b"")
         self.root = root
@@ -375,11 +388,14 @@ class _Extractor:
         self.present = False
         # creates small files in a thread of its own while a stream is read (see writer.py)
         self.writer: FileWriter | None = None
+        # content hashes of the files the writer wrote, while nothing else replaced them
+        self.keep_hashes = keep_hashes
+        self.hashes: dict[bytes, FileHash] = {}
 
     def start_writer(self) -> None:
         """Hand small regular files to a writer thread until stop_writer."""
         if self.writer is None:
-            self.writer = FileWriter(self.umask)
+            self.writer = FileWriter(self.umask, hashing=self.keep_hashes)
 
     def stop_writer(self, *, completed: bool) -> None:
         """Finish the writer's work (when completed) and stop its thread."""
@@ -398,9 +414,14 @@ class _Extractor:
         writer = self.writer
         if writer is None or not writer.pending:
             return
-        failed, removed_files, removed_bytes = writer.flush()
+        failed, removed_files, removed_bytes, hashes = writer.flush()
         self.files -= removed_files
         self.size -= removed_bytes
+        kept = self.hashes
+        for rel, taken in hashes:
+            # past the budget, only newer hashes of known paths (an old one must not stay)
+            if len(kept) < MAX_KEPT_HASHES or rel in kept:
+                kept[rel] = taken
         for job in failed:
             self.write_now(job)
 
@@ -610,6 +631,7 @@ class _Extractor:
         """Layer mode: a hardlink to a file outside the root waits for that file's data."""
         key = "/".join(self.parts(info.linkname))
         self.ensure_parent(rel, info.name)
+        self.hashes.pop(rel, None)
         full = self.base + rel
         for first, inode in self.deferred.get(key, ()):
             try:
@@ -651,6 +673,7 @@ class _Extractor:
         mtime = self.mtime(info)
         filled: bytes | None = None
         for rel, inode in waiting:
+            self.hashes.pop(rel, None)
             parent = rel.rpartition(b"/")[0]
             if parent and parent not in self.dirs:
                 continue
@@ -710,7 +733,11 @@ class _Extractor:
     def remove(self, full: bytes, rel: bytes) -> None:
         """Remove what is at full (a folder with its content), never following symlinks."""
         info = os.lstat(full)
+        self.hashes.pop(rel, None)
         if stat.S_ISDIR(info.st_mode):
+            if self.hashes:
+                inside = rel + b"/" if rel else b""
+                self.hashes = {p: h for p, h in self.hashes.items() if not p.startswith(inside)}
             files, size, folders = _walk(full)
             shutil.rmtree(full)
             self.files -= files
@@ -743,6 +770,7 @@ class _Extractor:
                 self.flush()
         else:
             self.flush()
+            self.hashes.pop(rel, None)
             try:
                 fd = os.open(full, FILE_FLAGS, mode)
             except FileExistsError:
@@ -768,6 +796,7 @@ class _Extractor:
             if attributes is not None:
                 self.dirs[job.rel] = attributes
             return
+        self.hashes.pop(job.rel, None)
         try:
             try:
                 fd = os.open(job.full, FILE_FLAGS, job.mode)
@@ -882,6 +911,7 @@ class _Extractor:
 
     def make_dir(self, full: bytes, rel: bytes, create: int) -> None:
         """Create a folder, replacing what a lower layer left there."""
+        self.hashes.pop(rel, None)
         try:
             os.mkdir(full, create)
         except FileExistsError:
@@ -903,6 +933,7 @@ class _Extractor:
             raise UnsafeArchive(info.name, f"symlink target longer than {_PATH_MAX} bytes")
         mtime = self.mtime(info)
         self.ensure_parent(rel, info.name)
+        self.hashes.pop(rel, None)
         full = self.base + rel
         try:
             os.symlink(raw_target, full)
@@ -940,6 +971,7 @@ class _Extractor:
         if source == rel:
             return
         self.ensure_parent(rel, name)
+        self.hashes.pop(rel, None)
         full = self.base + rel
         try:
             os.link(source_full, full, follow_symlinks=False)
@@ -970,7 +1002,12 @@ class _Extractor:
             warnings += (f"{self.dropped} more warnings not shown",)
         if self.layered:
             self.files, self.size, _ = _walk(self.dest)
-        return ExtractResult(file_count=self.files, size_bytes=self.size, warnings=warnings)
+        return ExtractResult(
+            file_count=self.files,
+            size_bytes=self.size,
+            warnings=warnings,
+            file_hashes=self.hashes,
+        )
 
 
 def _parse(call: Callable[[], _T], source: _Source, at: int) -> _T:
@@ -1034,10 +1071,12 @@ def _domain_errors(dest: Path) -> Iterator[None]:
         raise
 
 
-def _extract(read: Callable[[int], bytes], dest: Path, root: str) -> ExtractResult:
+def _extract(
+    read: Callable[[int], bytes], dest: Path, root: str, keep_hashes: bool = False
+) -> ExtractResult:
     """Extract the tar stream that read() yields under dest."""
     source = _Source(read)
-    extractor = _Extractor(dest, root, source)
+    extractor = _Extractor(dest, root, source, keep_hashes=keep_hashes)
     with _domain_errors(dest):
         extractor.start_writer()
         completed = False
@@ -1063,9 +1102,11 @@ class LayerResult:
 class LayerTree:
     """Applies image layers in order to one folder: only ``root``, OCI whiteouts, safe writes."""
 
-    def __init__(self, dest: Path, *, root: str = "testbed") -> None:
+    def __init__(self, dest: Path, *, root: str = "testbed", keep_hashes: bool = False) -> None:
         self.dest = dest
-        self._extractor = _Extractor(dest, root, _Source(_no_data), layered=True)
+        self._extractor = _Extractor(
+            dest, root, _Source(_no_data), layered=True, keep_hashes=keep_hashes
+        )
 
     @property
     def present(self) -> bool:
@@ -1116,9 +1157,11 @@ def _no_data(size: int) -> bytes:
     return b""
 
 
-def extract_tar(fileobj: BinaryIO, dest: Path, *, root: str = "testbed") -> ExtractResult:
+def extract_tar(
+    fileobj: BinaryIO, dest: Path, *, root: str = "testbed", keep_hashes: bool = False
+) -> ExtractResult:
     """Sync: read a tar stream (non-seekable, tarfile mode "r|") and write it under dest."""
-    return _extract(fileobj.read, dest, root)
+    return _extract(fileobj.read, dest, root, keep_hashes)
 
 
 class _ChunkPipe:
@@ -1242,7 +1285,11 @@ async def feed_thread(
 
 
 async def extract_stream(
-    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed"
+    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed", keep_hashes: bool = False
 ) -> ExtractResult:
-    """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory."""
-    return await feed_thread(chunks, functools.partial(_extract, dest=dest, root=root))
+    """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory.
+
+    ``keep_hashes``: also return the content hashes of the files written (for tree_digest).
+    """
+    extract = functools.partial(_extract, dest=dest, root=root, keep_hashes=keep_hashes)
+    return await feed_thread(chunks, extract)

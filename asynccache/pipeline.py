@@ -29,6 +29,7 @@ from asynccache.index import (
     write_json_atomic,
     write_meta,
 )
+from asynccache.writer import FileHash
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +345,11 @@ class Pipeline:
             await anyio.to_thread.run_sync(self._publish, work_dir, record)
             if self._releases is not None:
                 # The content digest (for `verify --deep`) is read back beside the workers.
-                self._releases.start_soon(self._record_digest, entry.instance_id)
+                self._releases.start_soon(
+                    self._record_digest, entry.instance_id, result.file_hashes
+                )
             else:
-                await self._record_digest(entry.instance_id)
+                await self._record_digest(entry.instance_id, result.file_hashes)
         finally:
             with anyio.CancelScope(shield=True):
                 if work_dir.exists():
@@ -365,17 +368,17 @@ class Pipeline:
         async with self._extract_slots, source.testbed_archive(entry) as chunks:
             try:
                 with anyio.fail_after(self.options.cp_timeout):
-                    return await extract_stream(chunks, work_dir)
+                    return await extract_stream(chunks, work_dir, keep_hashes=True)
             except TimeoutError:
                 raise TransferFailed(
                     f"copying /testbed of {entry.docker_image} took longer than "
                     f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
                 ) from None
 
-    async def _record_digest(self, instance_id: str) -> None:
+    async def _record_digest(self, instance_id: str, known: Mapping[bytes, FileHash]) -> None:
         with anyio.CancelScope(shield=True):
             folder = self.cache.instance_path(instance_id)
-            digest = await anyio.to_thread.run_sync(tree_digest, folder)
+            digest = await anyio.to_thread.run_sync(tree_digest, folder, known)
             await anyio.to_thread.run_sync(write_digest, self.cache.root, instance_id, digest)
 
     def _publish(self, work_dir: Path, record: IndexRecord) -> None:

@@ -142,7 +142,7 @@ class RegistryBackend:
         """Apply the image's layers in order into the empty folder dest; keep only /testbed."""
         image = entry.docker_image
         manifest = await self.manifest(image)
-        tree = LayerTree(dest, root=self.root)
+        tree = LayerTree(dest, root=self.root, keep_hashes=True)
         for layer in manifest.layers:
             await self.layers.apply(
                 tree,

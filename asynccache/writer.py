@@ -9,6 +9,7 @@ not do (see :meth:`FileWriter.flush`), so that every error is reported where it 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -63,13 +64,18 @@ class DirJob:
 
 
 Job = FileJob | DirJob
+#: (st_ino, st_size, st_mtime_ns) of a file as written: its content hash holds while they do.
+FileIdentity = tuple[int, int, int]
+#: A file's identity and the sha256 (hex) of its content.
+FileHash = tuple[FileIdentity, str]
 
 
 class FileWriter:
     """Creates queued files in order in its own thread; stops at the first one it cannot."""
 
-    def __init__(self, umask: int) -> None:
+    def __init__(self, umask: int, *, hashing: bool = False) -> None:
         self.umask = umask
+        self.hashing = hashing
         #: Paths queued since the last flush (read and written by the extracting thread only).
         self.pending: set[bytes] = set()
         self._lock = threading.Lock()
@@ -80,6 +86,7 @@ class FileWriter:
         self._closed = False
         self._removed_files = 0
         self._removed_bytes = 0
+        self._hashes: list[tuple[bytes, FileHash]] = []
         self._thread = threading.Thread(target=self._run, name="asynccache-writer", daemon=True)
         self._thread.start()
 
@@ -100,11 +107,12 @@ class FileWriter:
         self.pending.add(job.rel)
         return True
 
-    def flush(self) -> tuple[list[Job], int, int]:
+    def flush(self) -> tuple[list[Job], int, int, list[tuple[bytes, FileHash]]]:
         """Wait for the queue to drain.
 
-        Returns the jobs to replay in order (the one that failed and every later one), and the
-        regular files and bytes the writer removed to replace them.
+        Returns the jobs to replay in order (the one that failed and every later one), the
+        regular files and bytes the writer removed to replace them, and the content hash of
+        each file it wrote, in order.
         """
         with self._lock:
             while self._jobs and not self._failed:
@@ -112,8 +120,9 @@ class FileWriter:
             failed, self._failed = self._failed, []
             removed = (self._removed_files, self._removed_bytes)
             self._removed_files = self._removed_bytes = 0
+            hashes, self._hashes = self._hashes, []
         self.pending.clear()
-        return failed, *removed
+        return failed, *removed, hashes
 
     def close(self) -> None:
         """Drop what is still queued and stop the thread."""
@@ -131,32 +140,37 @@ class FileWriter:
                 if self._closed:
                     return
                 job = self._jobs[0]
+            done: tuple[tuple[int, int], FileHash | None] | None
             try:
-                removed = self._write(job)
+                done = self._write(job)
             except Exception:  # replayed by the extracting thread, which reports it
-                removed = None
+                done = None
             with self._lock:
                 if self._closed:
                     return
-                if removed is None:
+                if done is None:
                     self._failed = list(self._jobs)
                     self._jobs.clear()
                     self._queued_bytes = 0
                 else:
                     self._jobs.popleft()
                     self._queued_bytes -= job.size
+                    removed, written = done
                     self._removed_files += removed[0]
                     self._removed_bytes += removed[1]
+                    if written is not None:
+                        self._hashes.append((job.rel, written))
                 self._changed.notify_all()
 
-    def _write(self, job: Job) -> tuple[int, int]:
+    def _write(self, job: Job) -> tuple[tuple[int, int], FileHash | None]:
         """Create job's file, replacing a regular file or symlink; a folder there is an error.
 
-        A folder is created where nothing is; anything already there is an error.
+        A folder is created where nothing is; anything already there is an error. Returns
+        the regular file and bytes removed, and the new file's hash.
         """
         if isinstance(job, DirJob):
             os.mkdir(job.full, job.mode)
-            return (0, 0)
+            return (0, 0), None
         removed = (0, 0)
         try:
             fd = os.open(job.full, FILE_FLAGS, job.mode)
@@ -175,6 +189,13 @@ class FileWriter:
                 write_all(fd, job.pieces, job.size)
             if job.mtime is not None:
                 os.utime(fd, ns=(job.mtime, job.mtime))
+            written = os.fstat(fd) if self.hashing else None
         finally:
             os.close(fd)
-        return removed
+        if written is None:
+            return removed, None
+        content = hashlib.sha256()
+        for piece in job.pieces:
+            content.update(piece)
+        identity = (written.st_ino, written.st_size, written.st_mtime_ns)
+        return removed, (identity, content.hexdigest())

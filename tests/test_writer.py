@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -14,7 +15,8 @@ import pytest
 
 import asynccache.extract as extract_module
 import asynccache.writer as writer_module
-from asynccache.extract import LayerTree, extract_tar
+from asynccache.digest import tree_digest
+from asynccache.extract import ExtractResult, LayerTree, extract_tar
 from asynccache.writer import FileJob, FileWriter
 from scripts.fixtures import snapshot_tree
 
@@ -81,11 +83,15 @@ def tar_of(members: list[tuple[Any, bytes]]) -> bytes:
 
 
 def outcome(run: Any, dest: Path) -> tuple[str, Any]:
-    """The tree run() leaves under dest, or the error it raised."""
+    """The tree run() leaves under dest, or the error it raised.
+
+    The content hashes taken while writing must give the digest that reading gives.
+    """
     try:
-        run(dest)
+        result = run(dest)
     except Exception as exc:
         return "error", (type(exc).__name__, str(exc).replace(str(dest), "<dest>"))
+    assert tree_digest(dest, result.file_hashes) == tree_digest(dest)
     return "tree", snapshot_tree(dest)
 
 
@@ -105,9 +111,9 @@ def test_an_archive_extracts_the_same_with_and_without_the_writer(
 ) -> None:
     data = tar_of(random_members(random.Random(seed), 60, layered=False))
 
-    def run(dest: Path) -> None:
+    def run(dest: Path) -> ExtractResult:
         dest.mkdir()
-        extract_tar(io.BytesIO(data), dest)
+        return extract_tar(io.BytesIO(data), dest, keep_hashes=True)
 
     both_ways(run, tmp_path, monkeypatch)
 
@@ -119,12 +125,12 @@ def test_layers_apply_the_same_with_and_without_the_writer(
     rng = random.Random(seed)
     layers = [tar_of(random_members(rng, 40, layered=True)) for _ in range(3)]
 
-    def run(dest: Path) -> None:
+    def run(dest: Path) -> ExtractResult:
         dest.mkdir()
-        tree = LayerTree(dest)
+        tree = LayerTree(dest, keep_hashes=True)
         for layer in layers:
             tree.apply(io.BytesIO(layer).read)
-        tree.finish()
+        return tree.finish()
 
     both_ways(run, tmp_path, monkeypatch)
 
@@ -137,8 +143,10 @@ def test_many_files_flush_on_the_way_and_all_arrive(tmp_path: Path) -> None:
         info = tarfile.TarInfo(f"testbed/d{index % 7}/f{index}")
         info.size = len(str(index))
         members.append((info, str(index).encode()))
-    result = extract_tar(io.BytesIO(tar_of(members)), tmp_path)
+    result = extract_tar(io.BytesIO(tar_of(members)), tmp_path, keep_hashes=True)
     assert result.file_count == count
+    assert len(result.file_hashes) == count
+    assert tree_digest(tmp_path, result.file_hashes) == tree_digest(tmp_path)
     assert (tmp_path / f"d{4999 % 7}" / "f4999").read_text() == "4999"
 
 
@@ -149,16 +157,17 @@ def job(folder: Path, name: str, data: bytes = b"x") -> FileJob:
 
 def test_a_job_the_writer_cannot_do_is_given_back_with_every_later_one(tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
-    writer = FileWriter(0o022)
+    writer = FileWriter(0o022, hashing=True)
     try:
         jobs = [job(tmp_path, "one"), job(tmp_path, "taken"), job(tmp_path, "three")]
         for queued in jobs:
             if not writer.submit(queued):
                 break
-        failed, removed_files, removed_bytes = writer.flush()
+        failed, removed_files, removed_bytes, hashes = writer.flush()
     finally:
         writer.close()
     assert (tmp_path / "one").read_bytes() == b"x"
+    assert [rel for rel, _ in hashes] == [b"one"]
     assert failed[0].name == "taken"  # and "three", when it was queued before the failure
     assert not (tmp_path / "three").exists()
     assert (removed_files, removed_bytes) == (0, 0)
@@ -166,12 +175,42 @@ def test_a_job_the_writer_cannot_do_is_given_back_with_every_later_one(tmp_path:
 
 def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -> None:
     (tmp_path / "old").write_bytes(b"12345")
-    writer = FileWriter(0o022)
+    writer = FileWriter(0o022, hashing=True)
     try:
         assert writer.submit(job(tmp_path, "old", b"new"))
-        failed, removed_files, removed_bytes = writer.flush()
+        failed, removed_files, removed_bytes, hashes = writer.flush()
     finally:
         writer.close()
     assert failed == []
     assert (removed_files, removed_bytes) == (1, 5)
     assert (tmp_path / "old").read_bytes() == b"new"
+    info = os.lstat(tmp_path / "old")
+    identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+    assert hashes == [(b"old", (identity, hashlib.sha256(b"new").hexdigest()))]
+
+
+def test_a_hash_is_used_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"old")
+    info = os.lstat(tmp_path / "a")
+    identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+    stale = {b"a": (identity, "0" * 64)}
+    assert tree_digest(tmp_path, stale) != tree_digest(tmp_path)  # taken at face value
+    (tmp_path / "a").write_bytes(b"new content")  # size and mtime change
+    assert tree_digest(tmp_path, stale) == tree_digest(tmp_path)
+
+
+def test_hashes_kept_are_bounded_and_never_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract_module, "MAX_KEPT_HASHES", 10)
+    members = [(tarfile.TarInfo("testbed"), b"")]
+    members[0][0].type = tarfile.DIRTYPE
+    for round_ in range(2):  # the second round replaces every file with other content
+        for index in range(30):
+            info = tarfile.TarInfo(f"testbed/f{index}")
+            data = f"{round_}-{index}".encode() * (round_ + 1)
+            info.size = len(data)
+            members.append((info, data))
+    result = extract_tar(io.BytesIO(tar_of(members)), tmp_path, keep_hashes=True)
+    assert len(result.file_hashes) == 10
+    assert tree_digest(tmp_path, result.file_hashes) == tree_digest(tmp_path)
