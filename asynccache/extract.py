@@ -32,6 +32,7 @@ from asynccache.writer import (
     FileJob,
     FileWriter,
     Job,
+    create_file,
     write_all,
 )
 
@@ -391,6 +392,17 @@ class _Extractor:
         # content hashes of the files the writer wrote, while nothing else replaced them
         self.keep_hashes = keep_hashes
         self.hashes: dict[bytes, FileHash] = {}
+
+    def add_all(self, source: _Source) -> None:
+        """Extract every member of source, small files through the writer thread."""
+        self.start_writer()
+        completed = False
+        try:
+            for tar, info in _members(source):
+                self.add(tar, info)
+            completed = True
+        finally:
+            self.stop_writer(completed=completed)
 
     def start_writer(self) -> None:
         """Hand small regular files to a writer thread until stop_writer."""
@@ -799,19 +811,10 @@ class _Extractor:
         self.hashes.pop(job.rel, None)
         try:
             try:
-                fd = os.open(job.full, FILE_FLAGS, job.mode)
+                create_file(job, self.umask, stat_after=False)
             except FileExistsError:
                 self.remove(job.full, job.rel)
-                fd = os.open(job.full, FILE_FLAGS, job.mode)
-            try:
-                if job.mode & self.umask:
-                    os.fchmod(fd, job.mode)
-                if job.size:
-                    write_all(fd, job.pieces, job.size)
-                if job.mtime is not None:
-                    os.utime(fd, ns=(job.mtime, job.mtime))
-            finally:
-                os.close(fd)
+                create_file(job, self.umask, stat_after=False)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise UnsafeArchive(job.name, "name too long for the filesystem") from None
@@ -1078,14 +1081,7 @@ def _extract(
     source = _Source(read)
     extractor = _Extractor(dest, root, source, keep_hashes=keep_hashes)
     with _domain_errors(dest):
-        extractor.start_writer()
-        completed = False
-        try:
-            for tar, info in _members(source):
-                extractor.add(tar, info)
-            completed = True
-        finally:
-            extractor.stop_writer(completed=completed)
+        extractor.add_all(source)
         return extractor.finish()
 
 
@@ -1122,14 +1118,7 @@ class LayerTree:
         extractor.deferred = {}
         extractor.touched = False
         with _domain_errors(self.dest):
-            extractor.start_writer()
-            completed = False
-            try:
-                for tar, info in _members(source):
-                    extractor.add(tar, info)
-                completed = True
-            finally:
-                extractor.stop_writer(completed=completed)
+            extractor.add_all(source)
         return LayerResult(touched=extractor.touched, links_pending=bool(extractor.deferred))
 
     def fill_links(self, read: Callable[[int], bytes]) -> None:

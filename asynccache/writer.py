@@ -52,6 +52,21 @@ class FileJob:
     size: int
 
 
+def create_file(job: FileJob, umask: int, *, stat_after: bool) -> os.stat_result | None:
+    """Create job's file where nothing is (FileExistsError else) with its mode, data and mtime."""
+    fd = os.open(job.full, FILE_FLAGS, job.mode)
+    try:
+        if job.mode & umask:
+            os.fchmod(fd, job.mode)
+        if job.size:
+            write_all(fd, job.pieces, job.size)
+        if job.mtime is not None:
+            os.utime(fd, ns=(job.mtime, job.mtime))
+        return os.fstat(fd) if stat_after else None
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class DirJob:
     """One folder to create."""
@@ -173,7 +188,7 @@ class FileWriter:
             return (0, 0), None
         removed = (0, 0)
         try:
-            fd = os.open(job.full, FILE_FLAGS, job.mode)
+            written = create_file(job, self.umask, stat_after=self.hashing)
         except FileExistsError:
             found = os.lstat(job.full)
             if stat.S_ISDIR(found.st_mode):
@@ -181,17 +196,7 @@ class FileWriter:
             if stat.S_ISREG(found.st_mode):
                 removed = (1, found.st_size)
             os.unlink(job.full)
-            fd = os.open(job.full, FILE_FLAGS, job.mode)
-        try:
-            if job.mode & self.umask:
-                os.fchmod(fd, job.mode)
-            if job.size:
-                write_all(fd, job.pieces, job.size)
-            if job.mtime is not None:
-                os.utime(fd, ns=(job.mtime, job.mtime))
-            written = os.fstat(fd) if self.hashing else None
-        finally:
-            os.close(fd)
+            written = create_file(job, self.umask, stat_after=self.hashing)
         if written is None:
             return removed, None
         content = hashlib.sha256()
