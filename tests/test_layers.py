@@ -8,6 +8,7 @@ import io
 import os
 import stat
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -524,3 +525,39 @@ async def test_blob_cache_keeps_the_most_recent_within_its_bound(tmp_path: Path)
         await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, []))
     kept = sorted(p.name for p in (tmp_path / ".layers").iterdir() if p.name.startswith("sha"))
     assert kept == sorted(sha256(b).replace(":", "-") for b in blobs[1:])
+
+
+def layer_threads() -> list[str]:
+    """The read-ahead and writer threads still alive."""
+    names = ("asynccache-read-ahead", "asynccache-writer")
+    return [thread.name for thread in threading.enumerate() if thread.name in names]
+
+
+@pytest.mark.anyio
+async def test_a_layer_that_fails_early_stops_its_reading_threads(tmp_path: Path) -> None:
+    # the parser fails on the second member while 8 MiB are still to be inflated behind it
+    bulk = os.urandom(8 << 20)
+    layer = tar_bytes([file("testbed/a", "a"), file("/etc/evil", "x"), file("testbed/bulk", bulk)])
+    blob = compress(layer, "gzip")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(UnsafeArchive, match="absolute name"):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "dest"), "img", sha256(blob), len(blob), blob_opener(blob, [])
+        )
+    assert layer_threads() == []
+
+
+@pytest.mark.anyio
+async def test_corrupt_gzip_is_reported_through_the_read_ahead_thread(tmp_path: Path) -> None:
+    blob = bytearray(compress(SAMPLE, "gzip"))
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(UnsafeArchive):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "dest"),
+            "img",
+            sha256(bytes(blob)),
+            len(blob),
+            blob_opener(bytes(blob), []),
+        )
+    assert layer_threads() == []
