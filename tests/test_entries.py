@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +125,42 @@ async def test_a_dataset_failing_mid_read_is_a_clear_dataset_error() -> None:
         async for row in iterate_in_thread(rows(), batch_size=1):
             seen.append(row)
     assert seen == [ROW]
+
+
+def test_local_dataset_rows_equal_what_datasets_loads(tmp_path: Path) -> None:
+    import datasets
+
+    for part in range(3):
+        rows = [{**ROW, "commit_hash": f"{part:02x}{i:038x}", "extra": i} for i in range(1500)]
+        (tmp_path / "data").mkdir(exist_ok=True)
+        pq.write_table(
+            pa.Table.from_pylist(rows),
+            tmp_path / "data" / f"train-{part:05d}-of-00003.parquet",
+            row_group_size=700,
+        )
+    expected = datasets.load_dataset(str(tmp_path), split="train").select_columns(
+        ["repo_name", "docker_image", "commit_hash"]
+    )
+    assert list(load_rows(str(tmp_path), "train")) == list(expected)
+
+
+def test_reading_a_local_dataset_does_not_import_datasets(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [ROW])
+    script = (
+        "import sys\n"
+        "from asynccache.entries import load_rows\n"
+        f"rows = list(load_rows({str(tmp_path)!r}, 'train'))\n"
+        "assert len(rows) == 1, rows\n"
+        "assert 'datasets' not in sys.modules, 'datasets was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_a_later_parquet_file_without_needed_column_is_a_clear_error(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [ROW])
+    pq.write_table(
+        pa.Table.from_pylist([{"repo_name": "a", "commit_hash": "b"}]),
+        tmp_path / "data" / "train-00001-of-00002.parquet",
+    )
+    with pytest.raises(DatasetError, match="lacks columns docker_image"):
+        load_rows(str(tmp_path), "train")
