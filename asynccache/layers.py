@@ -10,7 +10,6 @@ import queue
 import secrets
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import IO, cast
 
 import anyio
 import anyio.to_thread
+from isal import isal_zlib
 
 from asynccache.errors import DigestMismatch, TransferFailed, TruncatedArchive, UnsafeArchive
 from asynccache.extract import LayerResult, LayerTree, feed_thread
@@ -33,6 +33,7 @@ _UNTOUCHED_FILE = "untouched"
 _READ_SIZE = 1 << 20
 _READ_AHEAD_CHUNKS = 4
 _GZIP_MAGIC = b"\x1f\x8b"
+_INFLATE_ERROR: type[Exception] = getattr(isal_zlib, "error")  # noqa: B009 (typed as an instance)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Read = Callable[[int], bytes]
@@ -122,13 +123,18 @@ class _Head:
         return self._read(size if size > 0 else _READ_SIZE)
 
 
+def _gunzipper() -> isal_zlib.Decompress:
+    """A streaming gzip decompressor: ISA-L's, zlib's interface, about three times as fast."""
+    return isal_zlib.decompressobj(31)
+
+
 class _Gunzip:
     """Streaming gzip decompression (concatenated members too) with bounded output per read."""
 
     def __init__(self, source: Read, name: str) -> None:
         self._source = source
         self._name = name
-        self._inflate = zlib.decompressobj(31)
+        self._inflate = _gunzipper()
         self._pending = b""
 
     def read(self, size: int) -> bytes:
@@ -143,7 +149,7 @@ class _Gunzip:
                     rest = self._source(_READ_SIZE)
                 if not rest.startswith(_GZIP_MAGIC[: len(rest)]) or not rest:
                     return b""
-                self._inflate = zlib.decompressobj(31)
+                self._inflate = _gunzipper()
                 self._pending = rest
                 continue
             if not self._pending:
@@ -152,7 +158,7 @@ class _Gunzip:
                     return b""
             try:
                 data = inflate.decompress(self._pending, size)
-            except zlib.error as exc:
+            except _INFLATE_ERROR as exc:
                 raise UnsafeArchive(self._name, f"corrupt gzip data ({exc})") from None
             self._pending = inflate.unconsumed_tail
             if data:
