@@ -7,7 +7,6 @@ import functools
 import os
 import shutil
 import stat
-import struct
 import tarfile
 import threading
 from collections import deque
@@ -15,7 +14,7 @@ from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar, cast
+from typing import BinaryIO, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -23,9 +22,9 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
+from asynccache.tarstream import Sink, Source, SourceError, TarReader, Truncated, members
 from asynccache.writer import (
     FILE_FLAGS,
-    MAX_IOV,
     MAX_QUEUED_FILE,
     DirJob,
     FileHash,
@@ -35,9 +34,6 @@ from asynccache.writer import (
     create_file,
     write_all,
 )
-
-if TYPE_CHECKING:
-    from typing import Self
 
 __all__ = [
     "ExtractResult",
@@ -50,15 +46,9 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-#: Takes the pieces of a member's data and their total size.
-_Sink = Callable[[list[bytes], int], object]
 
-#: Block size tarfile reads the stream with (its default record size).
-_BUFSIZE = tarfile.RECORDSIZE
 #: Largest read and write while copying a file's data.
 _COPY_CHUNK = 1 << 20
-#: Most bytes the headers of one member (ustar, pax, GNU long names) may take.
-_HEADER_BUDGET = 16 * 1024
 #: Most file hashes an extraction keeps for its digest (the other files are read again).
 MAX_KEPT_HASHES = 50_000
 #: Most warnings kept; the rest are counted.
@@ -78,13 +68,6 @@ _WHITEOUT_BYTES = _WHITEOUT.encode()
 _WHITEOUT_META_BYTES = _WHITEOUT_META.encode()
 _OPAQUE_BYTES = _OPAQUE.encode()
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_EOFHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EOFHeaderError"]
-_EmptyHeaderError: type[tarfile.HeaderError] = vars(tarfile)["EmptyHeaderError"]
-_TruncatedHeaderError: type[tarfile.HeaderError] = vars(tarfile)["TruncatedHeaderError"]
-_SubsequentHeaderError: type[tarfile.HeaderError] = vars(tarfile)["SubsequentHeaderError"]
-_Stream: type = vars(tarfile)["_Stream"]
-#: The fields of a ustar header block, the 12 bytes of padding left out.
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 
 
 @dataclass(frozen=True)
@@ -98,14 +81,6 @@ class ExtractResult:
     file_hashes: Mapping[bytes, FileHash] = field(default_factory=dict, repr=False, compare=False)
 
 
-class _Truncated(Exception):
-    """The stream ended too early."""
-
-
-class _Malformed(Exception):
-    """A header cannot be parsed or breaks a limit."""
-
-
 class _BadName(Exception):
     """A member name that must not be extracted."""
 
@@ -114,164 +89,8 @@ class _Outside(_BadName):
     """A well-formed member name that lies outside the extracted root."""
 
 
-class _SourceError(Exception):
-    """Carries an exception raised by the underlying stream through tarfile unchanged."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class _PipeAborted(Exception):
     """The async side stopped feeding the extracting thread."""
-
-
-class _ParseState:
-    """What the header parser saw."""
-
-    __slots__ = ("end_seen",)
-
-    def __init__(self) -> None:
-        self.end_seen = False
-
-
-class _StrictInfo(tarfile.TarInfo):
-    """TarInfo that reports truncation and malformed headers instead of ending the archive."""
-
-    parse_state: ClassVar[_ParseState]
-
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        """Parse one header block, rejecting negative sizes."""
-        info = _plain_header(cls, buf, encoding, errors)
-        if info is None:
-            info = super().frombuf(buf, encoding, errors)
-        if info.size < 0:
-            raise _Malformed(f"negative size in the header of {info.name!r}")
-        return info
-
-    @classmethod
-    def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
-        """Read the next member's headers; only a zero block ends the archive."""
-        try:
-            return super().fromtarfile(tf)
-        except _EOFHeaderError:
-            cls.parse_state.end_seen = True
-            raise
-        except _EmptyHeaderError:
-            raise _Truncated("the stream ended without the end-of-archive marker") from None
-        except _TruncatedHeaderError:
-            raise _Truncated("the stream ended inside a member header") from None
-        except _SubsequentHeaderError as exc:
-            raise _Malformed(f"extended header without a valid member header ({exc})") from None
-        except tarfile.HeaderError as exc:
-            raise _Malformed(f"malformed tar header ({exc})") from None
-
-
-def _octal(field: bytes) -> int:
-    """A number field in octal text; ValueError for anything else (base-256 included)."""
-    if field[0] in (0o200, 0o377):
-        raise ValueError("base-256 number")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def _text(field: bytes, encoding: str, errors: str) -> str:
-    return field.split(b"\0", 1)[0].decode(encoding, errors)
-
-
-_InfoT = TypeVar("_InfoT", bound=tarfile.TarInfo)
-
-
-def _plain_header(
-    cls: type[_InfoT], buf: bytes | bytearray, encoding: str, errors: str
-) -> _InfoT | None:
-    """TarInfo.frombuf for the common block, quicker; None leaves the rest to tarfile.
-
-    Gives what frombuf gives for a complete block with a valid unsigned checksum, octal
-    numbers and no old GNU sparse data; anything else (end-of-archive blocks, bad checksums,
-    base-256 numbers) returns None, and tarfile's own parser decides.
-    """
-    if len(buf) != tarfile.BLOCKSIZE:
-        return None
-    fields = _HEADER.unpack(buf)
-    (name, mode, uid, gid, size, mtime, chksum, kind, linkname) = fields[:9]
-    (uname, gname, devmajor, devminor, prefix) = fields[11:]
-    if kind == tarfile.GNUTYPE_SPARSE:
-        return None
-    try:
-        checksum = _octal(chksum)
-        if checksum != 256 + sum(buf) - sum(chksum):
-            return None
-        info = cls()
-        info.mode = _octal(mode)
-        info.uid = _octal(uid)
-        info.gid = _octal(gid)
-        info.size = _octal(size)
-        info.mtime = _octal(mtime)
-        info.devmajor = _octal(devmajor)
-        info.devminor = _octal(devminor)
-    except ValueError:
-        return None
-    info.chksum = checksum
-    info.type = kind
-    text = _text(name, encoding, errors)
-    info.linkname = _text(linkname, encoding, errors)
-    info.uname = _text(uname, encoding, errors)
-    info.gname = _text(gname, encoding, errors)
-    if kind == tarfile.AREGTYPE and text.endswith("/"):
-        info.type = tarfile.DIRTYPE
-    if info.type == tarfile.DIRTYPE:
-        text = text.rstrip("/")
-    lead = _text(prefix, encoding, errors)
-    if lead and info.type not in tarfile.GNU_TYPES:
-        text = lead + "/" + text
-    info.name = text
-    return info
-
-
-def _info_class(state: _ParseState) -> type[_StrictInfo]:
-    """A TarInfo class bound to one extraction's parse state."""
-
-    class _Info(_StrictInfo):
-        parse_state = state
-
-    return _Info
-
-
-class _Source:
-    """The stream as tarfile reads it: counts bytes, caps header reads, tunnels stream errors."""
-
-    __slots__ = ("_read", "_spill", "at_eof", "consumed", "limit")
-
-    def __init__(self, read: Callable[[int], bytes]) -> None:
-        self._read = read
-        self._spill = b""
-        self.consumed = 0
-        self.limit: int | None = None
-        self.at_eof = False
-
-    def read(self, size: int) -> bytes:
-        """Read at most size bytes."""
-        if self.limit is not None:
-            room = self.limit - self.consumed
-            if room <= 0:
-                raise _Malformed(f"member headers larger than {_HEADER_BUDGET} bytes")
-            size = min(size, room)
-        if self._spill:
-            data, self._spill = self._spill[:size], self._spill[size:]
-        else:
-            try:
-                data = self._read(size)
-            except Exception as exc:
-                raise _SourceError(exc) from exc
-            if not data:
-                if size:
-                    self.at_eof = True
-                return b""
-            if len(data) > size:
-                data, self._spill = data[:size], data[size:]
-        self.consumed += len(data)
-        return data
 
 
 def _current_umask() -> int:
@@ -359,7 +178,7 @@ class _Extractor:
         self,
         dest: Path,
         root: str,
-        source: _Source,
+        source: Source,
         *,
         layered: bool = False,
         keep_hashes: bool = False,
@@ -393,12 +212,12 @@ class _Extractor:
         self.keep_hashes = keep_hashes
         self.hashes: dict[bytes, FileHash] = {}
 
-    def add_all(self, source: _Source) -> None:
+    def add_all(self, source: Source) -> None:
         """Extract every member of source, small files through the writer thread."""
         self.start_writer()
         completed = False
         try:
-            for tar, info in _members(source):
+            for tar, info in members(source):
                 self.add(tar, info)
             completed = True
         finally:
@@ -498,7 +317,7 @@ class _Extractor:
             return None
         return ns
 
-    def add(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    def add(self, tar: TarReader, info: tarfile.TarInfo) -> None:
         """Extract one member."""
         name = info.name
         try:
@@ -670,7 +489,7 @@ class _Extractor:
         self.files += 1
         self.deferred.setdefault(key, []).append((rel, inode))
 
-    def fill_deferred(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> bool:
+    def fill_deferred(self, tar: TarReader, info: tarfile.TarInfo) -> bool:
         """Write a target's data into the placeholders waiting for it; True once none wait."""
         try:
             key = "/".join(self.parts(info.name))
@@ -766,7 +585,7 @@ class _Extractor:
             self.size -= info.st_size
         os.unlink(full)
 
-    def add_file(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: bytes) -> None:
+    def add_file(self, tar: TarReader, info: tarfile.TarInfo, rel: bytes) -> None:
         """Write a regular file with its mode and mtime."""
         if info.sparse is not None:
             raise UnsafeArchive(info.name, "sparse files are not supported")
@@ -820,74 +639,16 @@ class _Extractor:
                 raise UnsafeArchive(job.name, "name too long for the filesystem") from None
             raise
 
-    def read_data(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> list[bytes]:
+    def read_data(self, tar: TarReader, info: tarfile.TarInfo) -> list[bytes]:
         """Read a member's data into memory (small members only)."""
         pieces: list[bytes] = []
         if info.size:
             self.copy(tar, info, lambda more, _size: pieces.extend(more))
         return pieces
 
-    def copy(self, tar: tarfile.TarFile, info: tarfile.TarInfo, out: int | _Sink) -> None:
+    def copy(self, tar: TarReader, info: tarfile.TarInfo, out: int | Sink) -> None:
         """Copy a member's data from the stream to a file descriptor, or collect its pieces."""
-        sink: _Sink = out if callable(out) else functools.partial(write_all, out)
-        stream = tar.fileobj
-        if isinstance(stream, _Stream):
-            state = vars(stream)
-            if (
-                state.get("comptype") == "tar"
-                and type(state.get("buf")) is bytes
-                and state.get("pos") == info.offset_data
-            ):
-                self.copy_direct(state, info, sink)
-                return
-        self.copy_through_tarfile(tar, info, sink)
-
-    def copy_direct(self, state: dict[str, Any], info: tarfile.TarInfo, sink: _Sink) -> None:
-        """Copy data from tarfile's read-ahead buffer, then straight from the source."""
-        size = info.size
-        buffered: bytes = state["buf"]
-        head = buffered[:size]
-        state["buf"] = buffered[len(head) :]
-        pieces = [head] if head else []
-        pending = len(head)
-        remaining = size - pending
-        read = self.source.read
-        while remaining:
-            data = read(min(remaining, _COPY_CHUNK))
-            if not data:
-                raise TruncatedArchive(f"the stream ended inside the data of {info.name!r}")
-            remaining -= len(data)
-            pieces.append(data)
-            pending += len(data)
-            if pending >= _COPY_CHUNK or len(pieces) >= MAX_IOV:
-                sink(pieces, pending)
-                pieces = []
-                pending = 0
-        if pieces:
-            sink(pieces, pending)
-        state["pos"] += size
-
-    def copy_through_tarfile(
-        self, tar: tarfile.TarFile, info: tarfile.TarInfo, sink: _Sink
-    ) -> None:
-        """Copy data with tarfile's own file object."""
-        data_file = tar.extractfile(info)
-        if data_file is None:
-            raise UnsafeArchive(info.name, "no data for a regular file")
-        remaining = info.size
-        try:
-            while remaining:
-                data = data_file.read(min(remaining, _COPY_CHUNK))
-                if not data:
-                    raise tarfile.ReadError("unexpected end of data")
-                remaining -= len(data)
-                sink([data], len(data))
-        except tarfile.TarError as exc:
-            if self.source.at_eof:
-                raise TruncatedArchive(
-                    f"the stream ended inside the data of {info.name!r}"
-                ) from None
-            raise UnsafeArchive(info.name, f"unreadable data ({exc})") from None
+        tar.copy(info, out if callable(out) else functools.partial(write_all, out))
 
     def add_dir(self, info: tarfile.TarInfo, rel: bytes) -> None:
         """Create a folder; its mode and mtime are applied at the end."""
@@ -1013,59 +774,14 @@ class _Extractor:
         )
 
 
-def _parse(call: Callable[[], _T], source: _Source, at: int) -> _T:
-    """Run one tarfile parsing step with a header budget, mapping its failures to domain errors."""
-    source.limit = at + _HEADER_BUDGET + _BUFSIZE
-    try:
-        return call()
-    except (_SourceError, _Truncated):
-        raise
-    except _Malformed as exc:
-        raise UnsafeArchive(f"<header at byte {at}>", str(exc)) from None
-    except Exception as exc:
-        if source.at_eof:
-            raise _Truncated(f"the stream ended before the header at byte {at}") from None
-        raise UnsafeArchive(f"<header at byte {at}>", f"malformed tar header ({exc})") from None
-    finally:
-        source.limit = None
-
-
-def _members(source: _Source) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
-    """Each member of the tar stream source reads, checking that the archive ends properly."""
-    state = _ParseState()
-    tar = _parse(
-        functools.partial(
-            tarfile.open,
-            fileobj=cast("tarfile._Fileobj", source),
-            mode="r|",
-            bufsize=_BUFSIZE,
-            tarinfo=_info_class(state),
-            encoding="utf-8",
-            errors="surrogateescape",
-        ),
-        source,
-        0,
-    )
-    members: list[tarfile.TarInfo] = vars(tar)["members"]
-    with tar:
-        while True:
-            info = _parse(tar.next, source, tar.offset)
-            if info is None:
-                break
-            members.clear()
-            yield tar, info
-    if not state.end_seen:
-        raise _Truncated("the stream ended without the end-of-archive marker")
-
-
 @contextmanager
 def _domain_errors(dest: Path) -> Iterator[None]:
     """Turn the parser's internal failures and a full disk into domain errors."""
     try:
         yield
-    except _SourceError as exc:
+    except SourceError as exc:
         raise exc.error from None
-    except _Truncated as exc:
+    except Truncated as exc:
         raise TruncatedArchive(str(exc)) from None
     except OSError as exc:
         if exc.errno in _DISK_FULL_ERRNOS:
@@ -1078,7 +794,7 @@ def _extract(
     read: Callable[[int], bytes], dest: Path, root: str, keep_hashes: bool = False
 ) -> ExtractResult:
     """Extract the tar stream that read() yields under dest."""
-    source = _Source(read)
+    source = Source(read)
     extractor = _Extractor(dest, root, source, keep_hashes=keep_hashes)
     with _domain_errors(dest):
         extractor.add_all(source)
@@ -1101,7 +817,7 @@ class LayerTree:
     def __init__(self, dest: Path, *, root: str = "testbed", keep_hashes: bool = False) -> None:
         self.dest = dest
         self._extractor = _Extractor(
-            dest, root, _Source(_no_data), layered=True, keep_hashes=keep_hashes
+            dest, root, Source(_no_data), layered=True, keep_hashes=keep_hashes
         )
 
     @property
@@ -1112,7 +828,7 @@ class LayerTree:
     def apply(self, read: Callable[[int], bytes]) -> LayerResult:
         """Sync: apply the uncompressed layer tar that read() yields (in a worker thread)."""
         extractor = self._extractor
-        source = _Source(read)
+        source = Source(read)
         extractor.source = source
         extractor.created = set()
         extractor.deferred = {}
@@ -1126,10 +842,10 @@ class LayerTree:
         extractor = self._extractor
         if not extractor.deferred:
             return
-        source = _Source(read)
+        source = Source(read)
         extractor.source = source
         with _domain_errors(self.dest):
-            for tar, info in _members(source):
+            for tar, info in members(source):
                 if extractor.fill_deferred(tar, info):
                     return
         missing = next(iter(extractor.deferred))
