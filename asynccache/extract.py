@@ -407,7 +407,9 @@ class _Extractor:
     def add_layer_special(self, info: tarfile.TarInfo, rel: bytes) -> bool:
         """Layer mode: apply a whiteout or skip whiteout metadata; False for an ordinary member."""
         parent, _, base = rel.rpartition(b"/")
-        if any(part.startswith(_WHITEOUT_META_BYTES) for part in parent.split(b"/")):
+        if _WHITEOUT_META_BYTES in parent and any(
+            part.startswith(_WHITEOUT_META_BYTES) for part in parent.split(b"/")
+        ):
             return True
         if not base.startswith(_WHITEOUT_BYTES):
             return False

@@ -405,6 +405,8 @@ class _ReadAhead:
             if not item:
                 self._ended = True
                 return b""
+            if size >= len(item):
+                return item  # a whole chunk, handed over without a copy
             self._view, self._offset = memoryview(item), 0
         start = self._offset
         self._offset = min(start + max(size, 1), len(self._view))
