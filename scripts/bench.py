@@ -522,10 +522,10 @@ def settle(seconds: float) -> None:
     """Flush dirty pages and let the file system forget recent deletions.
 
     On ext4 without a journal (this machine's root file system) a new inode is never one freed
-    less than 30 s ago, and each create scans past every such inode: right after a mass delete
-    (a cache folder, the layers of removed images) creating a file costs ~0.5 ms of CPU instead
-    of ~20 us. Every contender starts after the same quiet period, so none pays for the previous
-    one's deletions.
+    less than 60 s ago (300 s while its inode table block is dirty; sync cleans it), and each
+    create scans past every such inode: right after a mass delete (a cache folder, the layers
+    of removed images) creating a file costs ~0.5 ms of CPU instead of ~20 us. Every contender
+    starts after the same quiet period; the create cost probed after it is in the results.
     """
     subprocess.run(["sync"], check=False)
     if seconds > 0:
