@@ -206,6 +206,8 @@ class _Extractor:
         self.deferred: dict[str, list[tuple[bytes, int]]] = {}
         self.touched = False
         self.present = False
+        # placeholders of hardlinks were filled after they were counted: count on disk at the end
+        self.recount = False
         # creates small files in a thread of its own while a stream is read (see writer.py)
         self.writer: FileWriter | None = None
         # content hashes of the files the writer wrote, while nothing else replaced them
@@ -463,6 +465,7 @@ class _Extractor:
     def defer_hardlink(self, info: tarfile.TarInfo, rel: bytes) -> None:
         """Layer mode: a hardlink to a file outside the root waits for that file's data."""
         key = "/".join(self.parts(info.linkname))
+        self.recount = True
         self.ensure_parent(rel, info.name)
         self.hashes.pop(rel, None)
         full = self.base + rel
@@ -766,7 +769,7 @@ class _Extractor:
         warnings = tuple(self.warnings)
         if self.dropped:
             warnings += (f"{self.dropped} more warnings not shown",)
-        if self.layered:
+        if self.recount:
             self.files, self.size, _ = _walk(self.dest)
         return ExtractResult(
             file_count=self.files,

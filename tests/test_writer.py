@@ -16,7 +16,7 @@ import pytest
 import asynccache.extract as extract_module
 import asynccache.writer as writer_module
 from asynccache.digest import tree_digest
-from asynccache.extract import ExtractResult, LayerTree, extract_tar
+from asynccache.extract import ExtractResult, LayerTree, extract_tar, tree_stats
 from asynccache.writer import FileJob, FileWriter
 from scripts.fixtures import snapshot_tree
 
@@ -92,6 +92,7 @@ def outcome(run: Any, dest: Path) -> tuple[str, Any]:
     except Exception as exc:
         return "error", (type(exc).__name__, str(exc).replace(str(dest), "<dest>"))
     assert tree_digest(dest, result.file_hashes) == tree_digest(dest)
+    assert (result.file_count, result.size_bytes) == tree_stats(dest)
     return "tree", snapshot_tree(dest)
 
 
