@@ -64,6 +64,12 @@ class PullFailed(CacheError):
         super().__init__(f"pull of {image} failed: {detail}")
 
 
+class TlsFailed(PullFailed):
+    """The registry's TLS handshake or certificate was refused; retrying will not fix it."""
+
+    transient = False
+
+
 class Unauthorized(CacheError):
     """The registry refused our credentials (or asked for some)."""
 

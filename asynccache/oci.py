@@ -26,6 +26,7 @@ from asynccache.errors import (
     PullFailed,
     RateLimited,
     RegistryError,
+    TlsFailed,
     TransferFailed,
     Unauthorized,
 )
@@ -629,6 +630,13 @@ class RegistryClient:
             return await self.session.request(
                 method, url, headers=sent, allow_redirects=False, ssl=verify
             )
+        except aiohttp.ClientSSLError as exc:
+            where = urlsplit(url).netloc
+            raise TlsFailed(
+                image,
+                f"{where}: {_short(exc)}; if this registry serves plain HTTP or a self-signed "
+                f"certificate, pass --insecure_registry {where}",
+            ) from None
         except _NETWORK_ERRORS as exc:
             where = urlsplit(url).netloc
             raise PullFailed(image, f"{where}: {_short(exc)}") from None

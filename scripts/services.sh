@@ -95,6 +95,7 @@ ensure_packages() {
     static_busybox || missing+=(busybox-static)
     have socat || missing+=(socat)
     have pv || missing+=(pv)
+    have openssl || missing+=(openssl)
     if [ "${#missing[@]}" -eq 0 ]; then
         say "packages: all present"
         return 0
@@ -104,6 +105,7 @@ ensure_packages() {
         have docker || essential+=(docker.io)
         have docker-registry || essential+=(docker-registry)
         static_busybox || essential+=(busybox-static)
+        have openssl || essential+=(openssl)
         if [ "${#essential[@]}" -gt 0 ]; then
             die "missing ${essential[*]} and cannot install them (need root and apt-get)"
         fi

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import re
+import socket
+import ssl
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,6 +29,7 @@ from asynccache.errors import (
     InvalidReference,
     NoTestbed,
     PullFailed,
+    TlsFailed,
     Unauthorized,
 )
 from asynccache.extract import tree_stats
@@ -289,18 +292,48 @@ class Cdn:
 
 
 @asynccontextmanager
-async def serving(handler: Callable[[web.Request], Any]) -> AsyncIterator[str]:
+async def serving(
+    handler: Callable[[web.Request], Any],
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, 0, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def non_loopback_address() -> str:
+    """An IPv4 address of this machine that is not loopback (the default route's source)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # no packet is sent
+        address: str = probe.getsockname()[0]
+    assert not address.startswith("127."), address
+    return address
+
+
+def self_signed_tls(folder: Path, address: str) -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate for address."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=registry"),
+            *("-addext", f"subjectAltName=IP:{address}"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 @asynccontextmanager
@@ -505,6 +538,53 @@ async def test_docker_hub_images_come_from_the_mirror(tmp_path: Path) -> None:
         assert (await extract(source, "sample", tmp_path / "a"))["a.txt"] == "a-hub"
         got = await extract(source, "namanjain12/proj_final:abc", tmp_path / "b")
         assert got["a.txt"] == "a-nj"
+
+
+@pytest.mark.anyio
+async def test_an_insecure_registry_without_tls_is_reached_over_plain_http(tmp_path: Path) -> None:
+    registry = FakeRegistry(auth="none")
+    registry.add("proj/app", "v1", sample_image("plain"))
+    address = non_loopback_address()
+    async with serving(registry.handle, host=address) as base:
+        host = base.removeprefix("http://")
+        image = f"{host}/proj/app:v1"
+        async with backend(tmp_path, insecure_registries=[host]) as source:
+            assert (await extract(source, image, tmp_path / "a"))["a.txt"] == "a-plain"
+        assert registry.counts["GET manifests"] == 1
+        # not named insecure: HTTPS only, so this plain HTTP registry cannot be used
+        async with backend(tmp_path) as source:
+            advice = re.escape(f"pass --insecure_registry {host}")
+            with pytest.raises(TlsFailed, match=advice) as refused:
+                await extract(source, image, tmp_path / "b")
+        assert not refused.value.transient
+        assert registry.counts["GET manifests"] == 1
+
+
+@pytest.mark.anyio
+async def test_an_insecure_registry_with_a_self_signed_certificate_keeps_tls(
+    tmp_path: Path,
+) -> None:
+    registry = FakeRegistry(auth="none")
+    registry.add("proj/app", "v1", sample_image("tls"))
+    schemes: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        schemes.append(request.scheme)
+        return await registry.handle(request)
+
+    address = non_loopback_address()
+    async with serving(handle, host=address, tls=self_signed_tls(tmp_path, address)) as base:
+        host = base.removeprefix("https://")
+        image = f"{host}/proj/app:v1"
+        async with backend(tmp_path, insecure_registries=[host]) as source:
+            assert (await extract(source, image, tmp_path / "a"))["a.txt"] == "a-tls"
+        assert registry.counts["GET manifests"] == 1
+        assert schemes and set(schemes) == {"https"}
+        # not named insecure: the certificate is verified, and refused
+        async with backend(tmp_path) as source:
+            with pytest.raises(TlsFailed, match=r"certificate verify failed.*--insecure_registry"):
+                await extract(source, image, tmp_path / "b")
+        assert registry.counts["GET manifests"] == 1
 
 
 @pytest.mark.anyio
