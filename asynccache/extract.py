@@ -107,8 +107,11 @@ def _current_umask() -> int:
     return mask
 
 
-def _walk(top: bytes) -> tuple[int, int, list[bytes]]:
-    """Regular files and their total size under top, and every folder (top included)."""
+def _walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
+    """Regular files and their total size under top, and every folder (top included).
+
+    The regular files' paths are appended to ``paths`` when it is given.
+    """
     files = size = 0
     folders = [top]
     stack = [top]
@@ -121,6 +124,8 @@ def _walk(top: bytes) -> tuple[int, int, list[bytes]]:
                 elif entry.is_file(follow_symlinks=False):
                     files += 1
                     size += entry.stat(follow_symlinks=False).st_size
+                    if paths is not None:
+                        paths.append(entry.path)
     return files, size, folders
 
 
@@ -571,14 +576,14 @@ class _Extractor:
         info = os.lstat(full)
         self.hashes.pop(rel, None)
         if stat.S_ISDIR(info.st_mode):
-            if self.hashes:
-                inside = rel + b"/" if rel else b""
-                self.hashes = {p: h for p, h in self.hashes.items() if not p.startswith(inside)}
-            files, size, folders = _walk(full)
+            removed: list[bytes] | None = [] if self.hashes else None
+            files, size, folders = _walk(full, removed)
             shutil.rmtree(full)
             self.files -= files
             self.size -= size
             cut = len(self.base)
+            for path in removed or ():
+                self.hashes.pop(path[cut:], None)
             for folder in folders:
                 self.dirs.pop(folder[cut:], None)
             if self.created:

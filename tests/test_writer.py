@@ -93,6 +93,10 @@ def outcome(run: Any, dest: Path) -> tuple[str, Any]:
         return "error", (type(exc).__name__, str(exc).replace(str(dest), "<dest>"))
     assert tree_digest(dest, result.file_hashes) == tree_digest(dest)
     assert (result.file_count, result.size_bytes) == tree_stats(dest)
+    for rel, (identity, content) in result.file_hashes.items():  # every kept hash is current
+        found = os.lstat(os.path.join(os.fsencode(dest), rel))
+        assert identity == (found.st_ino, found.st_size, found.st_mtime_ns)
+        assert content == hashlib.sha256((dest / os.fsdecode(rel)).read_bytes()).hexdigest()
     return "tree", snapshot_tree(dest)
 
 
