@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import shutil
 import stat
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -79,6 +80,8 @@ class ExtractResult:
     warnings: tuple[str, ...]
     #: Content hashes of files as written, by path under the tree (see digest.tree_digest).
     file_hashes: Mapping[bytes, FileHash] = field(default_factory=dict, repr=False, compare=False)
+    #: The tree's content digest (digest.tree_digest) from what was written, when known.
+    digest: str | None = field(default=None, compare=False)
 
 
 class _BadName(Exception):
@@ -110,7 +113,7 @@ def _current_umask() -> int:
 def _walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
     """Regular files and their total size under top, and every folder (top included).
 
-    The regular files' paths are appended to ``paths`` when it is given.
+    The paths of everything but folders are appended to ``paths`` when it is given.
     """
     files = size = 0
     folders = [top]
@@ -121,9 +124,10 @@ def _walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                     stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    files += 1
-                    size += entry.stat(follow_symlinks=False).st_size
+                else:
+                    if entry.is_file(follow_symlinks=False):
+                        files += 1
+                        size += entry.stat(follow_symlinks=False).st_size
                     if paths is not None:
                         paths.append(entry.path)
     return files, size, folders
@@ -169,6 +173,17 @@ def _copy_file(source: bytes, fd: int) -> None:
             if not data:
                 return
             write_all(fd, [data], len(data))
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def _write_hashed(fd: int, content: _Hasher, pieces: list[bytes], total: int) -> None:
+    """Write pieces to fd and add them to the content hash."""
+    write_all(fd, pieces, total)
+    for piece in pieces:
+        content.update(piece)
 
 
 def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
@@ -218,6 +233,9 @@ class _Extractor:
         # content hashes of the files the writer wrote, while nothing else replaced them
         self.keep_hashes = keep_hashes
         self.hashes: dict[bytes, FileHash] = {}
+        # every file and symlink written, as its digest line needs it: path -> (kind, mode,
+        # content hash or link target); None once an event it cannot follow happened
+        self.entries: dict[bytes, tuple[bytes, int, bytes]] | None = {} if keep_hashes else None
 
     def add_all(self, source: Source) -> None:
         """Extract every member of source, small files through the writer thread."""
@@ -256,10 +274,13 @@ class _Extractor:
         self.files -= removed_files
         self.size -= removed_bytes
         kept = self.hashes
-        for rel, taken in hashes:
+        for rel, mode, taken in hashes:
             # past the budget, only newer hashes of known paths (an old one must not stay)
             if len(kept) < MAX_KEPT_HASHES or rel in kept:
                 kept[rel] = taken
+                self.record(rel, b"f", mode, taken[1].encode())
+            else:
+                self.entries = None
         for job in failed:
             self.write_now(job)
 
@@ -268,6 +289,41 @@ class _Extractor:
         writer = self.writer
         if writer is not None and rel in writer.pending:
             self.flush()
+
+    def record(self, rel: bytes, kind: bytes, mode: int, detail: bytes) -> None:
+        """Remember what rel now is, for the tree's digest."""
+        if self.entries is not None:
+            self.entries[rel] = (kind, mode, detail)
+
+    def forget(self, rel: bytes) -> None:
+        """rel is about to change: its content hash and digest entry no longer hold."""
+        self.hashes.pop(rel, None)
+        if self.entries is not None:
+            self.entries.pop(rel, None)
+
+    def lose_track(self) -> None:
+        """Something changed that the entries do not follow: the digest will read the tree."""
+        self.entries = None
+
+    def tree_digest(self) -> str | None:
+        """digest.tree_digest of the tree, from the entries and folders; None when unknown."""
+        entries = self.entries
+        if entries is None:
+            return None
+        lines = [
+            b"\0".join((rel, kind, b"%o" % mode, detail)) + b"\n"
+            for rel, (kind, mode, detail) in entries.items()
+        ]
+        lines += [
+            b"\0".join((rel, b"d", b"%o" % attrs[0], b"")) + b"\n"
+            for rel, attrs in self.dirs.items()
+            if rel
+        ]
+        lines.sort()
+        digest = hashlib.sha256()
+        for line in lines:
+            digest.update(line)
+        return digest.hexdigest()
 
     def warn(self, message: str) -> None:
         """Record a warning, keeping at most _MAX_WARNINGS."""
@@ -471,8 +527,9 @@ class _Extractor:
         """Layer mode: a hardlink to a file outside the root waits for that file's data."""
         key = "/".join(self.parts(info.linkname))
         self.recount = True
+        self.lose_track()
         self.ensure_parent(rel, info.name)
-        self.hashes.pop(rel, None)
+        self.forget(rel)
         full = self.base + rel
         for first, inode in self.deferred.get(key, ()):
             try:
@@ -514,7 +571,7 @@ class _Extractor:
         mtime = self.mtime(info)
         filled: bytes | None = None
         for rel, inode in waiting:
-            self.hashes.pop(rel, None)
+            self.forget(rel)
             parent = rel.rpartition(b"/")[0]
             if parent and parent not in self.dirs:
                 continue
@@ -574,16 +631,17 @@ class _Extractor:
     def remove(self, full: bytes, rel: bytes) -> None:
         """Remove what is at full (a folder with its content), never following symlinks."""
         info = os.lstat(full)
-        self.hashes.pop(rel, None)
+        self.forget(rel)
         if stat.S_ISDIR(info.st_mode):
-            removed: list[bytes] | None = [] if self.hashes else None
+            tracked = self.hashes or self.entries
+            removed: list[bytes] | None = [] if tracked else None
             files, size, folders = _walk(full, removed)
             shutil.rmtree(full)
             self.files -= files
             self.size -= size
             cut = len(self.base)
             for path in removed or ():
-                self.hashes.pop(path[cut:], None)
+                self.forget(path[cut:])
             for folder in folders:
                 self.dirs.pop(folder[cut:], None)
             if self.created:
@@ -611,23 +669,37 @@ class _Extractor:
                 self.flush()
         else:
             self.flush()
-            self.hashes.pop(rel, None)
+            self.forget(rel)
             try:
                 fd = os.open(full, FILE_FLAGS, mode)
             except FileExistsError:
                 self.remove(full, rel)
                 fd = os.open(full, FILE_FLAGS, mode)
+            content = hashlib.sha256() if self.keep_hashes else None
             try:
                 if mode & self.umask:
                     os.fchmod(fd, mode)
                 if info.size:
-                    self.copy(tar, info, fd)
+                    if content is None:
+                        self.copy(tar, info, fd)
+                    else:
+                        tar.copy(info, functools.partial(_write_hashed, fd, content))
                 if mtime is not None:
                     os.utime(fd, ns=(mtime, mtime))
+                if content is not None:
+                    self.keep_hash(rel, mode, os.fstat(fd), content.hexdigest())
             finally:
                 os.close(fd)
         self.files += 1
         self.size += info.size
+
+    def keep_hash(self, rel: bytes, mode: int, found: os.stat_result, content: str) -> None:
+        """Remember the content hash of a file just written here (within the budget)."""
+        if len(self.hashes) >= MAX_KEPT_HASHES and rel not in self.hashes:
+            self.lose_track()
+            return
+        self.hashes[rel] = ((found.st_ino, found.st_size, found.st_mtime_ns), content)
+        self.record(rel, b"f", mode, content.encode())
 
     def write_now(self, job: Job) -> None:
         """Create a file or folder the writer gave back, here (counted when it was queued)."""
@@ -637,17 +709,23 @@ class _Extractor:
             if attributes is not None:
                 self.dirs[job.rel] = attributes
             return
-        self.hashes.pop(job.rel, None)
+        self.forget(job.rel)
+        hashing = self.keep_hashes
         try:
             try:
-                create_file(job, self.umask, stat_after=False)
+                found = create_file(job, self.umask, stat_after=hashing)
             except FileExistsError:
                 self.remove(job.full, job.rel)
-                create_file(job, self.umask, stat_after=False)
+                found = create_file(job, self.umask, stat_after=hashing)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise UnsafeArchive(job.name, "name too long for the filesystem") from None
             raise
+        if found is not None:
+            content = hashlib.sha256()
+            for piece in job.pieces:
+                content.update(piece)
+            self.keep_hash(job.rel, job.mode, found, content.hexdigest())
 
     def read_data(self, tar: TarReader, info: tarfile.TarInfo) -> list[bytes]:
         """Read a member's data into memory (small members only)."""
@@ -685,7 +763,7 @@ class _Extractor:
 
     def make_dir(self, full: bytes, rel: bytes, create: int) -> None:
         """Create a folder, replacing what a lower layer left there."""
-        self.hashes.pop(rel, None)
+        self.forget(rel)
         try:
             os.mkdir(full, create)
         except FileExistsError:
@@ -707,13 +785,14 @@ class _Extractor:
             raise UnsafeArchive(info.name, f"symlink target longer than {_PATH_MAX} bytes")
         mtime = self.mtime(info)
         self.ensure_parent(rel, info.name)
-        self.hashes.pop(rel, None)
+        self.forget(rel)
         full = self.base + rel
         try:
             os.symlink(raw_target, full)
         except FileExistsError:
             self.remove(full, rel)
             os.symlink(raw_target, full)
+        self.record(rel, b"l", 0, raw_target)
         if mtime is not None:
             os.utime(full, ns=(mtime, mtime), follow_symlinks=False)
 
@@ -745,7 +824,7 @@ class _Extractor:
         if source == rel:
             return
         self.ensure_parent(rel, name)
-        self.hashes.pop(rel, None)
+        self.forget(rel)
         full = self.base + rel
         try:
             os.link(source_full, full, follow_symlinks=False)
@@ -757,6 +836,14 @@ class _Extractor:
                 raise UnsafeArchive(name, f"hardlink target {target!r} was removed") from None
         self.files += 1
         self.size += found.st_size
+        if self.entries is not None:
+            shared = self.entries.get(source)
+            if shared is None:
+                self.lose_track()
+            else:
+                self.entries[rel] = shared
+                if source in self.hashes:
+                    self.hashes[rel] = self.hashes[source]
 
     def finish(self) -> ExtractResult:
         """Apply folder modes and mtimes, deepest first, then the root's to dest."""
@@ -781,6 +868,7 @@ class _Extractor:
             size_bytes=self.size,
             warnings=warnings,
             file_hashes=self.hashes,
+            digest=self.tree_digest(),
         )
 
 

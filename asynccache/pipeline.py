@@ -29,7 +29,6 @@ from asynccache.index import (
     write_json_atomic,
     write_meta,
 )
-from asynccache.writer import FileHash
 
 log = logging.getLogger(__name__)
 
@@ -345,11 +344,9 @@ class Pipeline:
             await anyio.to_thread.run_sync(self._publish, work_dir, record)
             if self._releases is not None:
                 # The content digest (for `verify --deep`) is read back beside the workers.
-                self._releases.start_soon(
-                    self._record_digest, entry.instance_id, result.file_hashes
-                )
+                self._releases.start_soon(self._record_digest, entry.instance_id, result)
             else:
-                await self._record_digest(entry.instance_id, result.file_hashes)
+                await self._record_digest(entry.instance_id, result)
         finally:
             with anyio.CancelScope(shield=True):
                 if work_dir.exists():
@@ -375,10 +372,14 @@ class Pipeline:
                     f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
                 ) from None
 
-    async def _record_digest(self, instance_id: str, known: Mapping[bytes, FileHash]) -> None:
+    async def _record_digest(self, instance_id: str, result: ExtractResult) -> None:
+        """Record the tree's digest: the extraction's own when it knows it, else read back."""
         with anyio.CancelScope(shield=True):
-            folder = self.cache.instance_path(instance_id)
-            digest = await anyio.to_thread.run_sync(tree_digest, folder, known)
+            digest = result.digest
+            if digest is None:
+                folder = self.cache.instance_path(instance_id)
+                known = result.file_hashes
+                digest = await anyio.to_thread.run_sync(tree_digest, folder, known)
             await anyio.to_thread.run_sync(write_digest, self.cache.root, instance_id, digest)
 
     def _publish(self, work_dir: Path, record: IndexRecord) -> None:

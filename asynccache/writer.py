@@ -101,7 +101,7 @@ class FileWriter:
         self._closed = False
         self._removed_files = 0
         self._removed_bytes = 0
-        self._hashes: list[tuple[bytes, FileHash]] = []
+        self._hashes: list[tuple[bytes, int, FileHash]] = []
         self._thread = threading.Thread(target=self._run, name="asynccache-writer", daemon=True)
         self._thread.start()
 
@@ -122,12 +122,12 @@ class FileWriter:
         self.pending.add(job.rel)
         return True
 
-    def flush(self) -> tuple[list[Job], int, int, list[tuple[bytes, FileHash]]]:
+    def flush(self) -> tuple[list[Job], int, int, list[tuple[bytes, int, FileHash]]]:
         """Wait for the queue to drain.
 
         Returns the jobs to replay in order (the one that failed and every later one), the
-        regular files and bytes the writer removed to replace them, and the content hash of
-        each file it wrote, in order.
+        regular files and bytes the writer removed to replace them, and the path, mode and
+        content hash of each file it wrote, in order.
         """
         with self._lock:
             while self._jobs and not self._failed:
@@ -174,7 +174,7 @@ class FileWriter:
                     self._removed_files += removed[0]
                     self._removed_bytes += removed[1]
                     if written is not None:
-                        self._hashes.append((job.rel, written))
+                        self._hashes.append((job.rel, job.mode, written))
                 self._changed.notify_all()
 
     def _write(self, job: Job) -> tuple[tuple[int, int], FileHash | None]:

@@ -24,6 +24,7 @@ import pytest
 
 import asynccache.extract as extract_module
 import asynccache.tarstream as tarstream
+from asynccache.digest import tree_digest
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.extract import ExtractResult, extract_stream, extract_tar, tree_stats
 
@@ -140,7 +141,10 @@ async def chunked(data: bytes, size: int = 7001) -> AsyncIterator[bytes]:
 
 
 def run_tar(data: bytes, dest: Path) -> ExtractResult:
-    return extract_tar(cast(BinaryIO, Trickle(data)), dest)
+    result = extract_tar(cast(BinaryIO, Trickle(data)), dest, keep_hashes=True)
+    # the digest of what was written, when the extraction knows it, is the tree's
+    assert result.digest is None or result.digest == tree_digest(dest)
+    return result
 
 
 def run_stream(data: bytes, dest: Path) -> ExtractResult:

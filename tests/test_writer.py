@@ -92,6 +92,7 @@ def outcome(run: Any, dest: Path) -> tuple[str, Any]:
     except Exception as exc:
         return "error", (type(exc).__name__, str(exc).replace(str(dest), "<dest>"))
     assert tree_digest(dest, result.file_hashes) == tree_digest(dest)
+    assert result.digest == tree_digest(dest)  # the digest of what was written is the tree's
     assert (result.file_count, result.size_bytes) == tree_stats(dest)
     for rel, (identity, content) in result.file_hashes.items():  # every kept hash is current
         found = os.lstat(os.path.join(os.fsencode(dest), rel))
@@ -172,7 +173,7 @@ def test_a_job_the_writer_cannot_do_is_given_back_with_every_later_one(tmp_path:
     finally:
         writer.close()
     assert (tmp_path / "one").read_bytes() == b"x"
-    assert [rel for rel, _ in hashes] == [b"one"]
+    assert [rel for rel, _mode, _hash in hashes] == [b"one"]
     assert failed[0].name == "taken"  # and "three", when it was queued before the failure
     assert not (tmp_path / "three").exists()
     assert (removed_files, removed_bytes) == (0, 0)
@@ -191,7 +192,7 @@ def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -
     assert (tmp_path / "old").read_bytes() == b"new"
     info = os.lstat(tmp_path / "old")
     identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-    assert hashes == [(b"old", (identity, hashlib.sha256(b"new").hexdigest()))]
+    assert hashes == [(b"old", 0o644, (identity, hashlib.sha256(b"new").hexdigest()))]
 
 
 def test_a_hash_is_used_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
