@@ -26,6 +26,10 @@ _MAX_QUEUED_BYTES = 16 << 20
 _MAX_QUEUED_JOBS = 256
 #: Most paths remembered between flushes (the extracting thread flushes beyond).
 _MAX_PENDING = 1024
+#: A sleeping writer is woken once this many jobs or bytes wait (or by a flush): waking it
+#: for every small file would cost a thread switch per file.
+_WAKE_JOBS = 32
+_WAKE_BYTES = 1 << 20
 
 
 def write_all(fd: int, pieces: list[bytes], total: int) -> None:
@@ -94,11 +98,15 @@ class FileWriter:
         #: Paths queued since the last flush (read and written by the extracting thread only).
         self.pending: set[bytes] = set()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        # the writer waits on _work, the extracting thread on _done (same lock)
+        self._work = threading.Condition(self._lock)
+        self._done = threading.Condition(self._lock)
         self._jobs: deque[Job] = deque()
         self._queued_bytes = 0
         self._failed: list[Job] = []
         self._closed = False
+        self._writer_asleep = False
+        self._waiting_for_room = False
         self._removed_files = 0
         self._removed_bytes = 0
         self._hashes: list[tuple[bytes, int, FileHash]] = []
@@ -113,12 +121,17 @@ class FileWriter:
             while (
                 len(self._jobs) >= _MAX_QUEUED_JOBS or self._queued_bytes >= _MAX_QUEUED_BYTES
             ) and not self._failed:
-                self._changed.wait()
+                self._waiting_for_room = True  # woken when the queue is half empty
+                self._done.wait()
+            self._waiting_for_room = False
             if self._failed:
                 return False
             self._jobs.append(job)
             self._queued_bytes += job.size
-            self._changed.notify_all()
+            if self._writer_asleep and (
+                len(self._jobs) >= _WAKE_JOBS or self._queued_bytes >= _WAKE_BYTES
+            ):
+                self._work.notify()
         self.pending.add(job.rel)
         return True
 
@@ -130,8 +143,10 @@ class FileWriter:
         content hash of each file it wrote, in order.
         """
         with self._lock:
-            while self._jobs and not self._failed:
-                self._changed.wait()
+            if self._jobs and not self._failed:
+                self._work.notify()  # the last few jobs may not have woken the writer
+                while self._jobs and not self._failed:
+                    self._done.wait()
             failed, self._failed = self._failed, []
             removed = (self._removed_files, self._removed_bytes)
             self._removed_files = self._removed_bytes = 0
@@ -144,14 +159,17 @@ class FileWriter:
         with self._lock:
             self._closed = True
             self._jobs.clear()
-            self._changed.notify_all()
+            self._work.notify_all()
+            self._done.notify_all()
         self._thread.join()
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._jobs and not self._closed:
-                    self._changed.wait()
+                    self._writer_asleep = True
+                    self._work.wait()
+                self._writer_asleep = False
                 if self._closed:
                     return
                 job = self._jobs[0]
@@ -175,7 +193,12 @@ class FileWriter:
                     self._removed_bytes += removed[1]
                     if written is not None:
                         self._hashes.append((job.rel, job.mode, written))
-                self._changed.notify_all()
+                if not self._jobs or (
+                    self._waiting_for_room
+                    and len(self._jobs) <= _MAX_QUEUED_JOBS // 2
+                    and self._queued_bytes <= _MAX_QUEUED_BYTES // 2
+                ):
+                    self._done.notify()
 
     def _write(self, job: Job) -> tuple[tuple[int, int], FileHash | None]:
         """Create job's file, replacing a regular file or symlink; a folder there is an error.
