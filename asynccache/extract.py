@@ -54,8 +54,10 @@ _COPY_CHUNK = 1 << 20
 MAX_KEPT_HASHES = 50_000
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
-#: Most chunks queued between the event loop and the extracting thread.
-_MAX_QUEUED_CHUNKS = 8
+#: Most bytes queued between the event loop and the extracting thread.
+_MAX_QUEUED_STREAM_BYTES = 2 << 20
+#: A waiting extracting thread is woken once this many bytes of the stream are queued.
+_WAKE_READER_BYTES = 256 << 10
 _NAME_MAX = 255
 _PATH_MAX = 4095
 _IMPLICIT_DIR_MODE = 0o755
@@ -968,13 +970,20 @@ def extract_tar(
 
 
 class _ChunkPipe:
-    """A bounded queue of chunks, filled by the event loop and read as a file by one thread."""
+    """A bounded queue of chunks, filled by the event loop and read as a file by one thread.
 
-    def __init__(self, max_chunks: int) -> None:
+    The network hands out chunks of a few KiB; the reading thread is woken once a batch of
+    them waits (or at the end), and the event loop once the queue is half empty, so that a
+    stream costs a few thread switches per MiB, not one per chunk.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._chunks: deque[bytes] = deque()
-        self._max = max_chunks
+        self._queued = 0
+        self._max = max_bytes
+        self._reader_waiting = False
         self._closed = False
         self._aborted = False
         self._space: anyio.Event | None = None
@@ -989,13 +998,17 @@ class _ChunkPipe:
             with self._lock:
                 if self._aborted:
                     return
-                if len(self._chunks) < self._max:
+                if self._queued < self._max:
                     self._chunks.append(chunk)
-                    self._ready.notify()
+                    self._queued += len(chunk)
+                    if self._reader_waiting and self._queued >= _WAKE_READER_BYTES:
+                        self._ready.notify()
                     return
                 if self._space is None:
                     self._space = anyio.Event()
                 space = self._space
+                if self._reader_waiting:
+                    self._ready.notify()
             await space.wait()
 
     def close(self) -> None:
@@ -1009,20 +1022,24 @@ class _ChunkPipe:
         with self._lock:
             self._aborted = True
             self._chunks.clear()
+            self._queued = 0
             self._ready.notify_all()
 
     def _next_chunk(self) -> bytes:
         """Take the next chunk (b"" at the end), waking the producer when room frees up."""
         with self._lock:
             while not self._chunks and not self._closed and not self._aborted:
+                self._reader_waiting = True
                 self._ready.wait()
+                self._reader_waiting = False
             if self._aborted:
                 raise _PipeAborted("extraction cancelled")
             if not self._chunks:
                 return b""
             chunk = self._chunks.popleft()
+            self._queued -= len(chunk)
             wake = None
-            if self._space is not None and len(self._chunks) <= self._max // 2:
+            if self._space is not None and self._queued <= self._max // 2:
                 wake, self._space = self._space, None
         if wake is not None:
             anyio.from_thread.run_sync(wake.set, token=self._loop)
@@ -1051,7 +1068,7 @@ async def feed_thread(
     chunks: AsyncIterable[bytes], consume: Callable[[Callable[[int], bytes]], _T]
 ) -> _T:
     """Run consume(read) in a thread, read() giving the bytes of chunks (the rest left unread)."""
-    pipe = _ChunkPipe(_MAX_QUEUED_CHUNKS)
+    pipe = _ChunkPipe(_MAX_QUEUED_STREAM_BYTES)
     results: list[_T] = []
     failures: list[Exception] = []
     feed_error: Exception | None = None
