@@ -199,8 +199,65 @@ class RegistryTraffic:
 # --------------------------------------------------------------------------------------------
 
 
+_MANIFEST_TYPES = ", ".join(
+    (
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+)
+
+
+def _registry_json(url: str, accept: str | None = None) -> Any:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def bench_layer_ids(registry: str = fx.DEFAULT_REGISTRY) -> frozenset[str]:
+    """The layers (uncompressed digests) of every bench image, read from the registry."""
+    found: set[str] = set()
+    for image in bi.all_images(registry):
+        name, _, tag = image.ref.removeprefix(f"{registry}/").rpartition(":")
+        base = f"http://{registry}/v2/{name}"
+        manifest = _registry_json(f"{base}/manifests/{tag}", _MANIFEST_TYPES)
+        config = _registry_json(f"{base}/blobs/{manifest['config']['digest']}")
+        found.update(config["rootfs"]["diff_ids"])
+    return frozenset(found)
+
+
+#: Set by main(): local images holding any of these layers are removed with the bench images.
+BENCH_LAYERS: frozenset[str] = frozenset()
+
+
+def images_sharing_layers(layers: frozenset[str]) -> list[str]:
+    """IDs of local images (any name) that hold one of layers."""
+    if not layers:
+        return []
+    ids = fx.docker("images", "-q", "--no-trunc", check=False).stdout.decode().split()
+    if not ids:
+        return []
+    listing = fx.docker(
+        "image",
+        "inspect",
+        "--format",
+        '{{.Id}} {{join .RootFS.Layers ","}}',
+        *set(ids),
+        check=False,
+    )
+    sharing = []
+    for line in listing.stdout.decode().splitlines():
+        image_id, _, held = line.partition(" ")
+        if layers.intersection(held.split(",")):
+            sharing.append(image_id)
+    return sharing
+
+
 def remove_bench_images() -> int:
-    """Remove every local image (any registry address) and container of the bench set."""
+    """Remove every local image (any registry address) and container of the bench set.
+
+    Other local images that share a layer with the bench images (test fixtures built on the
+    same base) go too: a contender must not find any bench layer already pulled.
+    """
     repos = set(bi.bench_repositories())
     listing = fx.docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
     refs = []
@@ -220,7 +277,23 @@ def remove_bench_images() -> int:
         fx.docker("rm", "-f", *stale, check=False)
     if refs:
         fx.docker("rmi", "-f", *refs, check=False, timeout=600)
-    return len(refs)
+    sharing = images_sharing_layers(BENCH_LAYERS)
+    if sharing:
+        users = fx.docker("ps", "-a", "-q", "--no-trunc", check=False).stdout.decode().split()
+        if users:
+            inspected = fx.docker(
+                "inspect", "--format", "{{.Id}} {{.Image}}", *users, check=False
+            ).stdout.decode()
+            held = set(sharing)
+            stale = [
+                cid
+                for cid, _, image in (row.partition(" ") for row in inspected.splitlines())
+                if image in held
+            ]
+            if stale:
+                fx.docker("rm", "-f", *stale, check=False)
+        fx.docker("rmi", "-f", *sharing, check=False, timeout=600)
+    return len(refs) + len(sharing)
 
 
 def insecure_loopback() -> bool:
@@ -885,6 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(f"asynccache under test: {code.relative_to(ROOT)} (frozen copy of asynccache/)")
         images = bi.ensure_bench_images(args.registry, count=args.images)
+        global BENCH_LAYERS
+        BENCH_LAYERS = bench_layer_ids(args.registry)
         if args.images is not None and args.images > len(images):
             print(f"note: only {len(images)} bench images exist")
         total_mib = 0.0
