@@ -240,14 +240,14 @@ def images_sharing_layers(layers: frozenset[str]) -> list[str]:
         "image",
         "inspect",
         "--format",
-        '{{.Id}} {{join .RootFS.Layers ","}}',
+        "{{.Id}} {{json .RootFS.Layers}}",
         *set(ids),
         check=False,
     )
     sharing = []
     for line in listing.stdout.decode().splitlines():
         image_id, _, held = line.partition(" ")
-        if layers.intersection(held.split(",")):
+        if layers.intersection(json.loads(held or "[]")):
             sharing.append(image_id)
     return sharing
 
