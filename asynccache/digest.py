@@ -13,7 +13,9 @@ from asynccache.writer import FileHash
 
 __all__ = [
     "DIGEST_SUFFIX",
+    "digest_of_lines",
     "digest_path",
+    "entry_line",
     "read_digest",
     "remove_digest",
     "tree_digest",
@@ -52,9 +54,19 @@ def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> st
                 else:
                     kind, detail = _describe(entry.path, info)
                 mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
-                lines.append(b"\0".join((name, kind, b"%o" % mode, detail)) + b"\n")
+                lines.append(entry_line(name, kind, mode, detail))
                 if kind == b"d":
                     stack.append(name)
+    return digest_of_lines(lines)
+
+
+def entry_line(name: bytes, kind: bytes, mode: int, detail: bytes) -> bytes:
+    """One entry's line in a tree digest: path, type, mode (0 for symlinks), hash or target."""
+    return b"\0".join((name, kind, b"%o" % mode, detail)) + b"\n"
+
+
+def digest_of_lines(lines: list[bytes]) -> str:
+    """The tree digest of its entries' lines, in any order (they are sorted here)."""
     lines.sort()
     digest = hashlib.sha256()
     for line in lines:

@@ -22,6 +22,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from asynccache.digest import digest_of_lines, entry_line
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.tarstream import Sink, Source, SourceError, TarReader, Truncated, members
 from asynccache.writer import (
@@ -312,20 +313,9 @@ class _Extractor:
         entries = self.entries
         if entries is None:
             return None
-        lines = [
-            b"\0".join((rel, kind, b"%o" % mode, detail)) + b"\n"
-            for rel, (kind, mode, detail) in entries.items()
-        ]
-        lines += [
-            b"\0".join((rel, b"d", b"%o" % attrs[0], b"")) + b"\n"
-            for rel, attrs in self.dirs.items()
-            if rel
-        ]
-        lines.sort()
-        digest = hashlib.sha256()
-        for line in lines:
-            digest.update(line)
-        return digest.hexdigest()
+        lines = [entry_line(rel, *entry) for rel, entry in entries.items()]
+        lines += [entry_line(rel, b"d", attrs[0], b"") for rel, attrs in self.dirs.items() if rel]
+        return digest_of_lines(lines)
 
     def warn(self, message: str) -> None:
         """Record a warning, keeping at most _MAX_WARNINGS."""
