@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from itertools import islice
@@ -31,6 +32,8 @@ from asynccache.pipeline import (
     TreeSource,
 )
 from asynccache.ratelimit import PullGate, StatusCallback
+
+log = logging.getLogger(__name__)
 
 
 def dataset_rows(
@@ -183,6 +186,10 @@ async def open_pipeline(
                 pipeline.summary.notes.append(f"removed {leaked} containers of an earlier run")
             pipeline.source = backend
             yield pipeline
+            # A create that a killed earlier run had sent can land after the first sweep.
+            late = await backend.remove_leaked_containers()
+            if late:
+                log.info("removed %d containers of an earlier run that appeared late", late)
     finally:
         pipeline.close()
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from asynccache import Outcome, cache_repos, cache_repos_stream
-from scripts.fixtures import FixtureImage, ReferenceTrees, row_for, snapshot_tree
+from asynccache.config import CONTAINER_LABEL
+from scripts.fixtures import FixtureImage, ReferenceTrees, docker, row_for, snapshot_tree
 
 
 def rows_of(images: list[FixtureImage]) -> list[dict[str, object]]:
@@ -69,3 +71,31 @@ async def test_stream_yields_each_outcome_as_it_completes(
             seen[outcome.instance_id] = outcome.status
     assert sorted(seen.values()) == ["cached", "cached", "cached", "failed"]
     assert seen["ghostproj__aaaaaaaaaaaa"] == "failed"
+
+
+def test_a_container_an_earlier_run_left_late_is_removed_at_the_end(
+    tmp_path: Path,
+    fixture_images: list[FixtureImage],
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    """A killed run's container create can land after the next run's first sweep."""
+    cache_dir = tmp_path / "cache"
+    late: list[str] = []
+
+    def create_late(outcome: Outcome) -> None:
+        if not late:  # as the daemon would, once the next run is under way
+            created = docker(
+                "create", "--label", f"{CONTAINER_LABEL}={cache_dir}", outcome.docker_image
+            )
+            late.append(created.stdout.decode().strip())
+
+    summary = anyio.run(
+        lambda: cache_repos(
+            rows_of(fixture_images[:2]),
+            cache_dir=cache_dir,
+            keep_images=True,
+            on_outcome=create_late,
+        )
+    )
+    assert summary.cached == 2
+    assert late and leftover_containers(cache_dir) == []
