@@ -12,7 +12,14 @@ import pytest
 
 from asynccache import Outcome, cache_repos, cache_repos_stream
 from asynccache.config import CONTAINER_LABEL
-from scripts.fixtures import FixtureImage, ReferenceTrees, docker, row_for, snapshot_tree
+from scripts.fixtures import (
+    FixtureImage,
+    ReferenceTrees,
+    docker,
+    image_exists,
+    row_for,
+    snapshot_tree,
+)
 
 
 def rows_of(images: list[FixtureImage]) -> list[dict[str, object]]:
@@ -80,22 +87,27 @@ def test_a_container_an_earlier_run_left_late_is_removed_at_the_end(
 ) -> None:
     """A killed run's container create can land after the next run's first sweep."""
     cache_dir = tmp_path / "cache"
+    image = fixture_images[0].ref
+    pulled = not image_exists(image)
+    if pulled:
+        docker("pull", "--quiet", image)
     late: list[str] = []
 
-    def create_late(outcome: Outcome) -> None:
+    def create_late(_outcome: Outcome) -> None:
         if not late:  # as the daemon would, once the next run is under way
-            created = docker(
-                "create", "--label", f"{CONTAINER_LABEL}={cache_dir}", outcome.docker_image
-            )
+            created = docker("create", "--label", f"{CONTAINER_LABEL}={cache_dir}", image)
             late.append(created.stdout.decode().strip())
 
-    summary = anyio.run(
-        lambda: cache_repos(
-            rows_of(fixture_images[:2]),
-            cache_dir=cache_dir,
-            keep_images=True,
-            on_outcome=create_late,
+    try:
+        summary = anyio.run(
+            lambda: cache_repos(
+                rows_of(fixture_images[:2]), cache_dir=cache_dir, on_outcome=create_late
+            )
         )
-    )
-    assert summary.cached == 2
-    assert late and leftover_containers(cache_dir) == []
+        assert summary.cached == 2
+        assert late and leftover_containers(cache_dir) == []
+    finally:
+        for container in late:
+            docker("rm", "-f", container, check=False)
+        if pulled:
+            docker("rmi", image, check=False)
