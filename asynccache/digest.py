@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from asynccache.config import META_DIR_NAME
-from asynccache.writer import FileHash
+from asynccache.writer import FileHash, identity_of
 
 __all__ = [
     "DIGEST_SUFFIX",
@@ -48,7 +48,7 @@ def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> st
                 if (
                     hashed is not None
                     and stat.S_ISREG(info.st_mode)
-                    and hashed[0] == (info.st_ino, info.st_size, info.st_mtime_ns)
+                    and hashed[0] == identity_of(info)
                 ):
                     kind, detail = b"f", hashed[1].encode()
                 else:

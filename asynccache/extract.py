@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from asynccache.digest import digest_of_lines, entry_line
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
-from asynccache.tarstream import Sink, Source, SourceError, TarReader, Truncated, members
+from asynccache.tarstream import CHUNK, Sink, Source, SourceError, TarReader, Truncated, members
 from asynccache.writer import (
     FILE_FLAGS,
     MAX_QUEUED_FILE,
@@ -34,6 +34,8 @@ from asynccache.writer import (
     FileWriter,
     Job,
     create_file,
+    identity_of,
+    sha256_of,
     write_all,
 )
 
@@ -49,8 +51,6 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-#: Largest read and write while copying a file's data.
-_COPY_CHUNK = 1 << 20
 #: Most file hashes an extraction keeps for its digest (the other files are read again).
 MAX_KEPT_HASHES = 50_000
 #: Most warnings kept; the rest are counted.
@@ -172,7 +172,7 @@ def _copy_file(source: bytes, fd: int) -> None:
     """Copy the content of the file at source into fd."""
     with open(source, "rb") as handle:
         while True:
-            data = handle.read(_COPY_CHUNK)
+            data = handle.read(CHUNK)
             if not data:
                 return
             write_all(fd, [data], len(data))
@@ -276,14 +276,8 @@ class _Extractor:
         failed, removed_files, removed_bytes, hashes = writer.flush()
         self.files -= removed_files
         self.size -= removed_bytes
-        kept = self.hashes
         for rel, mode, taken in hashes:
-            # past the budget, only newer hashes of known paths (an old one must not stay)
-            if len(kept) < MAX_KEPT_HASHES or rel in kept:
-                kept[rel] = taken
-                self.record(rel, b"f", mode, taken[1].encode())
-            else:
-                self.entries = None
+            self.keep_hash(rel, mode, taken)
         for job in failed:
             self.write_now(job)
 
@@ -679,19 +673,20 @@ class _Extractor:
                 if mtime is not None:
                     os.utime(fd, ns=(mtime, mtime))
                 if content is not None:
-                    self.keep_hash(rel, mode, os.fstat(fd), content.hexdigest())
+                    self.keep_hash(rel, mode, (identity_of(os.fstat(fd)), content.hexdigest()))
             finally:
                 os.close(fd)
         self.files += 1
         self.size += info.size
 
-    def keep_hash(self, rel: bytes, mode: int, found: os.stat_result, content: str) -> None:
-        """Remember the content hash of a file just written here (within the budget)."""
+    def keep_hash(self, rel: bytes, mode: int, taken: FileHash) -> None:
+        """Remember the content hash of a file just written (within the budget)."""
+        # past the budget, only newer hashes of known paths (an old one must not stay)
         if len(self.hashes) >= MAX_KEPT_HASHES and rel not in self.hashes:
             self.lose_track()
             return
-        self.hashes[rel] = ((found.st_ino, found.st_size, found.st_mtime_ns), content)
-        self.record(rel, b"f", mode, content.encode())
+        self.hashes[rel] = taken
+        self.record(rel, b"f", mode, taken[1].encode())
 
     def write_now(self, job: Job) -> None:
         """Create a file or folder the writer gave back, here (counted when it was queued)."""
@@ -714,10 +709,7 @@ class _Extractor:
                 raise UnsafeArchive(job.name, "name too long for the filesystem") from None
             raise
         if found is not None:
-            content = hashlib.sha256()
-            for piece in job.pieces:
-                content.update(piece)
-            self.keep_hash(job.rel, job.mode, found, content.hexdigest())
+            self.keep_hash(job.rel, job.mode, (identity_of(found), sha256_of(job.pieces)))
 
     def read_data(self, tar: TarReader, info: tarfile.TarInfo) -> list[bytes]:
         """Read a member's data into memory (small members only)."""

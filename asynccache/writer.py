@@ -89,6 +89,19 @@ FileIdentity = tuple[int, int, int]
 FileHash = tuple[FileIdentity, str]
 
 
+def identity_of(found: os.stat_result) -> FileIdentity:
+    """The identity of a file as stat found it."""
+    return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
+def sha256_of(pieces: list[bytes]) -> str:
+    """The sha256 (hex) of the concatenated pieces."""
+    content = hashlib.sha256()
+    for piece in pieces:
+        content.update(piece)
+    return content.hexdigest()
+
+
 class FileWriter:
     """Creates queued files in order in its own thread; stops at the first one it cannot."""
 
@@ -222,8 +235,4 @@ class FileWriter:
             written = create_file(job, self.umask, stat_after=self.hashing)
         if written is None:
             return removed, None
-        content = hashlib.sha256()
-        for piece in job.pieces:
-            content.update(piece)
-        identity = (written.st_ino, written.st_size, written.st_mtime_ns)
-        return removed, (identity, content.hexdigest())
+        return removed, (identity_of(written), sha256_of(job.pieces))

@@ -39,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -213,87 +215,61 @@ def _registry_json(url: str, accept: str | None = None) -> Any:
         return json.loads(response.read())
 
 
+@functools.cache
 def bench_layer_ids(registry: str = fx.DEFAULT_REGISTRY) -> frozenset[str]:
-    """The layers (uncompressed digests) of every bench image, read from the registry."""
+    """The layers (uncompressed digests) of every pushed bench image, read from the registry."""
     found: set[str] = set()
     for image in bi.all_images(registry):
         name, _, tag = image.ref.removeprefix(f"{registry}/").rpartition(":")
         base = f"http://{registry}/v2/{name}"
-        manifest = _registry_json(f"{base}/manifests/{tag}", _MANIFEST_TYPES)
-        config = _registry_json(f"{base}/blobs/{manifest['config']['digest']}")
+        try:
+            manifest = _registry_json(f"{base}/manifests/{tag}", _MANIFEST_TYPES)
+            config = _registry_json(f"{base}/blobs/{manifest['config']['digest']}")
+        except urllib.error.URLError:  # not pushed (yet), or no registry: nothing to match
+            continue
         found.update(config["rootfs"]["diff_ids"])
     return frozenset(found)
 
 
-#: Set by main(): local images holding any of these layers are removed with the bench images.
-BENCH_LAYERS: frozenset[str] = frozenset()
+def remove_bench_images(registry: str = fx.DEFAULT_REGISTRY) -> int:
+    """Remove every local image named like a bench image or holding one of their layers.
 
-
-def images_sharing_layers(layers: frozenset[str]) -> list[str]:
-    """IDs of local images (any name) that hold one of layers."""
-    if not layers:
-        return []
-    ids = fx.docker("images", "-q", "--no-trunc", check=False).stdout.decode().split()
-    if not ids:
-        return []
-    listing = fx.docker(
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}} {{json .RootFS.Layers}}",
-        *set(ids),
-        check=False,
-    )
-    sharing = []
-    for line in listing.stdout.decode().splitlines():
-        image_id, _, held = line.partition(" ")
-        if layers.intersection(json.loads(held or "[]")):
-            sharing.append(image_id)
-    return sharing
-
-
-def remove_bench_images() -> int:
-    """Remove every local image (any registry address) and container of the bench set.
-
-    Other local images that share a layer with the bench images (test fixtures built on the
-    same base) go too: a contender must not find any bench layer already pulled.
+    Test fixtures built on the bench images' base count too: a contender must not find any
+    bench layer already pulled. Containers made from those images go first. Returns how many
+    images (by id) were removed.
     """
     repos = set(bi.bench_repositories())
-    listing = fx.docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
-    refs = []
-    for line in listing.stdout.decode().split():
-        repository = line.rsplit(":", 1)[0]
+    layers = bench_layer_ids(registry)
+    listing = fx.docker("images", "--no-trunc", "--format", "{{.ID}} {{.Repository}}", check=False)
+    doomed: set[str] = set()
+    local: set[str] = set()
+    for line in listing.stdout.decode().splitlines():
+        image_id, _, repository = line.partition(" ")
+        local.add(image_id)
         if repository.split("/", 1)[-1] in repos or repository.startswith("asynccache-bench-"):
-            refs.append(line)
-    containers = fx.docker("ps", "-a", "--format", "{{.ID}} {{.Image}}", check=False)
-    stale = [
-        cid
-        for cid, _, image in (
-            line.partition(" ") for line in containers.stdout.decode().splitlines()
+            doomed.add(image_id)
+    if layers and local:
+        held = fx.docker(
+            "image", "inspect", "--format", "{{.Id}} {{json .RootFS.Layers}}", *local, check=False
         )
-        if image.rsplit(":", 1)[0].split("/", 1)[-1] in repos
-    ]
-    if stale:
-        fx.docker("rm", "-f", *stale, check=False)
-    if refs:
-        fx.docker("rmi", "-f", *refs, check=False, timeout=600)
-    sharing = images_sharing_layers(BENCH_LAYERS)
-    if sharing:
-        users = fx.docker("ps", "-a", "-q", "--no-trunc", check=False).stdout.decode().split()
-        if users:
-            inspected = fx.docker(
-                "inspect", "--format", "{{.Id}} {{.Image}}", *users, check=False
-            ).stdout.decode()
-            held = set(sharing)
-            stale = [
-                cid
-                for cid, _, image in (row.partition(" ") for row in inspected.splitlines())
-                if image in held
-            ]
-            if stale:
-                fx.docker("rm", "-f", *stale, check=False)
-        fx.docker("rmi", "-f", *sharing, check=False, timeout=600)
-    return len(refs) + len(sharing)
+        for line in held.stdout.decode().splitlines():
+            image_id, _, image_layers = line.partition(" ")
+            if layers.intersection(json.loads(image_layers or "[]")):
+                doomed.add(image_id)
+    if not doomed:
+        return 0
+    containers = fx.docker("ps", "-a", "-q", "--no-trunc", check=False).stdout.decode().split()
+    if containers:
+        made = fx.docker("inspect", "--format", "{{.Id}} {{.Image}}", *containers, check=False)
+        stale = [
+            cid
+            for cid, _, image in (row.partition(" ") for row in made.stdout.decode().splitlines())
+            if image in doomed
+        ]
+        if stale:
+            fx.docker("rm", "-f", *stale, check=False)
+    fx.docker("rmi", "-f", *doomed, check=False, timeout=600)
+    return len(doomed)
 
 
 def insecure_loopback() -> bool:
@@ -958,8 +934,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(f"asynccache under test: {code.relative_to(ROOT)} (frozen copy of asynccache/)")
         images = bi.ensure_bench_images(args.registry, count=args.images)
-        global BENCH_LAYERS
-        BENCH_LAYERS = bench_layer_ids(args.registry)
         if args.images is not None and args.images > len(images):
             print(f"note: only {len(images)} bench images exist")
         total_mib = 0.0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import tarfile
+from collections.abc import Callable
 
 import pytest
 
@@ -80,24 +82,23 @@ def random_archive(seed: int) -> bytes:
     return out.getvalue()
 
 
-def chunked(data: bytes, rng: random.Random) -> io.BytesIO | object:
-    """A reader that gives random short reads."""
+def short_reads(data: bytes, rng: random.Random) -> Callable[[int], bytes]:
+    """A read function that gives random short reads of data."""
     stream = io.BytesIO(data)
-
-    class Short:
-        def read(self, size: int) -> bytes:
-            return stream.read(rng.randint(1, max(1, min(size, 5000))))
-
-    return Short()
+    return lambda size: stream.read(rng.randint(1, max(1, min(size, 5000))))
 
 
-def ours(data: bytes, read_size: random.Random | None = None) -> list[tuple[object, ...]]:
-    read = chunked(data, read_size).read if read_size else io.BytesIO(data).read  # type: ignore[attr-defined]
+def collect(into: list[bytes], more: list[bytes], _size: int) -> None:
+    into.extend(more)
+
+
+def ours(data: bytes, rng: random.Random | None = None) -> list[tuple[object, ...]]:
+    read: Callable[[int], bytes] = short_reads(data, rng) if rng else io.BytesIO(data).read
     found = []
     for reader, info in members(Source(read)):
         pieces: list[bytes] = []
         if info.isreg():
-            reader.copy(info, lambda more, _size, into=pieces: into.extend(more))
+            reader.copy(info, functools.partial(collect, pieces))
         found.append((*(getattr(info, key) for key in FIELDS), b"".join(pieces)))
     return found
 
