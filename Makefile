@@ -18,7 +18,7 @@ services:
 	bash scripts/services.sh up
 
 demo: setup
-	$(PYTHON) scripts/fixtures.py --registry $(REGISTRY) --dataset-dir $(DEMO_DIR)/dataset --split demo
+	$(PYTHON) -m tests.support.fixtures --registry $(REGISTRY) --dataset-dir $(DEMO_DIR)/dataset --split demo
 	$(PYTHON) -m asynccache --dataset $(DEMO_DIR)/dataset --split demo \
 		--cache_dir $(DEMO_DIR)/cache --concurrency $(CONCURRENCY)
 

@@ -3,9 +3,9 @@
 from asynccache.api import cache_repos, cache_repos_stream, dataset_rows
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, entry_from_row, make_instance_id
-from asynccache.errors import CacheError
+from asynccache.errors import CacheError, EnsureFailed, MissingInstance
 from asynccache.pipeline import Outcome, Summary
-from asynccache.repo_cache import EnsureFailed, MissingInstance, RepoCache
+from asynccache.trainer.repo_cache import RepoCache
 
 __all__ = [
     "CacheError",

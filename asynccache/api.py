@@ -14,7 +14,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asynccache import config
 from asynccache.config import CacheOptions
-from asynccache.docker import DockerBackend
 from asynccache.entries import (
     Entry,
     InstanceIdFn,
@@ -31,7 +30,8 @@ from asynccache.pipeline import (
     Summary,
     TreeSource,
 )
-from asynccache.ratelimit import PullGate, StatusCallback
+from asynccache.sources.docker import DockerBackend
+from asynccache.sources.ratelimit import PullGate, StatusCallback
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ async def open_pipeline(
             on_status=on_status,
         )
         if options.backend == "registry":
-            from asynccache.registry import RegistryBackend
+            from asynccache.sources.registry.backend import RegistryBackend
 
             async with RegistryBackend(
                 pipeline.cache.root,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class CacheError(Exception):
     """Base of every error asynccache raises on purpose."""
@@ -163,3 +165,25 @@ class DigestMismatch(CacheError):
         self.image = image
         self.expected = expected
         super().__init__(f"content of {expected} in {image} does not match its digest: {detail}")
+
+
+class MissingInstance(KeyError, CacheError):
+    """An instance id that the cache does not hold (or whose folder is gone)."""
+
+    def __init__(self, instance_id: str, cache_dir: Path, detail: str = "") -> None:
+        self.instance_id = instance_id
+        self.cache_dir = cache_dir
+        self.message = detail or f"instance {instance_id!r} is not in the cache at {cache_dir}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EnsureFailed(CacheError):
+    """An instance could not be extracted into the cache; ``reason`` says why."""
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        self.instance_id = instance_id
+        self.reason = reason
+        super().__init__(f"cannot cache {instance_id}: {reason}")

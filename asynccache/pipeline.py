@@ -15,13 +15,7 @@ import anyio
 import stamina
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
-from asynccache.cachedir import CacheDir, remove_tree
-from asynccache.config import CacheOptions
-from asynccache.digest import remove_digest, tree_digest, write_digest
-from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
-from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
-from asynccache.extract import ExtractResult, extract_stream
-from asynccache.index import (
+from asynccache.cache.index import (
     IndexRecord,
     IndexWriter,
     load_and_repair,
@@ -29,6 +23,12 @@ from asynccache.index import (
     write_json_atomic,
     write_meta,
 )
+from asynccache.cache.layout import CacheDir, remove_tree
+from asynccache.config import CacheOptions
+from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
+from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
+from asynccache.tree.digest import remove_digest, tree_digest, write_digest
+from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ folder aside (``.layers/`` included), runs the contender as a child process, and
 Results: one table per scenario on stdout, JSON in ``.bench/results-<timestamp>.json`` and
 ``.bench/latest.json``. With ``--repeat N`` every number is the median of N runs.
 
-``--index-sim N`` also feeds N records through ``asynccache.index.IndexWriter`` (as fast as
+``--index-sim N`` also feeds N records through ``asynccache.cache.index.IndexWriter`` (as fast as
 possible, then at ``--index-pace`` records per second) and reports the bytes written to
 index.json and the time per update, next to what rewriting the whole index after every entry
 (the original script) costs.
@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts import bench_images as bi  # noqa: E402
-from scripts import fixtures as fx  # noqa: E402
+from tests.support import fixtures as fx  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench"
 BASELINE_SCRIPT = ROOT / "scripts" / "baseline_cache_repos.py"
@@ -797,7 +797,7 @@ def index_sim(count: int, pace: float | None) -> dict[str, Any]:
     """Feed count records through IndexWriter (as fast as possible, or pace per second)."""
     import anyio
 
-    from asynccache.index import IndexWriter
+    from asynccache.cache.index import IndexWriter
 
     async def run(directory: Path) -> dict[str, Any]:
         writer = IndexWriter(directory, {})

@@ -29,9 +29,9 @@ if str(ROOT) not in sys.path:
 
 import anyio  # noqa: E402
 
-from asynccache.checkout import overlay_probe  # noqa: E402
-from asynccache.repo_cache import RepoCache  # noqa: E402
-from scripts.cache_trees import build_generated_tree, cache_instance  # noqa: E402
+from asynccache.trainer.checkout import overlay_probe  # noqa: E402
+from asynccache.trainer.repo_cache import RepoCache  # noqa: E402
+from tests.support.cache_trees import build_generated_tree, cache_instance  # noqa: E402
 
 TREES = {
     "small": {"files": 300, "total_bytes": 3 << 20, "venv_share": 0.0},

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import fixtures as fx  # noqa: E402
+from tests.support import fixtures as fx  # noqa: E402
 
 #: Bumped whenever generated content or the way images are built changes.
 BENCH_VERSION = "1"

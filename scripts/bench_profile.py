@@ -90,7 +90,10 @@ def child_main(argv: list[str]) -> int:
     if code:
         sys.path.insert(0, code)
 
-    from asynccache import cli, docker, extract, index, pipeline
+    from asynccache import cli, pipeline
+    from asynccache.cache import index
+    from asynccache.sources import docker
+    from asynccache.tree import extract
 
     totals = _Totals()
     backend = docker.DockerBackend
@@ -185,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_main(argv[1:])
     from scripts import bench
     from scripts import bench_images as bi
-    from scripts import fixtures as fx
+    from tests.support import fixtures as fx
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import fixtures as fx  # noqa: E402
-from scripts.fixtures import (  # noqa: E402
+from tests.support import fixtures as fx  # noqa: E402
+from tests.support.fixtures import (  # noqa: E402
     DEFAULT_SET,
     NO_TESTBED,
     FixtureError,

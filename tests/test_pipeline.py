@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 from asynccache import Entry, Outcome, cache_repos
-from asynccache.digest import read_digest, tree_digest
-from asynccache.verify import verify_cache
+from asynccache.cache.verify import verify_cache
+from asynccache.tree.digest import read_digest, tree_digest
 
 
 def make_testbed_tar(text: str) -> bytes:

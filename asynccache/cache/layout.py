@@ -1,0 +1,174 @@
+"""The cache folder's layout: its lock, work-in-progress folders and atomic publishing."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from asynccache.cache.index import fsync_dir
+from asynccache.config import FAILURES_NAME, INDEX_NAME, LOCK_NAME, META_DIR_NAME, TMP_DIR_NAME
+from asynccache.errors import CacheLocked, SetupError
+
+log = logging.getLogger(__name__)
+
+#: Below this much free space the disk counts as full.
+MIN_FREE_BYTES = 64 * 1024 * 1024
+#: A /testbed with .git and .venv takes this much on disk, roughly, for free-space warnings.
+TYPICAL_INSTANCE_BYTES = 300 * 1024 * 1024
+
+
+class CacheDir:
+    """Paths inside one cache folder, and the operations that keep it consistent."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(os.path.expanduser(root)))
+        self._lock_file: IO[str] | None = None
+
+    @property
+    def index_path(self) -> Path:
+        """index.json."""
+        return self.root / INDEX_NAME
+
+    @property
+    def failures_path(self) -> Path:
+        """failures.json: the reason of every failed entry of the last run."""
+        return self.root / FAILURES_NAME
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Where work in progress lives; nothing here is ever complete."""
+        return self.root / TMP_DIR_NAME
+
+    @property
+    def meta_dir(self) -> Path:
+        """Per-instance metadata, beside (never inside) the instance folders."""
+        return self.root / META_DIR_NAME
+
+    def instance_path(self, instance_id: str) -> Path:
+        """The final folder of one instance."""
+        return self.root / instance_id
+
+    def check_usable(self) -> None:
+        """Create the folder if its parent exists; raise SetupError when it cannot be written."""
+        if not self.root.exists():
+            if not self.root.parent.is_dir():
+                raise SetupError(
+                    f"cache folder {self.root} cannot be created: its parent "
+                    f"{self.root.parent} does not exist; create it or choose another --cache_dir"
+                )
+            try:
+                self.root.mkdir()
+            except OSError as exc:
+                raise SetupError(
+                    f"cache folder {self.root} cannot be created ({exc.strerror}); "
+                    "choose another --cache_dir"
+                ) from None
+        if not self.root.is_dir():
+            raise SetupError(f"cache folder {self.root} is not a directory")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise SetupError(
+                f"cache folder {self.root} is not writable by this user; "
+                "fix its permissions or choose another --cache_dir"
+            )
+
+    def lock(self) -> None:
+        """Take the folder's exclusive lock or raise CacheLocked naming the holder."""
+        path = self.root / LOCK_NAME
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheLocked(
+                f"cache folder {self.root} is in use by process {holder}; wait for that "
+                "run to finish or use another --cache_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        """Release the lock (the kernel also releases it when the process dies)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def free_bytes(self) -> int:
+        """Bytes free for this user on the cache folder's filesystem."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def has_free_space(self, needed: int = MIN_FREE_BYTES) -> bool:
+        """True when at least ``needed`` bytes are free (after a moment for deletions to land)."""
+        return self.free_bytes() >= needed
+
+    def remove_stale_work(self) -> int:
+        """Delete every leftover work-in-progress folder; return how many there were."""
+        if not self.tmp_dir.exists():
+            self.tmp_dir.mkdir()
+            return 0
+        stale = list(self.tmp_dir.iterdir())
+        for path in stale:
+            remove_tree(path)
+        return len(stale)
+
+    def new_work_dir(self, instance_id: str) -> Path:
+        """A fresh, empty folder under .tmp for one extraction."""
+        path = self.tmp_dir / f"{instance_id}.{secrets.token_hex(4)}"
+        path.mkdir(parents=False)
+        return path
+
+    def publish(self, work_dir: Path, instance_id: str) -> Path:
+        """Give a complete folder its final name, replacing an older one atomically enough.
+
+        The final name never points at a partial tree: an existing folder is first moved
+        into .tmp (so a crash leaves it to the stale-work sweep), then the new one is renamed.
+        """
+        final = self.instance_path(instance_id)
+        old: Path | None = None
+        if final.exists() or final.is_symlink():
+            old = self.tmp_dir / f"{instance_id}.old.{secrets.token_hex(4)}"
+            os.rename(final, old)
+        os.rename(work_dir, final)
+        fsync_dir(self.root)
+        if old is not None:
+            remove_tree(old)
+        return final
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or folder tree without following symlinks; read-only dirs included."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+
+    def make_writable_and_retry(func: object, name: str, _exc: object) -> None:
+        parent = os.path.dirname(name)
+        os.chmod(parent, 0o700)
+        if os.path.isdir(name) and not os.path.islink(name):
+            os.chmod(name, 0o700)
+            shutil.rmtree(name, onerror=make_writable_and_retry)
+        else:
+            os.unlink(name)
+
+    shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def resolve_instance_path(cache_dir: Path, record: Mapping[str, Any]) -> Path:
+    """The recorded ``cache_path`` when it exists, else the instance's folder in ``cache_dir``."""
+    recorded = Path(str(record.get("cache_path", "")))
+    if not recorded.is_absolute():
+        recorded = cache_dir / recorded
+    if str(record.get("cache_path", "")) and os.path.isdir(recorded):
+        return recorded
+    return cache_dir / str(record["instance_id"])

@@ -1,0 +1,5 @@
+"""Caching as a command: the run (default) and the maintenance commands."""
+
+from asynccache.cli.run import main
+
+__all__ = ["main"]

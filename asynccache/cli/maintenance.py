@@ -1,0 +1,157 @@
+"""Command line of the maintenance commands: ``verify`` and ``status`` of a cache folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from asynccache import config
+from asynccache.cache.verify import cache_status, format_status, format_verify, verify_cache
+from asynccache.errors import CacheError
+
+__all__ = [
+    "COMMANDS",
+    "add_status_parser",
+    "add_verify_parser",
+    "build_parser",
+    "main",
+    "run_status",
+    "run_verify",
+]
+
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
+
+#: The first words of ``python -m asynccache`` that select a maintenance command.
+COMMANDS = ("verify", "status")
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _cache_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache_dir",
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"cache folder (default {config.repo_cache_dir}, env ASYNCCACHE_CACHE_DIR)",
+    )
+
+
+def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``verify`` command (its handler is ``args.func``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "verify",
+        help="check every cached tree against index.json (exit 1 when one is damaged)",
+        description="Check every indexed instance: folder present, file count and size as "
+        "recorded; with --deep, content against the digest recorded at extraction.",
+    )
+    _cache_dir_flag(parser)
+    parser.add_argument(
+        "--deep", action="store_true", help="also hash every file and compare digests"
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop damaged and missing instances from index.json so the next run re-extracts",
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="parallel checks (default: cores)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run_verify)
+    return parser
+
+
+def add_status_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``status`` command (its handler is ``args.func``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "status",
+        help="cached, missing and failed counts, total size, per repository",
+        description="Count cached, missing and failed instances of a cache folder, optionally "
+        "against a dataset split.",
+    )
+    _cache_dir_flag(parser)
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="count against this dataset (Hub id or local folder) instead of the index",
+    )
+    parser.add_argument("--split", default=config.dataset_split, help="dataset split")
+    parser.add_argument(
+        "--max_entries", "--max-entries", type=int, default=None, help="first N rows only"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run_status)
+    return parser
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir is not None else config.default_cache_dir()
+
+
+def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except CacheError as exc:
+        print(f"asynccache: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Run ``verify``; 0 healthy, 1 something missing or damaged (even if repaired), 2 error."""
+
+    def run(args: argparse.Namespace) -> int:
+        report = verify_cache(_cache_dir(args), deep=args.deep, repair=args.repair, jobs=args.jobs)
+        if args.json:
+            data: dict[str, Any] = dataclasses.asdict(report)
+            data["healthy"] = report.healthy
+            print(json.dumps(data, indent=2))
+        else:
+            print(format_verify(report))
+        return report.exit_code
+
+    return _guarded(run, args)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Run ``status``; 0, or 2 on an error."""
+
+    def run(args: argparse.Namespace) -> int:
+        rows = None
+        if args.dataset is not None:
+            from asynccache.api import dataset_rows
+
+            rows = dataset_rows(args.dataset, args.split, args.max_entries)
+        report = cache_status(_cache_dir(args), rows)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(report), indent=2))
+        else:
+            print(format_status(report))
+        return EXIT_OK
+
+    return _guarded(run, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser of the maintenance commands alone."""
+    parser = argparse.ArgumentParser(
+        prog="asynccache", description="Maintenance commands of a cache folder."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    add_verify_parser(subparsers)
+    add_status_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``verify ...`` or ``status ...`` and run it; return the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Command line: arguments, logging, progress, exit codes; no business logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from asynccache import config
+from asynccache.api import dataset_rows, open_pipeline
+from asynccache.cache.index import read_index
+from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
+from asynccache.cli import maintenance as maintenance_cli
+from asynccache.cli.progress import ProgressReporter
+from asynccache.config import CacheOptions
+from asynccache.entries import count_rows, entry_from_row, iterate_in_thread
+from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
+from asynccache.pipeline import Pipeline, Summary
+
+log = logging.getLogger("asynccache")
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _flag(name: str) -> list[str]:
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    return spellings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m asynccache``."""
+    parser = _Parser(
+        prog="asynccache",
+        description="Cache /testbed of every R2E-Gym image into a folder, concurrently and safely.",
+        epilog="Maintenance: `asynccache verify --cache_dir DIR [--deep] [--repair]` and "
+        "`asynccache status --cache_dir DIR [--dataset D --split S]`.",
+    )
+    parser.add_argument(
+        *_flag("cache_dir"),
+        type=Path,
+        default=None,
+        help=f"cache folder (default {config.repo_cache_dir}, env ASYNCCACHE_CACHE_DIR)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=config.dataset_name,
+        help="Hugging Face dataset id or a local copy's folder (data/{split}-*.parquet)",
+    )
+    parser.add_argument(
+        "--split", default=config.dataset_split, help="dataset split (default train)"
+    )
+    parser.add_argument(
+        *_flag("max_entries"), type=int, default=None, help="take the first N rows only"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=config.concurrency, help="parallel workers"
+    )
+    parser.add_argument(
+        *_flag("skip_existing"),
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip entries already cached (default on; --no-skip_existing re-extracts)",
+    )
+    parser.add_argument(
+        *_flag("skip_pull"), action="store_true", help="never pull; use local images only"
+    )
+    parser.add_argument(
+        *_flag("keep_images"),
+        action="store_true",
+        help="keep images this run pulled (default: remove them after extraction)",
+    )
+    parser.add_argument(
+        *_flag("dry_run"),
+        action="store_true",
+        help="list what would be cached; needs no Docker daemon",
+    )
+    parser.add_argument(
+        *_flag("cp_timeout"),
+        type=float,
+        default=config.cp_timeout,
+        help="seconds allowed to copy one /testbed out (default 120)",
+    )
+    parser.add_argument(
+        *_flag("pull_timeout"),
+        type=float,
+        default=config.pull_timeout,
+        help="seconds allowed for one pull (default 600)",
+    )
+    parser.add_argument(
+        *_flag("rate_limit_max_wait"),
+        type=float,
+        default=config.rate_limit_max_wait,
+        help="seconds to wait out a registry's rate limit before failing the "
+        "remaining entries (default 21600, Docker Hub's window)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("docker", "registry"),
+        default="docker",
+        help="docker: through a Docker daemon (default); registry: read image "
+        "layers straight from the registry, no daemon needed",
+    )
+    parser.add_argument(
+        "--platform",
+        default="linux/amd64",
+        help="with --backend registry: platform to pick from multi-platform images",
+    )
+    parser.add_argument(
+        *_flag("insecure_registry"),
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="with --backend registry: reach this registry over plain HTTP "
+        "(loopback registries always are); repeatable",
+    )
+    parser.add_argument(
+        *_flag("registry_mirror"),
+        default=None,
+        metavar="URL",
+        help="with --backend registry: pull Docker Hub images through this pull-through mirror",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only")
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    if not verbose:
+        for noisy in ("datasets", "huggingface_hub", "fsspec", "filelock", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.concurrency < 1:
+        raise SetupError("--concurrency must be at least 1")
+    if args.max_entries is not None and args.max_entries < 0:
+        raise SetupError("--max_entries must not be negative")
+    if args.cp_timeout <= 0 or args.pull_timeout <= 0:
+        raise SetupError("--cp_timeout and --pull_timeout must be positive")
+
+
+async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
+    """Print each entry that would be cached and how many are cached already."""
+    try:
+        records = read_index(CacheDir(cache_dir).index_path)
+    except IndexCorrupt as exc:
+        print(f"note: index.json is damaged ({exc}); a real run would set it aside and rebuild it")
+        records = {}
+    cache = CacheDir(cache_dir)
+    todo = cached = invalid = 0
+    row_number = 0
+    async for row in iterate_in_thread(dataset_rows(args.dataset, args.split, args.max_entries)):
+        row_number += 1
+        try:
+            entry = entry_from_row(row, row_number)
+        except InvalidEntry as exc:
+            invalid += 1
+            print(f"invalid  {exc}")
+            continue
+        if (
+            args.skip_existing
+            and entry.instance_id in records
+            and cache.instance_path(entry.instance_id).is_dir()
+        ):
+            cached += 1
+            continue
+        todo += 1
+        print(f"would cache  {entry.instance_id}  {entry.docker_image}")
+    print(
+        f"Dry run: {todo} to cache, {cached} already cached, {invalid} invalid rows; "
+        f"cache {cache.root}"
+    )
+    return EXIT_OK
+
+
+def print_summary(summary: Summary) -> None:
+    """The final lines of a run."""
+    for note in summary.notes:
+        print(f"note: {note}")
+    for outcome in summary.failures:
+        print(f"FAILED {outcome.instance_id}: {outcome.reason}", file=sys.stderr)
+    cache = CacheDir(Path(summary.cache_dir))
+    print(
+        f"Done: {summary.cached} cached, {summary.skipped} skipped, {summary.failed} failed "
+        f"in {summary.seconds:.1f} s; index {cache.index_path}; "
+        f"{summary.cached_bytes / (1024 * 1024):.1f} MiB extracted"
+    )
+    if summary.failed:
+        print(f"Failure reasons: {cache.failures_path}")
+    if summary.stopped:
+        print(f"Stopped early: {summary.stopped}; rerun to finish (cached entries are kept)")
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the caching job for parsed arguments; return the exit code."""
+    _validate(args)
+    log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
+    cache_dir = Path(args.cache_dir) if args.cache_dir is not None else config.default_cache_dir()
+    if args.dry_run:
+        return await dry_run(args, cache_dir)
+    total = count_rows(args.dataset, args.split)
+    if total is not None and args.max_entries is not None:
+        total = min(total, args.max_entries)
+    rows = iterate_in_thread(dataset_rows(args.dataset, args.split, args.max_entries))
+    options = CacheOptions(
+        cache_dir=cache_dir,
+        concurrency=args.concurrency,
+        skip_existing=args.skip_existing,
+        skip_pull=args.skip_pull,
+        keep_images=args.keep_images,
+        pull_timeout=args.pull_timeout,
+        cp_timeout=args.cp_timeout,
+        rate_limit_max_wait=args.rate_limit_max_wait,
+        backend=args.backend,
+        platform=args.platform,
+        insecure_registries=tuple(args.insecure_registry),
+        registry_mirror=args.registry_mirror,
+    )
+    reporter = ProgressReporter(total=total, live=sys.stderr.isatty() and not args.quiet)
+    signalled: list[int] = []
+    async with anyio.create_task_group() as tg:
+        holder: list[Pipeline] = []
+        tg.start_soon(_watch_signals, holder, signalled, tg.cancel_scope)
+        with reporter:
+            async with open_pipeline(
+                options, on_outcome=reporter.update, on_status=reporter.set_status
+            ) as pipeline:
+                holder.append(pipeline)
+                if signalled:
+                    pipeline.stop(f"stopped by {signal.Signals(signalled[0]).name}")
+                _warn_if_disk_small(pipeline, total)
+                summary = await pipeline.run(rows)
+        print_summary(summary)
+        tg.cancel_scope.cancel()
+    # Removing the loop's handler may leave SIGINT at SIG_DFL; make it an exception again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signalled:
+        return 128 + signalled[0]
+    return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+async def _watch_signals(
+    holder: list[Pipeline], signalled: list[int], scope: anyio.CancelScope
+) -> None:
+    """First SIGINT/SIGTERM: stop cleanly. A second SIGINT: leave at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if signalled and signum == signal.SIGINT:
+                print("asynccache: second interrupt, leaving now", file=sys.stderr)
+                os._exit(128 + signum)
+            if signalled:
+                continue
+            signalled.append(signum)
+            name = signal.Signals(signum).name
+            print(
+                f"asynccache: {name}: stopping; cleaning up (press Ctrl-C again to leave now)",
+                file=sys.stderr,
+            )
+            if holder:
+                holder[0].stop(f"stopped by {name}")
+
+
+def _warn_if_disk_small(pipeline: Pipeline, total: int | None) -> None:
+    todo = total if total is not None else 1
+    needed = min(todo, pipeline.options.concurrency * 4) * TYPICAL_INSTANCE_BYTES
+    free = pipeline.cache.free_bytes()
+    if free < needed:
+        log.warning(
+            "only %.1f GiB free in %s; a /testbed takes ~%d MiB, so this run may fill the disk",
+            free / 2**30,
+            pipeline.cache.root,
+            TYPICAL_INSTANCE_BYTES // 2**20,
+        )
+
+
+def _backend_options() -> dict[str, object]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``asynccache`` command."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in maintenance_cli.COMMANDS:
+        return maintenance_cli.main(arguments)
+    args = build_parser().parse_args(arguments)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        code = anyio.run(run, args, backend="asyncio", backend_options=_backend_options())
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except (CacheError, BaseExceptionGroup) as exc:
+        error = _cache_error(exc)
+        if error is None:
+            raise
+        print(f"asynccache: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if code > 128:
+        # Stopped by a signal: everything is written; skip the interpreter's slow teardown,
+        # during which a further Ctrl-C would kill the process without our exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _cache_error(exc: BaseException) -> CacheError | None:
+    """The CacheError behind ``exc``, looking inside exception groups."""
+    if isinstance(exc, CacheError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cache_error(inner)
+            if found is not None:
+                return found
+    return None

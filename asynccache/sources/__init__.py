@@ -1,0 +1,1 @@
+"""Where /testbed bytes come from: the Docker daemon or a registry, behind one protocol."""

@@ -1,0 +1,369 @@
+"""The only module that talks to Docker: pull, create, stream /testbed, remove."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiodocker
+import aiohttp
+import anyio
+
+from asynccache.config import CONTAINER_LABEL
+from asynccache.entries import Entry
+from asynccache.errors import (
+    CacheError,
+    DaemonUnavailable,
+    ImageNotFound,
+    NoTestbed,
+    PullFailed,
+    RateLimited,
+    TransferFailed,
+    Unauthorized,
+)
+from asynccache.sources.credentials import registry_auth_header
+from asynccache.sources.ratelimit import PullGate
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+CREATE_TIMEOUT = 120.0
+_NOT_FOUND_MARKERS = ("manifest unknown", "not found", "does not exist", "no such image")
+_AUTH_MARKERS = ("unauthorized", "authentication required", "denied")
+_RATE_MARKERS = ("toomanyrequests", "too many requests", "rate limit")
+
+
+def daemon_address() -> str:
+    """The daemon address we try: DOCKER_HOST, else the default socket."""
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def classify_pull_error(image: str, message: str, status: int = 0) -> CacheError:
+    """Turn a daemon's pull error message into a domain error.
+
+    Markers are looked for in the message with the image reference taken out, so that a
+    name or a port (``127.0.0.1:42909``, ``ratelimit/app``) never decides the kind of error.
+    """
+    lowered = _without_references(message, image).lower()
+    if status == 429 or any(marker in lowered for marker in _RATE_MARKERS):
+        return RateLimited(image, message)
+    if "pull access denied" in lowered or "repository does not exist" in lowered:
+        return ImageNotFound(image, f"{message} (check the name, or `docker login`)")
+    if status == 404 or any(marker in lowered for marker in _NOT_FOUND_MARKERS):
+        return ImageNotFound(image, message)
+    if status == 401 or any(marker in lowered for marker in _AUTH_MARKERS):
+        return Unauthorized(image, message)
+    return PullFailed(image, message)
+
+
+def _without_references(message: str, image: str) -> str:
+    repository = split_reference(image)[0]
+    for reference in sorted(
+        {image, repository, repository.split("/", 1)[-1]}, key=len, reverse=True
+    ):
+        message = message.replace(reference, "<image>")
+    return message
+
+
+def container_name(instance_id: str) -> str:
+    """A fresh container name for an entry, so that a create whose answer was lost is found."""
+    readable = re.sub(r"[^a-zA-Z0-9_.-]", "-", instance_id)[:80]
+    return f"asynccache-{readable}-{secrets.token_hex(4)}"
+
+
+def split_reference(image: str) -> tuple[str, str | None]:
+    """(repository, tag) for the pull API; a digest stays in the repository part."""
+    if "@" in image:
+        return image, None
+    name, sep, tag = image.rpartition(":")
+    if sep and "/" not in tag:
+        return name, tag
+    return image, "latest"
+
+
+class DockerBackend:
+    """Reads /testbed archives out of images through a Docker daemon."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        pull_timeout: float = 600.0,
+        skip_pull: bool = False,
+        keep_images: bool = False,
+        testbed_path: str = "/testbed",
+        pull_gate: PullGate | None = None,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.pull_timeout = pull_timeout
+        self.skip_pull = skip_pull
+        self.keep_images = keep_images
+        self.testbed_path = testbed_path
+        self.address = daemon_address()
+        self._docker: aiodocker.Docker | None = None
+        self._pulled_by_us: set[str] = set()
+        self._hold = RepositoryHold()
+        self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
+
+    async def __aenter__(self) -> DockerBackend:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            for image in self._hold.drain():
+                await self.remove_image(image)
+        finally:
+            await self.close()
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        """The open client (connect first)."""
+        if self._docker is None:
+            raise RuntimeError("DockerBackend is not connected")
+        return self._docker
+
+    async def connect(self) -> None:
+        """Open the client and check that the daemon answers; raise DaemonUnavailable if not."""
+        try:
+            self._docker = aiodocker.Docker()
+        except (ValueError, OSError, aiodocker.DockerError) as exc:
+            raise DaemonUnavailable(self.address, str(exc)) from None
+        try:
+            await self.ping()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def ping(self) -> None:
+        """Raise DaemonUnavailable unless the daemon answers."""
+        try:
+            with anyio.fail_after(30):
+                await self.docker.version()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise DaemonUnavailable(self.address, _short(exc)) from None
+
+    async def close(self) -> None:
+        """Close the client."""
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    @asynccontextmanager
+    async def _translate(self, image: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except aiodocker.DockerError as exc:
+            if exc.status == 900:
+                raise DaemonUnavailable(self.address, _short(exc)) from None
+            raise classify_pull_error(image, str(exc.message), exc.status) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+            raise DaemonUnavailable(self.address, _short(exc)) from None
+
+    async def image_present(self, image: str) -> bool:
+        """True when the daemon has ``image`` locally."""
+        try:
+            async with self._translate(image):
+                await self.docker.images.inspect(image)
+        except ImageNotFound:
+            return False
+        return True
+
+    async def pull(self, image: str) -> None:
+        """Pull ``image`` with credentials from the docker config; errors become domain errors."""
+        repository, tag = split_reference(image)
+        params = {"fromImage": repository}
+        if tag:
+            params["tag"] = tag
+        headers = {"X-Registry-Auth": registry_auth_header(image) or "e30="}
+        try:
+            with anyio.fail_after(self.pull_timeout):
+                async with (
+                    self._translate(image),
+                    self.docker._query(
+                        "images/create",
+                        "POST",
+                        params=params,
+                        headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+                    ) as response,
+                ):
+                    async for line in response.content:
+                        _raise_on_stream_error(image, line)
+        except TimeoutError:
+            raise PullFailed(image, f"timed out after {self.pull_timeout:.0f} s") from None
+        if not await self.image_present(image):
+            raise PullFailed(image, "the pull ended but the image is not present")
+
+    async def ensure_image(self, image: str) -> None:
+        """Make ``image`` present locally: pull it unless present (never with skip_pull)."""
+        if await self.image_present(image):
+            return
+        if self.skip_pull:
+            raise ImageNotFound(image, "not present locally and --skip_pull is set")
+        while True:
+            await self.pull_gate.wait_open(image)
+            try:
+                await self.pull(image)
+            except RateLimited as exc:
+                self.pull_gate.limited(exc)
+                continue
+            self.pull_gate.succeeded()
+            break
+        self._pulled_by_us.add(image)
+
+    async def create_container(self, entry: Entry) -> str:
+        """Create (never start) a labelled container of the entry's image; return its id."""
+        config: dict[str, Any] = {
+            "Image": entry.docker_image,
+            "Cmd": ["/testbed-never-started"],
+            "Entrypoint": [],
+            "Labels": {
+                CONTAINER_LABEL: str(self.cache_dir),
+                "io.asynccache.instance_id": entry.instance_id,
+            },
+            "NetworkDisabled": True,
+            "HostConfig": {"NetworkMode": "none"},
+        }
+        name = container_name(entry.instance_id)
+        try:
+            # Shielded: a create cancelled in flight could still finish in the daemon
+            # after we gave up on it, leaving a container nobody knows the id of.
+            with anyio.CancelScope(shield=True), anyio.fail_after(CREATE_TIMEOUT):
+                async with self._translate(entry.docker_image):
+                    container = await self.docker.containers.create(config, name=name)
+        except BaseException:
+            await self.remove_container(name)
+            raise
+        return str(container.id)
+
+    async def remove_container(self, container_id: str) -> None:
+        """Force-remove a container; shielded so that cancellation cannot leak it."""
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self._translate(container_id):
+                    await self.docker._query_json(
+                        f"containers/{container_id}", "DELETE", params={"force": "1", "v": "1"}
+                    )
+            except ImageNotFound:
+                pass
+            except CacheError as exc:
+                log.warning("could not remove container %s: %s", container_id[:12], exc)
+
+    async def remove_image(self, image: str) -> None:
+        """Remove an image this run pulled (unless keep_images); failures only warn."""
+        if self.keep_images or image not in self._pulled_by_us:
+            return
+        self._pulled_by_us.discard(image)
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self._translate(image):
+                    await self.docker.images.delete(image, force=True)
+            except CacheError as exc:
+                log.warning("could not remove image %s: %s", image, exc)
+
+    async def remove_leaked_containers(self) -> int:
+        """Remove containers left by an earlier run on this cache folder; return how many."""
+        label = f"{CONTAINER_LABEL}={self.cache_dir}"
+        async with self._translate("containers"):
+            leaked = await self.docker.containers.list(all=True, filters={"label": [label]})
+        for container in leaked:
+            await self.remove_container(str(container.id))
+        return len(leaked)
+
+    async def prepare(self, entry: Entry) -> None:
+        """Pull the entry's image if needed (before an extraction slot is taken)."""
+        await self.ensure_image(entry.docker_image)
+
+    @asynccontextmanager
+    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Yield the tar bytes of the image's /testbed; the container is removed on exit."""
+        await self.ensure_image(entry.docker_image)
+        container_id = await self.create_container(entry)
+        try:
+            path = quote(self.testbed_path, safe="/")
+            try:
+                async with self._translate(entry.docker_image):
+                    response = await self.docker._do_query(
+                        f"containers/{container_id}/archive?path={path}",
+                        "GET",
+                        headers={"Accept-Encoding": "identity"},
+                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+                    )
+            except ImageNotFound:
+                raise NoTestbed(entry.docker_image, self.testbed_path) from None
+            try:
+                yield _iter_body(response)
+            finally:
+                response.close()
+        finally:
+            await self.remove_container(container_id)
+
+    async def after_extraction(self, entry: Entry) -> None:
+        """Release the entry's image when this run pulled it (see RepositoryHold)."""
+        image = entry.docker_image
+        if self.keep_images or image not in self._pulled_by_us:
+            return
+        older = self._hold.done_with(image)
+        if older is not None:
+            await self.remove_image(older)
+
+
+class RepositoryHold:
+    """Which pulled images to remove when, keeping the newest image of each repository.
+
+    Images of one repository share their base layers: the newest finished image of a
+    repository stays until the next one of that repository is done, so the pulls in between
+    find the shared layers present. The rest go at the end of the run.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+
+    def done_with(self, image: str) -> str | None:
+        """Hold ``image`` for its repository; return the older image it replaces, if any."""
+        repository = split_reference(image)[0].split("@")[0]
+        previous = self._held.get(repository)
+        self._held[repository] = image
+        return previous if previous != image else None
+
+    def drain(self) -> list[str]:
+        """Every image still held (the run is over)."""
+        images = list(self._held.values())
+        self._held.clear()
+        return images
+
+
+async def _iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+            yield chunk
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+        raise TransferFailed(f"archive stream broke: {_short(exc)}") from None
+
+
+def _raise_on_stream_error(image: str, line: bytes) -> None:
+    line = line.strip()
+    if not line:
+        return
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return
+    if isinstance(message, dict) and (message.get("error") or message.get("errorDetail")):
+        detail = message.get("errorDetail") or {}
+        text = detail.get("message") or message.get("error") or "unknown error"
+        raise classify_pull_error(image, str(text), int(detail.get("code") or 0))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,1 @@
+"""The registry source: client, auth, manifests, the layer store, compression."""

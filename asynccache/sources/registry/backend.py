@@ -1,0 +1,179 @@
+"""The registry backend: /testbed read straight from image layers, no Docker daemon needed."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import anyio
+import anyio.to_thread
+
+from asynccache.entries import Entry
+from asynccache.errors import NoTestbed, RateLimited, SetupError
+from asynccache.sources.ratelimit import PullGate
+from asynccache.sources.registry.client import (
+    CredentialsLookup,
+    Descriptor,
+    ImageManifest,
+    RegistryClient,
+    parse_platform,
+    parse_reference,
+)
+from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LAYERS_DIR_NAME, LayerStore
+from asynccache.tree.extract import ExtractResult, LayerTree
+
+log = logging.getLogger(__name__)
+
+#: Seconds allowed to connect, and between two reads of one response.
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 120.0
+
+
+class RegistryBackend:
+    """A TreeSource that applies an image's layers, fetched from its registry, into a folder."""
+
+    def __init__(
+        self,
+        cache_root: Path,
+        *,
+        platform: str = "linux/amd64",
+        insecure_registries: Iterable[str] = (),
+        registry_mirror: str | None = None,
+        pull_gate: PullGate | None = None,
+        testbed_path: str = "/testbed",
+        layer_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        credentials: CredentialsLookup | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        try:
+            self.platform = parse_platform(platform)
+        except ValueError as exc:
+            raise SetupError(f"--platform: {exc}") from None
+        self.root = testbed_path.strip("/")
+        if not self.root:
+            raise SetupError("the testbed path must name a folder")
+        self.testbed_path = "/" + self.root
+        self.insecure_registries = tuple(insecure_registries)
+        self.registry_mirror = registry_mirror
+        self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
+        folder = Path(cache_root) / LAYERS_DIR_NAME if layer_cache_bytes > 0 else None
+        self.layers = LayerStore(folder, root=self.root, max_bytes=layer_cache_bytes)
+        self._credentials = credentials
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._client: RegistryClient | None = None
+        self._manifests: dict[str, ImageManifest] = {}
+        self._manifest_locks: dict[str, anyio.Lock] = {}
+
+    async def __aenter__(self) -> RegistryBackend:
+        await anyio.to_thread.run_sync(self.layers.open)
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            auto_decompress=False,
+            trust_env=True,
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=16),
+        )
+        self._client = RegistryClient(
+            self._session,
+            insecure_registries=self.insecure_registries,
+            registry_mirror=self.registry_mirror,
+            credentials=self._credentials,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        layers = self.layers
+        log.info(
+            "registry backend: %d bytes downloaded; layers fetched %d, from cache %d, "
+            "skipped as holding no %s %d",
+            self.bytes_downloaded,
+            layers.fetches,
+            layers.cache_hits,
+            self.testbed_path,
+            layers.skipped,
+        )
+
+    @property
+    def client(self) -> RegistryClient:
+        """The open registry client (enter the backend first)."""
+        if self._client is None:
+            raise RuntimeError("RegistryBackend is not open")
+        return self._client
+
+    @property
+    def bytes_downloaded(self) -> int:
+        """Bytes of manifests and compressed layers fetched from registries so far."""
+        return self._client.bytes_downloaded if self._client is not None else 0
+
+    async def manifest(self, image: str) -> ImageManifest:
+        """The image's manifest for the platform, fetched once (all pulls pause on rate limits)."""
+        known = self._manifests.get(image)
+        if known is not None:
+            return known
+        lock = self._manifest_locks.setdefault(image, anyio.Lock())
+        async with lock:
+            known = self._manifests.get(image)
+            if known is not None:
+                return known
+            ref = parse_reference(image)
+            while True:
+                await self.pull_gate.wait_open(image)
+                try:
+                    found = await self.client.resolve(ref, self.platform)
+                except RateLimited as exc:
+                    self.pull_gate.limited(exc)
+                    continue
+                self.pull_gate.succeeded()
+                break
+            self._manifests[image] = found
+            return found
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
+        """Apply the image's layers in order into the empty folder dest; keep only /testbed."""
+        image = entry.docker_image
+        manifest = await self.manifest(image)
+        tree = LayerTree(dest, root=self.root, keep_hashes=True)
+        for layer in manifest.layers:
+            await self.layers.apply(
+                tree,
+                image,
+                layer.digest,
+                layer.size,
+                functools.partial(self._blob, image, manifest, layer),
+            )
+        if not tree.present:
+            raise NoTestbed(image, self.testbed_path)
+        return await anyio.to_thread.run_sync(tree.finish)
+
+    @asynccontextmanager
+    async def _blob(
+        self, image: str, manifest: ImageManifest, layer: Descriptor
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The chunks of one layer blob (waiting while the registry's rate limit lasts)."""
+        while True:
+            await self.pull_gate.wait_open(image)
+            try:
+                response = await self.client.open_blob(manifest, layer.digest)
+            except RateLimited as exc:
+                self.pull_gate.limited(exc)
+                continue
+            break
+        try:
+            yield self.client.iter_blob(response)
+        finally:
+            response.close()
+
+    async def after_extraction(self, entry: Entry) -> None:
+        """Forget the entry's manifest once the entry is done."""
+        self._manifests.pop(entry.docker_image, None)
+        self._manifest_locks.pop(entry.docker_image, None)

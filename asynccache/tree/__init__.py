@@ -1,0 +1,1 @@
+"""Tar streams into folders, safely: parsing, members, OCI layer rules, writing, digests."""

@@ -1,0 +1,128 @@
+"""Content digests of cached trees, recorded at extraction as ``.meta/<id>.digest``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from asynccache.config import META_DIR_NAME
+from asynccache.tree.writer import FileHash, identity_of
+
+__all__ = [
+    "DIGEST_SUFFIX",
+    "digest_of_lines",
+    "digest_path",
+    "entry_line",
+    "read_digest",
+    "remove_digest",
+    "tree_digest",
+    "write_digest",
+]
+
+DIGEST_SUFFIX = ".digest"
+_BLOCK = 1 << 20
+
+
+def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> str:
+    """sha256 (hex) over the sorted (path, type, mode, content sha256 or link target) list.
+
+    The root itself, times, owners and hard-link structure are left out, so a faithful copy
+    of a tree has the tree's digest. ``known`` gives content hashes taken while the files
+    were written, by relative path; each is used only while the file's inode, size and
+    mtime are still those it was taken with, else the file is read.
+    """
+    known = known or {}
+    top = os.fsencode(path)
+    lines: list[bytes] = []
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(top, rel) if rel else top) as entries:
+            for entry in entries:
+                name = os.path.join(rel, entry.name) if rel else entry.name
+                info = entry.stat(follow_symlinks=False)
+                hashed = known.get(name)
+                if (
+                    hashed is not None
+                    and stat.S_ISREG(info.st_mode)
+                    and hashed[0] == identity_of(info)
+                ):
+                    kind, detail = b"f", hashed[1].encode()
+                else:
+                    kind, detail = _describe(entry.path, info)
+                mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
+                lines.append(entry_line(name, kind, mode, detail))
+                if kind == b"d":
+                    stack.append(name)
+    return digest_of_lines(lines)
+
+
+def entry_line(name: bytes, kind: bytes, mode: int, detail: bytes) -> bytes:
+    """One entry's line in a tree digest: path, type, mode (0 for symlinks), hash or target."""
+    return b"\0".join((name, kind, b"%o" % mode, detail)) + b"\n"
+
+
+def digest_of_lines(lines: list[bytes]) -> str:
+    """The tree digest of its entries' lines, in any order (they are sorted here)."""
+    lines.sort()
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line)
+    return digest.hexdigest()
+
+
+def _describe(path: bytes, info: os.stat_result) -> tuple[bytes, bytes]:
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        return b"f", _file_sha256(path).encode()
+    if stat.S_ISDIR(mode):
+        return b"d", b""
+    if stat.S_ISLNK(mode):
+        return b"l", os.readlink(path)
+    if stat.S_ISFIFO(mode):
+        return b"p", b""
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return (b"c" if stat.S_ISCHR(mode) else b"b"), b"%d" % info.st_rdev
+    return b"s", b""
+
+
+def _file_sha256(path: bytes) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while block := os.read(fd, _BLOCK):
+            digest.update(block)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def digest_path(cache_dir: Path, instance_id: str) -> Path:
+    """Where the digest of one cached tree is kept: ``cache_dir/.meta/<id>.digest``."""
+    return Path(cache_dir) / META_DIR_NAME / f"{instance_id}{DIGEST_SUFFIX}"
+
+
+def write_digest(cache_dir: Path, instance_id: str, digest: str) -> None:
+    """Record a tree's digest (atomically), beside its metadata."""
+    path = digest_path(cache_dir, instance_id)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{digest}\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+def remove_digest(cache_dir: Path, instance_id: str) -> None:
+    """Forget a tree's digest (its folder is about to be replaced)."""
+    digest_path(cache_dir, instance_id).unlink(missing_ok=True)
+
+
+def read_digest(cache_dir: Path, instance_id: str) -> str | None:
+    """The recorded digest of a tree, or None when none was recorded."""
+    try:
+        text = digest_path(cache_dir, instance_id).read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return text or None

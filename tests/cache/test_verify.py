@@ -1,0 +1,235 @@
+"""verify and status: damage found, exit codes, repair, digests, counts per repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from asynccache.cache.index import load_and_repair, meta_path, read_index, write_json_atomic
+from asynccache.cache.layout import CacheDir
+from asynccache.cache.verify import (
+    cache_status,
+    digest_path,
+    format_status,
+    format_verify,
+    read_digest,
+    tree_digest,
+    verify_cache,
+)
+from asynccache.cli import maintenance as maintenance_cli
+from asynccache.errors import CacheLocked
+from asynccache.trainer.repo_cache import RepoCache
+from tests.support.cache_trees import build_sample_tree, cache_instance
+from tests.support.cli_runner import run_cli
+from tests.support.fixtures import row_for
+
+ALPHA, BETA, GAMMA = "alpha__aaaaaaaaaaaa", "beta__bbbbbbbbbbbb", "gamma__cccccccccccc"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """Three healthy instances with digests recorded."""
+    root = tmp_path / "cache"
+    cache_instance(root, "alpha", "a" * 40, digest=True)
+    cache_instance(root, "beta", "b" * 40, digest=True)
+    cache_instance(root, "gamma", "c" * 40, digest=True)
+    return root
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, timeout=120, module="asynccache.cli.maintenance")
+
+
+def test_a_healthy_cache_verifies(cache_dir: Path) -> None:
+    for deep in (False, True):
+        report = verify_cache(cache_dir, deep=deep)
+        assert report.healthy and report.exit_code == 0
+        assert report.ok == 3 and [c.instance_id for c in report.checks] == [ALPHA, BETA, GAMMA]
+        assert report.no_digest == []
+        assert all(check.digest_checked == deep for check in report.checks)
+    done = run("verify", "--cache_dir", cache_dir, "--deep")
+    assert done.returncode == 0, done.stderr
+    assert "3 ok, 0 damaged, 0 missing" in done.stdout
+
+
+def test_damage_is_reported(cache_dir: Path) -> None:
+    (cache_dir / ALPHA / "pkg" / "core.py").unlink()
+    core = cache_dir / BETA / "pkg" / "core.py"
+    core.write_bytes(core.read_bytes().replace(b"41", b"42"))
+    shutil.rmtree(cache_dir / GAMMA)
+
+    quick = verify_cache(cache_dir)
+    assert {c.instance_id: c.status for c in quick.problems} == {ALPHA: "damaged", GAMMA: "missing"}
+    assert "files" in quick.problems[0].detail
+    assert quick.exit_code == 1
+
+    deep = verify_cache(cache_dir, deep=True)
+    statuses = {c.instance_id: c.status for c in deep.problems}
+    assert statuses == {ALPHA: "damaged", BETA: "damaged", GAMMA: "missing"}
+    beta = next(c for c in deep.problems if c.instance_id == BETA)
+    assert "digest" in beta.detail
+    text = format_verify(deep)
+    assert "0 ok, 2 damaged, 1 missing" in text and "--repair" in text
+
+    done = run("verify", "--cache-dir", cache_dir)
+    assert done.returncode == 1
+    assert "1 ok, 1 damaged, 1 missing" in done.stdout
+    assert run("verify", "--cache_dir", cache_dir, "--deep").returncode == 1
+
+
+def test_deep_without_a_recorded_digest_says_so(cache_dir: Path) -> None:
+    digest_path(cache_dir, BETA).unlink()
+    core = cache_dir / BETA / "pkg" / "core.py"
+    core.write_bytes(core.read_bytes().replace(b"41", b"42"))
+    report = verify_cache(cache_dir, deep=True)
+    assert report.healthy
+    assert report.no_digest == [BETA]
+    assert "no digest recorded for 1 instances" in format_verify(report)
+
+
+def test_repair_drops_bad_instances_so_the_next_run_redoes_them(cache_dir: Path) -> None:
+    core = cache_dir / BETA / "pkg" / "core.py"
+    core.write_bytes(core.read_bytes().replace(b"41", b"42"))
+    shutil.rmtree(cache_dir / GAMMA)
+    done = run("verify", "--cache_dir", cache_dir, "--deep", "--repair")
+    assert done.returncode == 1, done.stderr
+    assert "dropped 2 instances" in done.stdout
+    assert list(read_index(cache_dir / "index.json")) == [ALPHA]
+    for instance_id in (BETA, GAMMA):
+        assert not meta_path(cache_dir, instance_id).exists()
+        assert read_digest(cache_dir, instance_id) is None
+    assert meta_path(cache_dir, ALPHA).exists() and read_digest(cache_dir, ALPHA)
+    records, notes = load_and_repair(cache_dir)
+    assert list(records) == [ALPHA] and notes == []
+    assert RepoCache(cache_dir).instance_ids == [ALPHA]
+    again = run("verify", "--cache_dir", cache_dir, "--deep")
+    assert again.returncode == 0 and "1 ok" in again.stdout
+
+
+def test_repair_refuses_while_a_run_holds_the_folder(cache_dir: Path) -> None:
+    shutil.rmtree(cache_dir / GAMMA)
+    holder = CacheDir(cache_dir)
+    holder.lock()
+    try:
+        with pytest.raises(CacheLocked):
+            verify_cache(cache_dir, repair=True)
+        done = run("verify", "--cache_dir", cache_dir, "--repair")
+        assert done.returncode == 2
+        assert "in use" in done.stderr and "Traceback" not in done.stderr
+    finally:
+        holder.unlock()
+    assert GAMMA in read_index(cache_dir / "index.json")
+
+
+def test_size_mb_is_used_when_size_bytes_is_absent(cache_dir: Path) -> None:
+    index = read_index(cache_dir / "index.json")
+    for record in index.values():
+        del record["size_bytes"]
+    write_json_atomic(cache_dir / "index.json", index)
+    assert verify_cache(cache_dir).healthy
+    (cache_dir / ALPHA / "pkg" / "data" / "blob.bin").write_bytes(b"")
+    report = verify_cache(cache_dir)
+    assert [c.instance_id for c in report.problems] == [ALPHA]
+    assert "MiB" in report.problems[0].detail
+
+
+def test_a_moved_cache_verifies(cache_dir: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    os.rename(cache_dir, moved)
+    assert verify_cache(moved, deep=True).healthy
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    done = run("verify", "--cache_dir", tmp_path / "absent")
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.json").write_text("{not json")
+    done = run("verify", "--cache_dir", tmp_path / "bad")
+    assert done.returncode == 2 and "not JSON" in done.stderr
+    assert run("status", "--cache_dir", tmp_path / "absent").returncode == 2
+    assert run("frobnicate").returncode == 2
+
+
+def test_tree_digest_sees_content_mode_and_links_but_not_times(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    build_sample_tree(one)
+    subprocess.run(["cp", "-a", str(one), str(two)], check=True)
+    for path in (two / "README.md", two / "pkg", two / "pkg" / "core.py"):
+        os.utime(path, ns=(0, 0))
+    reference = tree_digest(one)
+    assert len(reference) == 64 and tree_digest(two) == reference
+
+    def retarget() -> None:
+        os.unlink(two / "rel-link")
+        os.symlink("pkg/other.py", two / "rel-link")
+
+    changes: list[Callable[[], object]] = [
+        lambda: (two / "README.md").write_text("# sample\n\n"),
+        lambda: os.chmod(two / "setup.py", 0o755),
+        retarget,
+        lambda: (two / "empty-dir" / "nested-empty").rmdir(),
+        lambda: (two / "pkg" / "core.py").rename(two / "pkg" / "core2.py"),
+    ]
+    for change in changes:
+        shutil.rmtree(two)
+        subprocess.run(["cp", "-a", str(one), str(two)], check=True)
+        assert tree_digest(two) == reference
+        change()
+        assert tree_digest(two) != reference
+
+
+def test_status_counts_cached_missing_failed_per_repo(cache_dir: Path) -> None:
+    cache_instance(cache_dir, "alpha", "d" * 40)
+    shutil.rmtree(cache_dir / GAMMA)
+    failures = {
+        "delta__eeeeeeeeeeee": {"docker_image": "x/delta:e", "reason": "image not found"},
+        "alpha__ffffffffffff": {"docker_image": "x/alpha:f", "reason": "no /testbed"},
+    }
+    write_json_atomic(cache_dir / "failures.json", failures)
+    report = cache_status(cache_dir)
+    assert (report.cached, report.missing, report.failed) == (3, 1, 2)
+    index = read_index(cache_dir / "index.json")
+    cached_size = sum(index[key]["size_bytes"] for key in index if key != GAMMA)
+    assert report.size_bytes == cached_size
+    alpha = report.per_repo["alpha"]
+    assert (alpha.cached, alpha.missing, alpha.failed) == (2, 0, 1)
+    assert (report.per_repo["gamma"].missing, report.per_repo["delta"].failed) == (1, 1)
+    assert report.missing_ids == [GAMMA]
+    text = format_status(report)
+    assert "3 cached" in text and "1 missing" in text and "2 failed" in text
+    assert any(line.startswith("alpha") for line in text.splitlines())
+
+
+def test_status_against_dataset_rows(cache_dir: Path) -> None:
+    write_json_atomic(
+        cache_dir / "failures.json",
+        {"delta__eeeeeeeeeeee": {"docker_image": "x/delta:e", "reason": "image not found"}},
+    )
+    image = "127.0.0.1:5000/namanjain12/{}_final:{}"
+    rows = [
+        row_for(image.format("alpha", "a" * 40), "alpha", "a" * 40),
+        row_for(image.format("delta", "e" * 40), "delta", "e" * 40),
+        row_for(image.format("omega", "0" * 40), "omega", "0" * 40),
+        row_for(image.format("omega", "0" * 40), "omega", "0" * 40),
+        {**row_for(image.format("x", "1" * 40), "x", "1" * 40), "docker_image": "Not A Ref"},
+    ]
+    report = cache_status(cache_dir, rows)
+    assert (report.cached, report.missing, report.failed) == (1, 1, 1)
+    assert report.invalid_rows == 1 and report.not_in_rows == 2
+    assert report.missing_ids == ["omega__000000000000"]
+    assert "2 cached instances are not in the split" in format_status(report)
+
+
+def test_status_command(cache_dir: Path, tmp_path: Path) -> None:
+    done = run("status", "--cache_dir", cache_dir)
+    assert done.returncode == 0, done.stderr
+    assert "3 cached" in done.stdout and "beta" in done.stdout
+    as_json = run("status", "--cache_dir", cache_dir, "--json")
+    assert json.loads(as_json.stdout)["cached"] == 3
+    assert maintenance_cli.main(["verify", "--cache_dir", str(cache_dir), "--json"]) == 0

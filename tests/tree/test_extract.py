@@ -1,0 +1,1134 @@
+"""extract.py: fidelity with `docker cp`, hostile archives, the async bridge, tree_stats."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import io
+import os
+import random
+import stat
+import sys
+import tarfile
+import tempfile
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO, cast
+
+import anyio
+import pytest
+
+import asynccache.tree.extract as extract_module
+import asynccache.tree.tarstream as tarstream
+from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
+from asynccache.tree.digest import tree_digest
+from asynccache.tree.extract import ExtractResult, extract_stream, extract_tar, tree_stats
+
+MTIME = 1_600_000_000
+NS = 1_000_000_000
+END = b"\0" * 1024
+
+Member = tuple[tarfile.TarInfo, bytes]
+Extract = Callable[[bytes, Path], ExtractResult]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- building archives -------------------------------------------------------------------
+
+
+def reg(name: str, data: bytes = b"", mode: int = 0o644, mtime: int = MTIME) -> Member:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, mtime
+    return info, data
+
+
+def dirm(name: str, mode: int = 0o755, mtime: int = MTIME) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, mtime
+    return info, b""
+
+
+def sym(name: str, target: str, mtime: int = MTIME) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, mtime
+    return info, b""
+
+
+def hard(name: str, target: str) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mtime = tarfile.LNKTYPE, target, MTIME
+    return info, b""
+
+
+def special(name: str, kind: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = kind, 1, 3
+    return info, b""
+
+
+def build(*members: Member, fmt: int = tarfile.PAX_FORMAT, end: bool = True) -> bytes:
+    """A tar archive of members; without its end-of-archive marker when end is False."""
+    out = io.BytesIO()
+    with tarfile.open(
+        fileobj=out, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        without_end = out.getvalue()
+    return out.getvalue() if end else without_end
+
+
+def padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def raw_pax_member(records: bytes, member: Member) -> bytes:
+    """A pax extended header with raw records, then member (its name is a placeholder)."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(records)
+    info, data = member
+    return (
+        header.tobuf(tarfile.USTAR_FORMAT)
+        + padded(records)
+        + info.tobuf(tarfile.USTAR_FORMAT)
+        + padded(data)
+    )
+
+
+def fix_checksum(archive: bytearray, at: int) -> None:
+    block = archive[at : at + 512]
+    block[148:156] = b" " * 8
+    archive[at + 148 : at + 156] = b"%06o\0 " % sum(block)
+
+
+# --- running extractions -----------------------------------------------------------------
+
+
+class Trickle:
+    """A non-seekable stream that hands out small reads."""
+
+    def __init__(self, data: bytes, step: int = 4099) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._step = step
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._step if size < 0 else min(size, self._step)
+        chunk = bytes(self._data[self._pos : self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+
+async def chunked(data: bytes, size: int = 7001) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def run_tar(data: bytes, dest: Path) -> ExtractResult:
+    result = extract_tar(cast(BinaryIO, Trickle(data)), dest, keep_hashes=True)
+    # the digest of what was written, when the extraction knows it, is the tree's
+    assert result.digest is None or result.digest == tree_digest(dest)
+    return result
+
+
+def run_stream(data: bytes, dest: Path) -> ExtractResult:
+    return anyio.run(functools.partial(extract_stream, chunked(data), dest))
+
+
+@pytest.fixture(params=["extract_tar", "extract_stream"])
+def extract(request: pytest.FixtureRequest) -> Extract:
+    return run_tar if request.param == "extract_tar" else run_stream
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def fast_dest(tmp_path: Path) -> Iterator[Path]:
+    """An empty dest on tmpfs when /dev/shm has room (many-file tests), else under tmp_path."""
+    shm = Path("/dev/shm")
+    try:
+        usable = os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev
+        info = os.statvfs(shm)
+        usable = usable and info.f_bavail * info.f_frsize > 256 * 1024 * 1024
+    except OSError:
+        usable = False
+    if not usable:
+        folder = tmp_path / "dest"
+        folder.mkdir()
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(dir=shm, prefix="test_extract_") as scratch:
+        folder = Path(scratch) / "dest"
+        folder.mkdir()
+        yield folder
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Path:
+    """A folder holding an empty dest plus a victim folder and file next to it."""
+    box = tmp_path / "sandbox"
+    (box / "victim").mkdir(parents=True)
+    (box / "victim" / "secret.txt").write_text("secret")
+    (box / "sibling.txt").write_text("sibling")
+    (box / "dest").mkdir()
+    return box
+
+
+Snapshot = dict[str, tuple[object, ...]]
+
+
+def snapshot(box: Path) -> Snapshot:
+    """Everything in box except dest: type, mode, size, mtime, content or link target."""
+    info = os.lstat(box)
+    found: Snapshot = {".": (info.st_mode, info.st_mtime_ns)}
+    for folder, dirnames, filenames in os.walk(box):
+        if Path(folder) == box:
+            dirnames[:] = [name for name in dirnames if name != "dest"]
+        for name in dirnames + filenames:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                extra: object = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                extra = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            else:
+                extra = None
+            found[os.path.relpath(path, box)] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_nlink,
+                extra,
+            )
+    return found
+
+
+def assert_rejected(
+    extract: Extract, sandbox: Path, data: bytes, error: type[Exception], match: str
+) -> None:
+    """The archive fails with error and nothing outside dest changed."""
+    before = snapshot(sandbox)
+    with pytest.raises(error, match=match):
+        extract(data, sandbox / "dest")
+    assert snapshot(sandbox) == before
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def extract_threads() -> list[int]:
+    """Threads currently running code of asynccache/tree/extract.py."""
+    busy = []
+    for ident, frame in sys._current_frames().items():
+        current: FrameType | None = frame
+        while current is not None:
+            if current.f_code.co_filename in (extract_module.__file__, tarstream.__file__):
+                busy.append(ident)
+                break
+            current = current.f_back
+    return busy
+
+
+# --- fidelity -----------------------------------------------------------------------------
+
+
+def test_normal_tree_is_reproduced(extract: Extract, dest: Path) -> None:
+    big = random.Random(1).randbytes(3 * 1024 * 1024 + 17)
+    long_name = "testbed/" + "/".join(["d" * 80] * 3) + "/long.txt"
+    unicode_name = "testbed/dir with space/ünïcödé ✓.txt"
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/src", mtime=MTIME + 2),
+        reg("testbed/src/main.py", b"print('hi')\n", 0o644, MTIME + 3),
+        reg("testbed/run.sh", b"#!/bin/sh\necho hi\n", 0o755, MTIME + 4),
+        reg("testbed/secret.key", b"k", 0o600),
+        reg("testbed/readonly.txt", b"r", 0o444),
+        reg("testbed/empty.txt"),
+        dirm("testbed/empty_dir", 0o750, MTIME + 5),
+        sym("testbed/python", "/usr/bin/python3", MTIME + 6),
+        sym("testbed/src/run_link", "../run.sh"),
+        sym("testbed/dangling", "does/not/exist"),
+        hard("testbed/src/main_copy.py", "testbed/src/main.py"),
+        reg(unicode_name, "héllo".encode()),
+        reg(long_name, b"long"),
+        reg("testbed/big.bin", big, 0o644, MTIME + 7),
+    )
+    result = extract(data, dest)
+
+    assert (dest / "src" / "main.py").read_bytes() == b"print('hi')\n"
+    assert (dest / "run.sh").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (dest / "big.bin").read_bytes() == big
+    assert (dest / "dir with space" / "ünïcödé ✓.txt").read_text() == "héllo"
+    assert (dest / long_name.removeprefix("testbed/")).read_bytes() == b"long"
+    assert (dest / "empty.txt").read_bytes() == b""
+    assert mode_of(dest / "run.sh") == 0o755
+    assert mode_of(dest / "src" / "main.py") == 0o644
+    assert mode_of(dest / "secret.key") == 0o600
+    assert mode_of(dest / "readonly.txt") == 0o444
+    assert mode_of(dest / "empty_dir") == 0o750
+    assert mode_of(dest / "dir with space") == 0o755
+    assert list((dest / "empty_dir").iterdir()) == []
+    assert os.stat(dest / "src" / "main.py").st_mtime_ns == (MTIME + 3) * NS
+    assert os.stat(dest / "big.bin").st_mtime_ns == (MTIME + 7) * NS
+    assert os.stat(dest / "src").st_mtime_ns == (MTIME + 2) * NS
+    assert os.stat(dest / "empty_dir").st_mtime_ns == (MTIME + 5) * NS
+    assert os.readlink(dest / "python") == "/usr/bin/python3"
+    assert os.lstat(dest / "python").st_mtime_ns == (MTIME + 6) * NS
+    assert os.readlink(dest / "src" / "run_link") == "../run.sh"
+    assert os.readlink(dest / "dangling") == "does/not/exist"
+    original, copy = os.stat(dest / "src" / "main.py"), os.stat(dest / "src" / "main_copy.py")
+    assert original.st_ino == copy.st_ino
+    assert original.st_nlink == 2
+    assert result.file_count == 9
+    assert result.size_bytes == 12 + 18 + 1 + 1 + 0 + 12 + len("héllo".encode()) + 4 + len(big)
+    assert (result.file_count, result.size_bytes) == tree_stats(dest)
+    assert result.warnings == ()
+
+
+def test_root_member_mode_and_mtime_apply_to_dest(extract: Extract, dest: Path) -> None:
+    data = build(dirm("testbed/", 0o750, MTIME + 9), reg("testbed/a.txt", b"a"))
+    extract(data, dest)
+    assert mode_of(dest) == 0o750
+    assert os.stat(dest).st_mtime_ns == (MTIME + 9) * NS
+    assert (dest / "a.txt").read_bytes() == b"a"
+
+
+def test_read_only_directory_keeps_its_children(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/ro", 0o555),
+        dirm("testbed/ro/locked", 0o500),
+        reg("testbed/ro/locked/f.txt", b"f"),
+        reg("testbed/ro/g.txt", b"g"),
+    )
+    extract(data, dest)
+    assert mode_of(dest / "ro") == 0o555
+    assert mode_of(dest / "ro" / "locked") == 0o500
+    assert (dest / "ro" / "locked" / "f.txt").read_bytes() == b"f"
+    assert (dest / "ro" / "g.txt").read_bytes() == b"g"
+    os.chmod(dest / "ro" / "locked", 0o700)
+    os.chmod(dest / "ro", 0o700)
+
+
+def test_directory_mtime_survives_later_children(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/a", mtime=MTIME + 1),
+        dirm("testbed/a/b", mtime=MTIME + 2),
+        reg("testbed/a/b/c.txt", b"c", mtime=MTIME + 3),
+        reg("testbed/a/d.txt", b"d", mtime=MTIME + 4),
+    )
+    extract(data, dest)
+    assert os.stat(dest / "a").st_mtime_ns == (MTIME + 1) * NS
+    assert os.stat(dest / "a" / "b").st_mtime_ns == (MTIME + 2) * NS
+    assert os.stat(dest / "a" / "b" / "c.txt").st_mtime_ns == (MTIME + 3) * NS
+
+
+def test_modes_survive_a_restrictive_umask(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/shared", 0o777),
+        reg("testbed/shared/open.txt", b"o", 0o666),
+        reg("testbed/tool", b"t", 0o775),
+    )
+    previous = os.umask(0o077)
+    try:
+        extract(data, dest)
+    finally:
+        os.umask(previous)
+    assert mode_of(dest / "shared") == 0o777
+    assert mode_of(dest / "shared" / "open.txt") == 0o666
+    assert mode_of(dest / "tool") == 0o775
+
+
+def test_undecodable_pax_name_round_trips(extract: Extract, dest: Path) -> None:
+    name = "testbed/bad\udcff name.txt"
+    extract(build(dirm("testbed"), reg(name, b"x")), dest)
+    assert b"bad\xff name.txt" in os.listdir(os.fsencode(dest))
+    assert (dest / "bad\udcff name.txt").read_bytes() == b"x"
+
+
+def test_raw_bytes_pax_path_round_trips(extract: Extract, dest: Path) -> None:
+    records = pax_record(b"path", b"testbed/caf\xe9 \xff.txt")
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("placeholder", b"raw")) + END
+    extract(data, dest)
+    assert os.listdir(os.fsencode(dest)) == [b"caf\xe9 \xff.txt"]
+
+
+def test_gnu_long_names_and_undecodable_bytes(extract: Extract, dest: Path) -> None:
+    long_name = "testbed/" + "x" * 150 + "/f\udce9.txt"
+    long_target = "../" + "t" * 200
+    data = build(
+        dirm("testbed"),
+        reg(long_name, b"gnu"),
+        sym("testbed/long_link", long_target),
+        fmt=tarfile.GNU_FORMAT,
+    )
+    result = extract(data, dest)
+    assert (dest / ("x" * 150) / "f\udce9.txt").read_bytes() == b"gnu"
+    assert os.readlink(dest / "long_link") == long_target
+    assert result.file_count == 1
+
+
+def test_same_file_twice_later_wins(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        reg("testbed/a.txt", b"first version", 0o644),
+        reg("testbed/a.txt", b"second", 0o755),
+    )
+    result = extract(data, dest)
+    assert (dest / "a.txt").read_bytes() == b"second"
+    assert mode_of(dest / "a.txt") == 0o755
+    assert (result.file_count, result.size_bytes) == (1, 6) == tree_stats(dest)
+
+
+def test_file_replaced_by_directory(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        reg("testbed/x", b"file"),
+        dirm("testbed/x", 0o700),
+        reg("testbed/x/inner.txt", b"in"),
+    )
+    result = extract(data, dest)
+    assert mode_of(dest / "x") == 0o700
+    assert (dest / "x" / "inner.txt").read_bytes() == b"in"
+    assert (result.file_count, result.size_bytes) == (1, 2) == tree_stats(dest)
+
+
+def test_directory_replaced_by_file(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/x"),
+        dirm("testbed/x/sub"),
+        reg("testbed/x/sub/f.txt", b"ffff"),
+        reg("testbed/x", b"now a file"),
+    )
+    result = extract(data, dest)
+    assert (dest / "x").read_bytes() == b"now a file"
+    assert (result.file_count, result.size_bytes) == (1, 10) == tree_stats(dest)
+
+
+def test_directory_replaced_by_symlink(extract: Extract, sandbox: Path) -> None:
+    dest = sandbox / "dest"
+    victim = sandbox / "victim"
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/x"),
+        reg("testbed/x/f.txt", b"ffff"),
+        sym("testbed/x", str(victim)),
+    )
+    before = snapshot(sandbox)
+    result = extract(data, dest)
+    assert snapshot(sandbox) == before
+    assert os.readlink(dest / "x") == str(victim)
+    assert (result.file_count, result.size_bytes) == (0, 0) == tree_stats(dest)
+
+
+def test_directory_twice_keeps_content_and_later_attributes(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/x", 0o755, MTIME + 1),
+        reg("testbed/x/f.txt", b"f"),
+        dirm("testbed/x", 0o700, MTIME + 2),
+    )
+    extract(data, dest)
+    assert (dest / "x" / "f.txt").read_bytes() == b"f"
+    assert mode_of(dest / "x") == 0o700
+    assert os.stat(dest / "x").st_mtime_ns == (MTIME + 2) * NS
+
+
+def test_symlink_replaced_by_file_is_not_written_through(extract: Extract, sandbox: Path) -> None:
+    dest = sandbox / "dest"
+    secret = sandbox / "victim" / "secret.txt"
+    data = build(dirm("testbed"), sym("testbed/s", str(secret)), reg("testbed/s", b"pwned"))
+    before = snapshot(sandbox)
+    extract(data, dest)
+    assert snapshot(sandbox) == before
+    assert not os.path.islink(dest / "s")
+    assert (dest / "s").read_bytes() == b"pwned"
+
+
+def test_symlink_replaced_by_directory(extract: Extract, sandbox: Path) -> None:
+    dest = sandbox / "dest"
+    data = build(
+        dirm("testbed"),
+        sym("testbed/d", str(sandbox / "victim")),
+        dirm("testbed/d"),
+        reg("testbed/d/new.txt", b"new"),
+    )
+    before = snapshot(sandbox)
+    extract(data, dest)
+    assert snapshot(sandbox) == before
+    assert (dest / "d" / "new.txt").read_bytes() == b"new"
+    assert not os.path.islink(dest / "d")
+
+
+def test_hardlink_keeps_old_content_when_its_source_is_replaced(
+    extract: Extract, dest: Path
+) -> None:
+    data = build(
+        dirm("testbed"),
+        reg("testbed/a", b"old"),
+        hard("testbed/b", "testbed/a"),
+        reg("testbed/a", b"newer"),
+    )
+    result = extract(data, dest)
+    assert (dest / "a").read_bytes() == b"newer"
+    assert (dest / "b").read_bytes() == b"old"
+    assert (result.file_count, result.size_bytes) == (2, 8) == tree_stats(dest)
+
+
+def test_implicit_parent_directories_are_created(extract: Extract, dest: Path) -> None:
+    result = extract(build(reg("testbed/a/b/c.txt", b"c")), dest)
+    assert (dest / "a" / "b" / "c.txt").read_bytes() == b"c"
+    assert mode_of(dest / "a") == 0o755
+    assert result.file_count == 1
+
+
+def test_dot_slash_prefix_is_accepted(extract: Extract, dest: Path) -> None:
+    extract(build(dirm("./testbed"), reg("./testbed/./a.txt", b"a")), dest)
+    assert (dest / "a.txt").read_bytes() == b"a"
+
+
+def test_custom_root(dest: Path) -> None:
+    data = build(dirm("src"), reg("src/a.txt", b"a"))
+    extract_tar(io.BytesIO(data), dest, root="src")
+    assert (dest / "a.txt").read_bytes() == b"a"
+
+
+MIB = 1 << 20
+BOUNDARY_SIZES = [0, 1, 511, 512, 513, 10239, 10240, 10241, MIB - 1, MIB, MIB + 1, 3 * MIB - 5]
+
+
+def boundary_archive() -> tuple[bytes, dict[str, bytes]]:
+    rng = random.Random(3)
+    files = {f"f{size}": rng.randbytes(size) for size in BOUNDARY_SIZES}
+    members = [reg(f"testbed/{name}", content) for name, content in files.items()]
+    return build(dirm("testbed"), *members), files
+
+
+def assert_files(dest: Path, files: dict[str, bytes]) -> None:
+    assert sorted(os.listdir(dest)) == sorted(files)
+    for name, content in files.items():
+        assert (dest / name).read_bytes() == content, name
+
+
+@pytest.mark.parametrize("step", [509, 10240, 65536, 3 << 20])
+def test_data_survives_any_read_size(dest: Path, step: int) -> None:
+    data, files = boundary_archive()
+    result = extract_tar(cast(BinaryIO, Trickle(data, step)), dest)
+    assert_files(dest, files)
+    assert result.size_bytes == sum(map(len, files.values()))
+
+
+@pytest.mark.parametrize("size", [509, 10240, 65536, 3 << 20])
+def test_data_survives_any_chunk_size(dest: Path, size: int) -> None:
+    data, files = boundary_archive()
+    anyio.run(functools.partial(extract_stream, chunked(data, size), dest))
+    assert_files(dest, files)
+
+
+def test_source_returning_more_than_asked_is_handled(dest: Path) -> None:
+    data, files = boundary_archive()
+
+    class Greedy(Trickle):
+        def read(self, size: int = -1) -> bytes:
+            return super().read(2 * size + 7)
+
+    extract_tar(cast(BinaryIO, Greedy(data, 1 << 30)), dest)
+    assert_files(dest, files)
+
+
+def test_many_tiny_members(extract: Extract, fast_dest: Path) -> None:
+    members = [dirm("testbed")]
+    members += [dirm(f"testbed/d{index}") for index in range(50)]
+    members += [reg(f"testbed/d{index % 50}/f{index}") for index in range(50_000)]
+    result = extract(build(*members, fmt=tarfile.USTAR_FORMAT), fast_dest)
+    assert result.file_count == 50_000
+    assert result.size_bytes == 0
+    assert tree_stats(fast_dest) == (50_000, 0)
+
+
+def test_memory_does_not_grow_with_member_count(fast_dest: Path) -> None:
+    members = [dirm("testbed")] + [reg(f"testbed/f{index}", b"x") for index in range(20_000)]
+    data = build(*members, fmt=tarfile.USTAR_FORMAT)
+    tracemalloc.start()
+    try:
+        result = extract_tar(cast(BinaryIO, Trickle(data, 65536)), fast_dest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.file_count == 20_000
+    assert peak < 1024 * 1024
+
+
+# --- hostile archives ---------------------------------------------------------------------
+
+
+def test_absolute_name_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg(f"{sandbox}/victim/pwned.txt", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "absolute name")
+
+
+def test_dotdot_traversal_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/../victim/pwned.txt", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, r"'\.\.' component")
+
+
+def test_name_outside_root_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbedx/a.txt", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "outside testbed/")
+
+
+def test_sibling_folder_name_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(reg("victim/pwned.txt", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "outside testbed/")
+
+
+def test_empty_name_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "empty name")
+
+
+def test_nul_in_name_is_rejected(extract: Extract, sandbox: Path) -> None:
+    records = pax_record(b"path", b"testbed/a\x00/../../victim/pwned.txt")
+    data = build(dirm("testbed"), end=False) + raw_pax_member(records, reg("p", b"x")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "NUL")
+
+
+def test_root_member_must_be_a_directory(extract: Extract, sandbox: Path) -> None:
+    data = build(sym("testbed", str(sandbox / "victim")), reg("testbed/pwned.txt", b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "root member must be a directory")
+
+
+def test_write_through_symlink_to_absolute_dir_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/etc", str(sandbox / "victim")),
+        reg("testbed/etc/secret.txt", b"pwned"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "'etc' is a symlink")
+
+
+def test_write_through_symlink_to_dotdot_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/up", ".."),
+        reg("testbed/up/victim/pwned.txt", b"pwned"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "'up' is a symlink")
+
+
+def test_directory_through_symlink_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/up", ".."),
+        dirm("testbed/up/victim/newdir"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "is a symlink")
+
+
+def test_write_through_symlink_chain_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        dirm("testbed/sub"),
+        sym("testbed/sub/b", str(sandbox / "victim")),
+        sym("testbed/a", "sub/b"),
+        reg("testbed/a/secret.txt", b"pwned"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "'a' is a symlink")
+
+
+def test_write_through_symlinked_deep_parent_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/link", str(sandbox)),
+        reg("testbed/link/victim/deeper/pwned.txt", b"pwned"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "'link' is a symlink")
+
+
+def test_file_under_a_regular_file_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/f", b"f"), reg("testbed/f/g", b"g"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "'f' is a regular file")
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/etc/passwd", "SANDBOX/victim/secret.txt", "testbed/../victim/secret.txt", "victim/x"],
+)
+def test_hardlink_to_outside_is_rejected(extract: Extract, sandbox: Path, target: str) -> None:
+    target = target.replace("SANDBOX", str(sandbox))
+    data = build(dirm("testbed"), hard("testbed/link", target))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "hardlink target")
+
+
+def test_hardlink_to_symlink_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/s", str(sandbox / "victim" / "secret.txt")),
+        hard("testbed/link", "testbed/s"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "is a symlink, not a regular file")
+
+
+def test_hardlink_through_symlinked_parent_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        sym("testbed/v", str(sandbox / "victim")),
+        hard("testbed/link", "testbed/v/secret.txt"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "not an extracted file")
+
+
+def test_hardlink_to_member_not_yet_extracted_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        hard("testbed/link", "testbed/later.txt"),
+        reg("testbed/later.txt", b"later"),
+    )
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "not extracted yet")
+
+
+def test_hardlink_to_directory_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), dirm("testbed/d"), hard("testbed/link", "testbed/d"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "is a directory")
+
+
+def test_hardlink_to_root_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), hard("testbed/link", "testbed"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "root folder")
+
+
+def test_device_and_fifo_members_are_skipped_with_warnings(extract: Extract, sandbox: Path) -> None:
+    dest = sandbox / "dest"
+    data = build(
+        dirm("testbed"),
+        special("testbed/null", tarfile.CHRTYPE),
+        special("testbed/disk", tarfile.BLKTYPE),
+        special("testbed/pipe", tarfile.FIFOTYPE),
+        reg("testbed/after.txt", b"after"),
+    )
+    before = snapshot(sandbox)
+    result = extract(data, dest)
+    assert snapshot(sandbox) == before
+    assert sorted(os.listdir(dest)) == ["after.txt"]
+    assert result.warnings == (
+        "testbed/null: skipped character device",
+        "testbed/disk: skipped block device",
+        "testbed/pipe: skipped FIFO",
+    )
+
+
+def test_unknown_member_type_is_skipped_with_warning(extract: Extract, dest: Path) -> None:
+    odd, _ = reg("testbed/odd", b"")
+    odd.type, odd.size = b"Z", 700
+    data = build(dirm("testbed"), end=False)
+    data += odd.tobuf(tarfile.USTAR_FORMAT) + padded(b"?" * 700)
+    data += build(reg("testbed/after.txt", b"after"))
+    result = extract(data, dest)
+    assert os.listdir(dest) == ["after.txt"]
+    assert (dest / "after.txt").read_bytes() == b"after"
+    assert result.warnings == ("testbed/odd: skipped member of unknown type b'Z'",)
+
+
+def test_setuid_setgid_sticky_bits_are_dropped_with_warnings(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed"),
+        reg("testbed/suid", b"s", 0o4755),
+        reg("testbed/sgid", b"g", 0o2750),
+        dirm("testbed/tmp", 0o1777),
+    )
+    result = extract(data, dest)
+    assert mode_of(dest / "suid") == 0o755
+    assert mode_of(dest / "sgid") == 0o750
+    assert mode_of(dest / "tmp") == 0o777
+    assert len(result.warnings) == 3
+    assert all("dropped setuid/setgid/sticky" in warning for warning in result.warnings)
+
+
+def test_warnings_are_capped(dest: Path) -> None:
+    members = [dirm("testbed")] + [special(f"testbed/p{i}", tarfile.FIFOTYPE) for i in range(150)]
+    result = extract_tar(io.BytesIO(build(*members)), dest)
+    assert len(result.warnings) == 101
+    assert result.warnings[-1] == "50 more warnings not shown"
+
+
+def test_overlong_component_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/" + "a" * 5000, b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "longer than 255 bytes")
+
+
+def test_overlong_path_is_rejected(extract: Extract, sandbox: Path) -> None:
+    name = "testbed/" + "/".join(["p" * 200] * 22) + "/f.txt"
+    data = build(dirm("testbed"), reg(name, b"x"))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "path longer than 4095 bytes")
+
+
+def test_overlong_symlink_target_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), sym("testbed/s", "t/" * 2100))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "symlink target longer")
+
+
+def test_truncated_inside_member_data(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/big", b"b" * 20_000))
+    assert_rejected(extract, sandbox, data[: 1536 + 5000], TruncatedArchive, "inside the data")
+
+
+def test_truncated_inside_member_padding(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/a", b"abc"), fmt=tarfile.USTAR_FORMAT)
+    assert_rejected(extract, sandbox, data[: 1024 + 100], TruncatedArchive, "ended")
+
+
+def test_truncated_at_header_boundary_without_end_marker(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/a.txt", b"a"), end=False)
+    assert_rejected(extract, sandbox, data, TruncatedArchive, "end-of-archive marker")
+
+
+def test_truncated_inside_a_header(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/a.txt", b"a"), fmt=tarfile.USTAR_FORMAT)
+    assert_rejected(extract, sandbox, data[: 512 + 300], TruncatedArchive, "inside a member header")
+
+
+def test_empty_stream_is_truncated(extract: Extract, sandbox: Path) -> None:
+    assert_rejected(extract, sandbox, b"", TruncatedArchive, "end-of-archive marker")
+
+
+def test_bad_checksum_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = bytearray(build(dirm("testbed"), reg("testbed/a.txt", b"a"), fmt=tarfile.USTAR_FORMAT))
+    data[512 + 10] ^= 0x01
+    assert_rejected(extract, sandbox, bytes(data), UnsafeArchive, "bad checksum")
+
+
+def test_non_numeric_size_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = bytearray(build(dirm("testbed"), reg("testbed/a.txt", b"a"), fmt=tarfile.USTAR_FORMAT))
+    data[512 + 124 : 512 + 136] = b"zzzzzzzzzzz\0"
+    fix_checksum(data, 512)
+    assert_rejected(extract, sandbox, bytes(data), UnsafeArchive, "invalid header")
+
+
+def test_negative_size_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = bytearray(build(dirm("testbed"), reg("testbed/a.txt", b"a"), fmt=tarfile.USTAR_FORMAT))
+    data[512 + 124 : 512 + 136] = b"\xff" * 12
+    fix_checksum(data, 512)
+    assert_rejected(extract, sandbox, bytes(data), UnsafeArchive, "negative size")
+
+
+def test_size_beyond_the_stream_is_truncated(extract: Extract, sandbox: Path) -> None:
+    data = bytearray(build(dirm("testbed"), reg("testbed/a.txt", b"a"), fmt=tarfile.USTAR_FORMAT))
+    data[512 + 124 : 512 + 136] = b"77777777777\0"
+    fix_checksum(data, 512)
+    assert_rejected(extract, sandbox, bytes(data), TruncatedArchive, "inside the data")
+
+
+def test_negative_pax_size_is_rejected(extract: Extract, sandbox: Path) -> None:
+    records = pax_record(b"size", b"-5")
+    data = build(dirm("testbed"), end=False) + raw_pax_member(records, reg("testbed/a")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "negative size")
+
+
+def test_empty_symlink_target_is_rejected(extract: Extract, sandbox: Path) -> None:
+    data = build(dirm("testbed"), sym("testbed/s", ""))
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "empty symlink target")
+
+
+def test_nul_in_symlink_target_is_rejected(extract: Extract, sandbox: Path) -> None:
+    records = pax_record(b"linkpath", b"ok\x00/../../victim")
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, sym("testbed/s", "placeholder")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "NUL byte in symlink target")
+
+
+def test_out_of_range_mtime_is_left_unset_with_warning(extract: Extract, dest: Path) -> None:
+    records = pax_record(b"mtime", b"1e30")
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    result = extract(data, dest)
+    assert (dest / "a.txt").read_bytes() == b"a"
+    assert result.warnings == ("testbed/a.txt: mtime 1e+30 out of range, left unset",)
+
+
+def test_oversized_pax_header_is_rejected(extract: Extract, sandbox: Path) -> None:
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 100 * 1024 * 1024
+    data = build(dirm("testbed"), end=False)
+    data += header.tobuf(tarfile.USTAR_FORMAT) + b"1" * 200_000
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "member headers larger than")
+
+
+def test_garbage_stream_is_rejected(extract: Extract, sandbox: Path) -> None:
+    garbage = random.Random(7).randbytes(8192)
+    assert_rejected(extract, sandbox, garbage, UnsafeArchive, "malformed tar header")
+
+
+def test_metadata_header_followed_by_end_marker_is_rejected(
+    extract: Extract, sandbox: Path
+) -> None:
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, 20
+    data = build(dirm("testbed"), end=False)
+    data += header.tobuf(tarfile.USTAR_FORMAT) + padded(b"testbed/long_name.txt") + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "extended header without")
+
+
+def test_disk_full_is_reported(
+    extract: Extract, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    monkeypatch.setattr(os, "writev", no_space)
+    with pytest.raises(DiskFull, match=str(dest)):
+        extract(build(dirm("testbed"), reg("testbed/a.txt", b"abc")), dest)
+
+
+def test_stream_errors_propagate_unchanged(dest: Path) -> None:
+    class Broken:
+        def read(self, size: int) -> bytes:
+            raise ConnectionResetError("peer went away")
+
+    with pytest.raises(ConnectionResetError, match="peer went away"):
+        extract_tar(cast(BinaryIO, Broken()), dest)
+
+
+# --- the async bridge ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_stream_accepts_tiny_and_empty_chunks(dest: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/a.txt", b"hello"), sym("testbed/l", "a.txt"))
+
+    async def dribble() -> AsyncIterator[bytes]:
+        for index in range(len(data)):
+            yield b""
+            yield data[index : index + 1]
+
+    result = await extract_stream(dribble(), dest)
+    assert (dest / "a.txt").read_bytes() == b"hello"
+    assert result.file_count == 1
+
+
+@pytest.mark.anyio
+async def test_stream_cancellation_stops_the_worker_thread(dest: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/big", b"b" * 100_000))
+    fed = anyio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield data[:50_000]
+        fed.set()
+        await anyio.sleep_forever()
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(extract_stream, stalled(), dest)
+        await fed.wait()
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - started < 5
+    assert extract_threads() == []
+
+
+@pytest.mark.anyio
+async def test_stream_cancellation_with_a_full_queue(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write, real_writev = os.write, os.writev
+    written = 0
+
+    def slow_write(fd: int, data: bytes) -> int:
+        nonlocal written
+        time.sleep(0.01)
+        count = real_write(fd, data)
+        written += count
+        return count
+
+    def slow_writev(fd: int, buffers: list[bytes]) -> int:
+        nonlocal written
+        time.sleep(0.01)
+        count = real_writev(fd, buffers)
+        written += count
+        return count
+
+    monkeypatch.setattr(os, "write", slow_write)
+    monkeypatch.setattr(os, "writev", slow_writev)
+    header = build(dirm("testbed"), end=False)
+    info, _ = reg("testbed/huge")
+    info.size = 1 << 32
+    header += info.tobuf(tarfile.USTAR_FORMAT)
+    produced = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal produced
+        yield header
+        block = b"z" * 65536
+        while True:
+            produced += 1
+            yield block
+
+    started = time.monotonic()
+    with anyio.move_on_after(0.5) as scope:
+        await extract_stream(endless(), dest)
+    assert scope.cancelled_caught
+    assert time.monotonic() - started < 5
+    assert extract_threads() == []
+    assert written > 0
+    assert produced * 65536 - written < 4 * 1024 * 1024
+
+
+@pytest.mark.anyio
+async def test_stream_iterator_error_propagates(dest: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/big", b"b" * 100_000))
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield data[:30_000]
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(ConnectionResetError, match="connection reset by peer"):
+        await extract_stream(broken(), dest)
+    assert extract_threads() == []
+
+
+@pytest.mark.anyio
+async def test_stream_thread_error_propagates_unwrapped(dest: Path) -> None:
+    data = build(dirm("testbed"), reg("/abs.txt", b"x"))
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield data
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10), pytest.raises(UnsafeArchive, match="absolute name"):
+        await extract_stream(endless(), dest)
+
+
+@pytest.mark.anyio
+async def test_stream_returns_at_end_marker_without_draining(dest: Path) -> None:
+    data = build(dirm("testbed"), reg("testbed/a.txt", b"a"))
+
+    async def lingering() -> AsyncIterator[bytes]:
+        yield data
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        result = await extract_stream(lingering(), dest)
+    assert result.file_count == 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_streams_do_not_interfere(tmp_path: Path) -> None:
+    results: dict[int, ExtractResult] = {}
+
+    async def one(index: int) -> None:
+        target = tmp_path / f"dest{index}"
+        target.mkdir()
+        data = build(
+            dirm("testbed"), *(reg(f"testbed/f{n}", b"%d" % index * 1000) for n in range(50))
+        )
+        results[index] = await extract_stream(chunked(data, 3000), target)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(6):
+            tg.start_soon(one, index)
+    for index in range(6):
+        assert results[index].file_count == 50
+        assert (tmp_path / f"dest{index}" / "f7").read_bytes() == b"%d" % index * 1000
+
+
+# --- tree_stats ---------------------------------------------------------------------------
+
+
+def test_tree_stats_counts_regular_files_without_following_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"o" * 1000)
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "a").write_bytes(b"a" * 10)
+    (tree / "sub" / "b").write_bytes(b"b" * 20)
+    (tree / "sub" / "deeper" / "empty").write_bytes(b"")
+    os.link(tree / "a", tree / "sub" / "a_again")
+    os.symlink(tree / "a", tree / "link_to_a")
+    os.symlink(outside, tree / "link_to_outside_dir")
+    os.symlink(outside / "big", tree / "sub" / "link_to_outside_file")
+    os.mkfifo(tree / "fifo")
+    assert tree_stats(tree) == (4, 40)
+
+
+def test_tree_stats_of_a_file_or_symlink(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"12345")
+    os.symlink(tmp_path / "f", tmp_path / "l")
+    assert tree_stats(tmp_path / "f") == (1, 5)
+    assert tree_stats(tmp_path / "l") == (0, 0)
+
+
+# --- the quick header parser ----------------------------------------------------------------
+
+HEADER_FIELDS = (
+    "name", "mode", "uid", "gid", "size", "mtime", "chksum", "type",
+    "linkname", "uname", "gname", "devmajor", "devminor",
+)  # fmt: skip
+
+
+def random_header(rng: random.Random) -> bytes:
+    """One header block as tarfile writes it, sometimes with a few bytes changed."""
+    depth = rng.randint(1, 6)
+    name = "/".join(rng.choice(("testbed", "ä", "x" * 60, "a b", "d")) for _ in range(depth))
+    info = tarfile.TarInfo(name + rng.choice(("", "/")))
+    info.type = rng.choice(
+        (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
+    )
+    info.linkname = rng.choice(("", "target", "../x"))
+    info.mode = rng.choice((0o644, 0o755, 0o4755, 0o7777))
+    info.size = rng.choice((0, 1, 4096, 8**11 - 1)) if info.type in tarfile.REGULAR_TYPES else 0
+    info.mtime = rng.choice((0, MTIME, 8**11 - 1))
+    info.uid = info.gid = rng.choice((0, 1000, 8**7 - 1))
+    info.uname = rng.choice(("", "root", "ü"))
+    fmt = rng.choice((tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT))
+    try:
+        block = info.tobuf(fmt, "utf-8", "surrogateescape")[-512:]
+    except ValueError:  # a name too long for ustar
+        block = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")[-512:]
+    data = bytearray(block)
+    for _ in range(rng.choice((0, 0, 1, 3))):
+        data[rng.randrange(512)] = rng.choice((0, 0x20, 0x30, 0x37, 0x38, 0x80, 0xFF, 0xC3))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_quick_header_parser_agrees_with_tarfile(seed: int) -> None:
+    rng = random.Random(seed)
+    quick = 0
+    for _ in range(500):
+        block = random_header(rng)
+        ours = tarstream.plain_header(tarfile.TarInfo, block, "utf-8", "surrogateescape")
+        if ours is None:
+            continue
+        quick += 1
+        theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        assert {key: getattr(ours, key) for key in HEADER_FIELDS} == {
+            key: getattr(theirs, key) for key in HEADER_FIELDS
+        }
+    assert quick > 200  # most blocks take the quick path

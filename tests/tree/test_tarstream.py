@@ -1,0 +1,156 @@
+"""The tar stream reader gives the members and data that tarfile's own stream parser gives."""
+
+from __future__ import annotations
+
+import functools
+import io
+import random
+import tarfile
+from collections.abc import Callable
+
+import pytest
+
+from asynccache.errors import TruncatedArchive, UnsafeArchive
+from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members
+
+FIELDS = (
+    "name",
+    "type",
+    "size",
+    "mode",
+    "mtime",
+    "uid",
+    "gid",
+    "uname",
+    "gname",
+    "linkname",
+    "devmajor",
+    "devminor",
+    "offset",
+    "offset_data",
+    "pax_headers",
+)
+TYPES = (
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.FIFOTYPE,
+    b"Z",  # a type tarfile does not know: its data is skipped
+)
+
+
+def random_member(rng: random.Random, index: int) -> tuple[tarfile.TarInfo, bytes]:
+    depth = rng.choice((1, 1, 2, 5, 40))
+    name = "/".join(rng.choice(("d", "ü", "x" * 60, "sp ace")) for _ in range(depth))
+    info = tarfile.TarInfo(f"testbed/{name}/{index}")
+    info.type = rng.choice(TYPES)
+    if info.type == tarfile.AREGTYPE and len(info.name) > 90:
+        # a cut ustar name ending in "/" makes tarfile read it as a folder, its data as headers
+        info.type = tarfile.REGTYPE
+    info.mode = rng.choice((0o644, 0o755, 0o4755, 0o1777))
+    info.mtime = rng.choice((0, 1_600_000_000, 2**33 + 5))
+    info.uid = rng.choice((0, 1000, 2**22))
+    info.uname = rng.choice(("", "root", "ü" * 40))
+    data = b""
+    if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, b"Z"):
+        data = rng.randbytes(rng.choice((0, 1, 511, 512, 513, 70_000)))
+        info.size = len(data)
+    elif info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+        info.linkname = rng.choice(("a", "../b", "ü/" * 60, "/abs/" + "y" * 120))
+    elif info.type == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    if rng.random() < 0.2:
+        info.pax_headers = {"comment": "x" * rng.randrange(1, 300)}
+    return info, data
+
+
+def random_archive(seed: int) -> bytes:
+    rng = random.Random(seed)
+    fmt = rng.choice((tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT))
+    out = io.BytesIO()
+    pax = {"comment": "global"} if fmt == tarfile.PAX_FORMAT and rng.random() < 0.3 else None
+    with tarfile.open(fileobj=out, mode="w", format=fmt, pax_headers=pax, encoding="utf-8") as tar:
+        for index in range(rng.randrange(1, 60)):
+            info, data = random_member(rng, index)
+            try:
+                tar.addfile(info, io.BytesIO(data))
+            except ValueError:  # a name or number the format cannot hold
+                continue
+    return out.getvalue()
+
+
+def short_reads(data: bytes, rng: random.Random) -> Callable[[int], bytes]:
+    """A read function that gives random short reads of data."""
+    stream = io.BytesIO(data)
+    return lambda size: stream.read(rng.randint(1, max(1, min(size, 5000))))
+
+
+def collect(into: list[bytes], more: list[bytes], _size: int) -> None:
+    into.extend(more)
+
+
+def ours(data: bytes, rng: random.Random | None = None) -> list[tuple[object, ...]]:
+    read: Callable[[int], bytes] = short_reads(data, rng) if rng else io.BytesIO(data).read
+    found = []
+    for reader, info in members(Source(read)):
+        pieces: list[bytes] = []
+        if info.isreg():
+            reader.copy(info, functools.partial(collect, pieces))
+        found.append((*(getattr(info, key) for key in FIELDS), b"".join(pieces)))
+    return found
+
+
+def theirs(data: bytes) -> list[tuple[object, ...]]:
+    found = []
+    with tarfile.open(
+        fileobj=io.BytesIO(data), mode="r|", encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for info in tar:
+            content = b""
+            if info.isreg():
+                handle = tar.extractfile(info)
+                assert handle is not None
+                content = handle.read()
+            found.append((*(getattr(info, key) for key in FIELDS), content))
+    return found
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_members_and_data_equal_tarfiles(seed: int) -> None:
+    data = random_archive(seed)
+    expected = theirs(data)
+    assert ours(data) == expected
+    assert ours(data, random.Random(seed)) == expected
+
+
+def test_members_whose_data_is_not_read_are_skipped() -> None:
+    data = random_archive(7)
+    names = [info.name for _reader, info in members(Source(io.BytesIO(data).read))]
+    assert names == [entry[0] for entry in theirs(data)]
+
+
+def test_a_header_past_the_budget_is_malformed() -> None:
+    info = tarfile.TarInfo("testbed/f")
+    info.pax_headers = {"comment": "x" * (2 * HEADER_BUDGET)}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UnsafeArchive, match="member headers larger than"):
+        list(members(Source(io.BytesIO(out.getvalue()).read)))
+
+
+def test_data_cut_short_is_truncated() -> None:
+    info = tarfile.TarInfo("testbed/f")
+    info.size = 10_000
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"z" * 10_000))
+    cut = out.getvalue()[: 512 + 4000]
+    with pytest.raises(TruncatedArchive, match="inside the data of 'testbed/f'"):
+        for reader, member in members(Source(io.BytesIO(cut).read)):
+            reader.copy(member, lambda _more, _size: None)
+    with pytest.raises(Truncated, match="before the header at byte"):
+        list(members(Source(io.BytesIO(cut).read)))
