@@ -15,15 +15,9 @@ import anyio
 import stamina
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
-from asynccache.cache.index import (
-    IndexRecord,
-    IndexWriter,
-    load_and_repair,
-    size_mb,
-    write_json_atomic,
-    write_meta,
-)
-from asynccache.cache.layout import CacheDir, remove_tree
+from asynccache._fs import remove_tree, write_json_atomic
+from asynccache.cache.index import IndexRecord, IndexWriter, load_and_repair, size_mb, write_meta
+from asynccache.cache.layout import CacheDir
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed

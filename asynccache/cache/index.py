@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream
 
+from asynccache._fs import write_json_atomic
 from asynccache.config import INDEX_NAME, META_DIR_NAME
 from asynccache.errors import IndexCorrupt
 
@@ -69,42 +69,6 @@ def read_index(path: Path) -> dict[str, IndexRecord]:
     except UnicodeDecodeError as exc:
         raise IndexCorrupt(f"not UTF-8: {exc}") from None
     return parse_index(text)
-
-
-def write_json_atomic(path: Path, data: Any) -> int:
-    """Write JSON to a temp file beside ``path``, fsync it, rename over ``path``; return bytes."""
-    payload = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(payload)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-    return len(payload)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, OSError)
 
 
 def meta_path(cache_dir: Path, instance_id: str) -> Path:

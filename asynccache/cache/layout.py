@@ -6,12 +6,11 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from asynccache.cache.index import fsync_dir
+from asynccache._fs import fsync_dir, remove_tree
 from asynccache.config import FAILURES_NAME, INDEX_NAME, LOCK_NAME, META_DIR_NAME, TMP_DIR_NAME
 from asynccache.errors import CacheLocked, SetupError
 
@@ -144,24 +143,6 @@ class CacheDir:
         if old is not None:
             remove_tree(old)
         return final
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a file or folder tree without following symlinks; read-only dirs included."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-
-    def make_writable_and_retry(func: object, name: str, _exc: object) -> None:
-        parent = os.path.dirname(name)
-        os.chmod(parent, 0o700)
-        if os.path.isdir(name) and not os.path.islink(name):
-            os.chmod(name, 0o700)
-            shutil.rmtree(name, onerror=make_writable_and_retry)
-        else:
-            os.unlink(name)
-
-    shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
 def resolve_instance_path(cache_dir: Path, record: Mapping[str, Any]) -> Path:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from asynccache.cache.index import IndexRecord, meta_path, read_index, size_mb, write_json_atomic
+from asynccache._fs import write_json_atomic
+from asynccache.cache.index import IndexRecord, meta_path, read_index, size_mb
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.config import FAILURES_NAME, INDEX_NAME
 from asynccache.entries import entry_from_row

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from asynccache.cache.layout import remove_tree
+from asynccache._fs import current_umask, remove_tree
 from asynccache.errors import CacheError
 
 __all__ = [
@@ -400,7 +400,7 @@ class _Copier:
 
     def __init__(self, source_dev: int, dest_dev: int) -> None:
         self.devices = (source_dev, dest_dev)
-        self.umask = _current_umask()
+        self.umask = current_umask()
 
     def copy_tree(self, source: str, dest: str) -> None:
         """Copy every entry of source into the existing, empty folder dest.
@@ -517,20 +517,6 @@ class _Copier:
             if done == 0:
                 return
             offset += done
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it when /proc allows."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _device(path: Path) -> int:

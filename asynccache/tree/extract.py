@@ -22,6 +22,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from asynccache._fs import current_umask
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.tree.digest import digest_of_lines, entry_line
 from asynccache.tree.tarstream import (
@@ -105,20 +106,6 @@ class _Outside(_BadName):
 
 class _PipeAborted(Exception):
     """The async side stopped feeding the extracting thread."""
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it when /proc allows."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
@@ -221,7 +208,7 @@ class _Extractor:
         if not self.root_parts or ".." in self.root_parts:
             raise ValueError(f"root must name a folder, not {root!r}")
         self.source = source
-        self.umask = _current_umask()
+        self.umask = current_umask()
         # folder relative path -> (final mode, mtime in ns or None, mode it has now)
         self.dirs: dict[bytes, tuple[int, int | None, int]] = {}
         self.root_attrs: tuple[int, int | None] | None = None

@@ -8,13 +8,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+from asynccache._fs import write_json_atomic
 from asynccache.cache.index import (
     IndexRecord,
     IndexWriter,
     load_and_repair,
     parse_index,
     read_index,
-    write_json_atomic,
     write_meta,
 )
 from asynccache.errors import IndexCorrupt

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from asynccache.cache.index import load_and_repair, meta_path, read_index, write_json_atomic
+from asynccache._fs import write_json_atomic
+from asynccache.cache.index import load_and_repair, meta_path, read_index
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.verify import (
     cache_status,

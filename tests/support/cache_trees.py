@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asynccache.cache.index import read_index, size_mb, write_json_atomic, write_meta
+from asynccache._fs import write_json_atomic
+from asynccache.cache.index import read_index, size_mb, write_meta
 from asynccache.entries import make_instance_id
 from asynccache.tree.digest import tree_digest, write_digest
 from asynccache.tree.extract import tree_stats
