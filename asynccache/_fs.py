@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from asynccache.errors import CheckoutError
+
 
 def write_json_atomic(path: Path, data: Any) -> int:
     """Write JSON to a temp file beside ``path``, fsync it, rename over ``path``; return bytes."""
@@ -69,3 +71,18 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def claim_empty_dir(dest: Path) -> bool:
+    """Create ``dest`` (True), or accept it as an existing empty folder (False)."""
+    try:
+        os.mkdir(dest, 0o755)
+        return True
+    except FileExistsError:
+        if dest.is_dir() and not dest.is_symlink():
+            with os.scandir(dest) as entries:
+                if next(entries, None) is None:
+                    return False
+        raise CheckoutError(
+            f"checkout destination {dest} exists and is not an empty folder"
+        ) from None

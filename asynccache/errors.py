@@ -187,3 +187,7 @@ class EnsureFailed(CacheError):
         self.instance_id = instance_id
         self.reason = reason
         super().__init__(f"cannot cache {instance_id}: {reason}")
+
+
+class CheckoutError(CacheError):
+    """A checkout cannot be made or released."""

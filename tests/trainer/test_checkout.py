@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from asynccache.trainer import checkout
+from asynccache.trainer import copy as checkout_copy
+from asynccache.trainer import overlay as checkout_overlay
 from asynccache.trainer.checkout import (
     CheckoutError,
     OverlayProbe,
@@ -189,7 +190,7 @@ def test_a_failed_copy_leaves_nothing(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copied: list[str] = []
-    original = checkout._Copier._copy_file
+    original = checkout_copy._Copier._copy_file
 
     def failing(self: Any, src_fd: int, dst_fd: int, name: str, *rest: Any) -> None:
         copied.append(name)
@@ -197,7 +198,7 @@ def test_a_failed_copy_leaves_nothing(
             raise OSError(28, "No space left on device")
         original(self, src_fd, dst_fd, name, *rest)
 
-    monkeypatch.setattr(checkout._Copier, "_copy_file", failing)
+    monkeypatch.setattr(checkout_copy._Copier, "_copy_file", failing)
     dest = tmp_path / "rollouts" / "r1"
     with pytest.raises(OSError, match="No space left"):
         checkout_tree(source, dest, "copy")
@@ -218,7 +219,7 @@ def test_auto_copies_when_mounting_is_not_permitted(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     refused = OverlayProbe(False, reason="mount: Operation not permitted")
-    monkeypatch.setattr(checkout, "_probe_result", (os.getpid(), refused))
+    monkeypatch.setattr(checkout_overlay, "_probe_result", (os.getpid(), refused))
     assert resolve_mode("auto", tmp_path) == "copy"
     dest = tmp_path / "r1"
     assert checkout_tree(source, dest, "auto") == "copy"
@@ -235,8 +236,8 @@ def test_auto_copies_when_a_mount_fails_on_that_filesystem(
     def refuse(*_args: object) -> None:
         raise CheckoutError("cannot mount an overlay: Invalid argument")
 
-    monkeypatch.setattr(checkout, "_overlay_refused", set())
-    monkeypatch.setattr(checkout, "_mount_overlay", refuse)
+    monkeypatch.setattr(checkout_overlay, "_overlay_refused", set())
+    monkeypatch.setattr(checkout_overlay, "_mount_overlay", refuse)
     dest = tmp_path / "r1"
     assert checkout_tree(source, dest, "auto") == "copy"
     assert not overlay_side_dir(dest).exists()
