@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Bring up (or down) the services the tests and the demo need:
 #   * a Docker daemon (dockerd), started in the background when `docker info` fails;
-#   * a loopback registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1:PORT.
+#   * a loopback registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1:PORT;
+#   * a single-node Slurm on this host (Debian's slurm-wlm and munge: munged, slurmctld and
+#     slurmd, no systemd), for the array-job tests. Slurm is optional: when it cannot be
+#     installed or started, `up` says so and still brings Docker and the registry up.
 #
 # Usage: scripts/services.sh up|down|status
 #
 # Environment:
 #   ASYNCCACHE_REGISTRY_PORT  registry port (default 5000)
-#   ASYNCCACHE_STATE_DIR      logs, pid files, registry config and storage
+#   ASYNCCACHE_STATE_DIR      logs, pid files, registry config and storage, Slurm state
 #                             (default /var/tmp/asynccache-services)
 #   ASYNCCACHE_DOCKERD_ARGS   extra dockerd flags, e.g. --storage-driver=vfs
+#   ASYNCCACHE_SLURM          0 leaves Slurm alone (default 1)
 set -euo pipefail
 
 PORT="${ASYNCCACHE_REGISTRY_PORT:-5000}"
@@ -240,10 +244,199 @@ our_registry_pid() {
     printf '%s\n' "$pid"
 }
 
+# --- Slurm: one node on this host ---------------------------------------------------------------
+
+SLURM_STATE="${STATE}/slurm"
+SLURM_CONF_FILE="${SLURM_CONF:-/etc/slurm/slurm.conf}"
+SLURM_MARKER="# Written by asynccache scripts/services.sh for a single-node test cluster."
+SLURM_WAIT="${ASYNCCACHE_SLURM_WAIT:-30}"
+
+slurm_wanted() { [ "${ASYNCCACHE_SLURM:-1}" != "0" ]; }
+
+munge_up() { have munge && have unmunge && munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+slurm_node_state() {
+    # Prints this host's node state as sinfo reports it (e.g. idle, mixed, down*).
+    have sinfo || return 1
+    timeout 15 sinfo -h -N -o '%T' -n "$(hostname -s)" 2>/dev/null | head -n 1
+}
+
+slurm_up() {
+    # The controller reports this node usable and this host's slurmd answers (the controller
+    # notices a dead slurmd only minutes later).
+    local state
+    have scontrol && scontrol show slurmd >/dev/null 2>&1 || return 1
+    state="$(slurm_node_state)" || return 1
+    case "$state" in
+        idle | mixed | allocated | completing) return 0 ;;
+    esac
+    return 1
+}
+
+live_pid_of() {
+    # live_pid_of PIDFILE NAME: prints the pid in PIDFILE when it is a live NAME process.
+    [ -f "$1" ] || return 1
+    local pid
+    pid="$(cat "$1" 2>/dev/null)"
+    [ -n "$pid" ] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [ -r "/proc/${pid}/cmdline" ]; then
+        tr '\0' ' ' <"/proc/${pid}/cmdline" | grep -q "$2" || return 1
+    fi
+    printf '%s\n' "$pid"
+}
+
+stop_pid() {
+    # stop_pid PID NAME: SIGTERM, wait up to 10 s, then SIGKILL.
+    local waited=0
+    kill "$1" 2>/dev/null || return 0
+    while kill -0 "$1" 2>/dev/null && [ "$waited" -lt 100 ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -9 "$1" 2>/dev/null || true
+    say "$2: stopped (pid $1)"
+}
+
+ensure_munge() {
+    if munge_up; then
+        say "munge: already running"
+        return 0
+    fi
+    if [ ! -s /etc/munge/munge.key ]; then
+        mungekey --create --keyfile=/etc/munge/munge.key
+        chown munge:munge /etc/munge/munge.key
+        chmod 0600 /etc/munge/munge.key
+    fi
+    install -d -o munge -g munge -m 0755 /run/munge
+    runuser -u munge -- munged || die "munged did not start (log: /var/log/munge/munged.log)"
+    local waited=0
+    while ! munge_up; do
+        [ "$waited" -lt 50 ] || die "munged does not answer (log: /var/log/munge/munged.log)"
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    cp /run/munge/munged.pid "${SLURM_STATE}/munged.pid"
+    say "munge: started (pid $(cat /run/munge/munged.pid))"
+}
+
+write_slurm_conf() {
+    # A configuration for this host as it is now: its name, CPUs and memory (slurmd -C), every
+    # daemon as root, and plugins that need no cgroups or systemd (they fail in a container).
+    if [ -f "$SLURM_CONF_FILE" ] && ! grep -qF "$SLURM_MARKER" "$SLURM_CONF_FILE"; then
+        die "$SLURM_CONF_FILE was not written by this script: start that cluster's own daemons"
+    fi
+    local node host
+    node="$(slurmd -C | head -n 1)"
+    host="$(hostname -s)"
+    case "$node" in
+        NodeName=*) ;;
+        *) die "slurmd -C did not describe this node: $node" ;;
+    esac
+    mkdir -p "$(dirname "$SLURM_CONF_FILE")"
+    cat >"${SLURM_CONF_FILE}.tmp" <<EOF
+${SLURM_MARKER}
+# State, logs and pid files: ${SLURM_STATE}
+ClusterName=asynccache
+SlurmctldHost=${host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+StateSaveLocation=${SLURM_STATE}/ctld
+SlurmdSpoolDir=${SLURM_STATE}/spool
+SlurmctldPidFile=${SLURM_STATE}/slurmctld.pid
+SlurmdPidFile=${SLURM_STATE}/slurmd.pid
+SlurmctldLogFile=${SLURM_STATE}/slurmctld.log
+SlurmdLogFile=${SLURM_STATE}/slurmd.log
+${node} NodeAddr=127.0.0.1 State=UNKNOWN
+# Up to 4 jobs share each CPU, so a small array runs at once on a small machine.
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+    mv -f "${SLURM_CONF_FILE}.tmp" "$SLURM_CONF_FILE"
+}
+
+start_slurm_daemon() {
+    # start_slurm_daemon NAME: starts slurmctld or slurmd unless ours already runs.
+    local pid
+    if pid="$(live_pid_of "${SLURM_STATE}/$1.pid" "$1")"; then
+        say "$1: already running (pid $pid)"
+        return 0
+    fi
+    "$1" || die "$1 did not start (log: ${SLURM_STATE}/$1.log)"
+    say "$1: started (log ${SLURM_STATE}/$1.log)"
+}
+
+ensure_slurm() {
+    if ! slurm_wanted; then
+        say "slurm: left alone (ASYNCCACHE_SLURM=0)"
+        return 0
+    fi
+    if munge_up && slurm_up; then
+        say "slurm: already running (node $(hostname -s) $(slurm_node_state))"
+        return 0
+    fi
+    is_root || die "slurm is not running and only root can start it"
+    if ! have munged || ! have slurmctld || ! have slurmd || ! have sbatch; then
+        apt_install slurm-wlm munge || die "cannot install slurm-wlm and munge with apt-get"
+    fi
+    mkdir -p "${SLURM_STATE}/ctld" "${SLURM_STATE}/spool"
+    ensure_munge
+    write_slurm_conf
+    start_slurm_daemon slurmctld
+    start_slurm_daemon slurmd
+    local waited=0 state=""
+    while ! slurm_up; do
+        state="$(slurm_node_state || true)"
+        case "$state" in
+            down* | drain* | drained*)
+                scontrol update NodeName="$(hostname -s)" State=RESUME >/dev/null 2>&1 || true
+                ;;
+        esac
+        if [ "$waited" -ge "$SLURM_WAIT" ]; then
+            tail -n 20 "${SLURM_STATE}/slurmctld.log" "${SLURM_STATE}/slurmd.log" >&2 || true
+            die "node $(hostname -s) is '${state:-unknown}', not idle, after ${SLURM_WAIT}s"
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    say "slurm: node $(hostname -s) $(slurm_node_state) (config $SLURM_CONF_FILE, state $SLURM_STATE)"
+}
+
+stop_slurm() {
+    local name pid
+    for name in slurmd slurmctld; do
+        if pid="$(live_pid_of "${SLURM_STATE}/${name}.pid" "$name")"; then
+            stop_pid "$pid" "$name"
+        fi
+    done
+    if pid="$(live_pid_of "${SLURM_STATE}/munged.pid" munged)"; then
+        stop_pid "$pid" munged
+        rm -f "${SLURM_STATE}/munged.pid"
+    fi
+    say "slurm: daemons started by this script stopped; others left alone"
+}
+
 cmd_up() {
     ensure_packages
     ensure_dockerd
     ensure_registry
+    # Slurm only serves the array-job tests: its failure leaves Docker and the registry up and
+    # `up` successful; those tests fail under CI when it is missing.
+    if ! (ensure_slurm); then
+        say "slurm: not available; the Slurm tests will fail under CI (see the error above)" >&2
+    fi
 }
 
 cmd_down() {
@@ -264,6 +457,7 @@ cmd_down() {
         rm -f "$REGISTRY_PID"
         say "registry: not started by this script, left alone"
     fi
+    stop_slurm
     say "dockerd: left running"
 }
 
@@ -275,6 +469,12 @@ cmd_status() {
     else
         say "registry: not answering on ${REGISTRY_ADDR}"
         rc=1
+    fi
+    # Slurm is optional: reported, not counted in the exit status.
+    if munge_up && slurm_up; then
+        say "slurm: node $(hostname -s) $(slurm_node_state)"
+    else
+        say "slurm: not running (optional)"
     fi
     return "$rc"
 }

@@ -164,3 +164,48 @@ def reference_trees(
 def leftover_containers_fixture(docker_services: str) -> Callable[[Path | str], list[str]]:
     """``leftover_containers(cache_dir) -> list[str]``: our containers still labelled for it."""
     return leftover_containers
+
+
+def slurm_available() -> bool:
+    """True when this host's slurmd answers and the controller reports its node usable."""
+    try:
+        slurmd = subprocess.run(
+            ["scontrol", "show", "slurmd"], capture_output=True, timeout=20, check=False
+        )
+        state = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T", "-n", os.uname().nodename.split(".")[0]],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    states = state.stdout.split()
+    usable = bool(states) and states[0] in {"idle", "mixed", "allocated", "completing"}
+    return slurmd.returncode == 0 and usable
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """Make sure the single-node Slurm of ``scripts/services.sh`` is up; return the node name.
+
+    Fails under CI, skips elsewhere, when it cannot be brought up.
+    """
+    node = os.uname().nodename.split(".")[0]
+    if slurm_available():
+        return node
+    proc = subprocess.run(
+        ["bash", str(SERVICES_SCRIPT), "up"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if slurm_available():
+        return node
+    detail = " | ".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:])
+    message = f"Slurm unavailable after scripts/services.sh up: {detail}"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
