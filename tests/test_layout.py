@@ -15,7 +15,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"asynccache.api"}),
     frozenset({"asynccache.pipeline"}),
     frozenset({"asynccache.sources", "asynccache.cache"}),
-    frozenset({"asynccache.tree", "asynccache.entries", "asynccache.dataset"}),
+    frozenset({"asynccache.tree", "asynccache.entries", "asynccache.dataset", "asynccache.shards"}),
     frozenset({"asynccache._fs", "asynccache._threads", "asynccache.errors", "asynccache.config"}),
 )
 
