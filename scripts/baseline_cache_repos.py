@@ -8,10 +8,14 @@ One entry at a time, with the Docker CLI, as the original ``cache_repos.py`` did
     docker rm -f CONTAINER
     count the files and bytes, rewrite index.json, next entry
 
-plus ``docker rmi IMAGE`` after each entry (asynccache removes the images it pulled by default,
-so the two are compared doing the same work). Same flags as the original: ``--cache_dir``,
-``--dataset`` (a Hugging Face id or a local folder with ``data/{split}-*.parquet``), ``--split``,
-``--max_entries``, ``--skip_existing`` (on by default), ``--cp_timeout``, ``--dry_run``.
+Like the original it never removes an image, so layers shared by several images (the OS base,
+and anything else two images have in common) are pulled once. Same flags as the original:
+``--cache_dir``, ``--dataset`` (a Hugging Face id or a local folder with
+``data/{split}-*.parquet``), ``--split``, ``--max_entries``, ``--skip_existing`` (on by
+default), ``--cp_timeout``, ``--dry_run``.
+
+``--remove_images`` (not in the original; the benchmark's ``baseline-rmi``) adds ``docker rmi
+IMAGE`` after each entry, so that every image is pulled whole, shared layers included.
 
 ``--stats_json PATH`` (benchmark only) writes the wall and CPU seconds of every step of every
 entry; the CPU of a docker CLI step is that child's user+system time (``RUSAGE_CHILDREN``).
@@ -104,8 +108,10 @@ class Steps:
         }
 
 
-def extract(image: str, dest: Path, cp_timeout: float, steps: Steps) -> None:
-    """pull, create, cp, rm -f, rmi."""
+def extract(
+    image: str, dest: Path, cp_timeout: float, steps: Steps, remove_image: bool = False
+) -> None:
+    """pull, create, cp, rm -f (and rmi with remove_image)."""
     steps.run("pull", ["docker", "pull", image])
     container = steps.run("create", ["docker", "create", image, "true"]).strip()
     try:
@@ -113,10 +119,11 @@ def extract(image: str, dest: Path, cp_timeout: float, steps: Steps) -> None:
         steps.run("cp", ["docker", "cp", f"{container}:/testbed/.", str(dest)], timeout=cp_timeout)
     finally:
         steps.run("rm", ["docker", "rm", "-f", container])
-        try:
-            steps.run("rmi", ["docker", "rmi", image])
-        except RuntimeError as exc:
-            print(f"warning: {exc}", file=sys.stderr)
+        if remove_image:
+            try:
+                steps.run("rmi", ["docker", "rmi", image])
+            except RuntimeError as exc:
+                print(f"warning: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_existing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cp_timeout", type=float, default=120)
     parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument(
+        "--remove_images",
+        action="store_true",
+        help="not in the original: docker rmi each image after its entry",
+    )
     parser.add_argument("--stats_json", default=None, help="write per-step timings here")
     args = parser.parse_args(argv)
 
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if dest.exists():
                 shutil.rmtree(dest)
-            extract(row["docker_image"], dest, args.cp_timeout, steps)
+            extract(row["docker_image"], dest, args.cp_timeout, steps, args.remove_images)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
             print(f"  failed: {exc}", file=sys.stderr)
             shutil.rmtree(dest, ignore_errors=True)

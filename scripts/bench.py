@@ -2,7 +2,9 @@
 
 For each scenario (``loopback``: the registry on 127.0.0.1:5000 directly; ``wan``: the same
 registry behind a socat proxy that adds ~40 ms per new connection and caps each connection's
-responses at 20 MiB/s with pv) and each contender (``baseline``: scripts/baseline_cache_repos.py;
+responses at 20 MiB/s with pv) and each contender (``baseline``: scripts/baseline_cache_repos.py,
+the original script, which never removes an image, so shared layers are pulled once;
+``baseline-rmi``: the same with ``docker rmi`` after each entry, so every image is pulled whole;
 ``cN``: ``python -m asynccache --concurrency N``; ``rN``: ``python -m asynccache --backend
 registry --concurrency N`` with ``DOCKER_HOST=unix:///nonexistent``, so that it cannot use
 dockerd), the benchmark removes every local image of the bench set and sets the whole cache
@@ -32,7 +34,8 @@ index.json and the time per update, next to what rewriting the whole index after
 Usage::
 
     python scripts/bench.py [--images N] [--scenarios loopback,wan]
-                            [--contenders baseline,c1,c4,c16,r1,r4,r16] [--repeat N]
+                            [--contenders baseline,baseline-rmi,c1,c4,c16,r1,r4,r16]
+                            [--repeat N]
                             [--loopback-repeat N] [--code worktree|head] [--index-sim 5000]
 """
 
@@ -380,23 +383,31 @@ class WanProxy:
 
 
 def _sources(which: str) -> dict[str, bytes]:
-    """asynccache/*.py of the committed HEAD ("head") or of the working tree ("worktree")."""
+    """asynccache/**/*.py of the committed HEAD ("head") or of the working tree ("worktree").
+
+    Keys are paths relative to asynccache/ (subpackages included).
+    """
     if which == "head":
         listing = subprocess.run(
-            ["git", "ls-tree", "--name-only", "HEAD", "asynccache/"],
+            ["git", "ls-tree", "-r", "--name-only", "HEAD", "asynccache/"],
             cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split()
         return {
-            Path(name).name: subprocess.run(
+            name.removeprefix("asynccache/"): subprocess.run(
                 ["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True, check=True
             ).stdout
             for name in listing
             if name.endswith(".py")
         }
-    return {path.name: path.read_bytes() for path in sorted((ROOT / "asynccache").glob("*.py"))}
+    package = ROOT / "asynccache"
+    return {
+        path.relative_to(package).as_posix(): path.read_bytes()
+        for path in sorted(package.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
 
 
 def snapshot_code(which: str = "head", wait: float = 120.0) -> tuple[Path, str]:
@@ -421,9 +432,10 @@ def snapshot_code(which: str = "head", wait: float = 120.0) -> tuple[Path, str]:
             shutil.rmtree(staging)
         (staging / "asynccache").mkdir(parents=True)
         for name, data in blobs.items():
+            (staging / "asynccache" / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / "asynccache" / name).write_bytes(data)
         try:
-            for path in (staging / "asynccache").glob("*.py"):
+            for path in (staging / "asynccache").rglob("*.py"):
                 py_compile.compile(str(path), doraise=True)
         except py_compile.PyCompileError as exc:
             shutil.rmtree(staging)
@@ -465,8 +477,18 @@ def contender_command(
 ) -> list[str]:
     """The command line of a contender."""
     common = ["--dataset", str(dataset), "--split", bi.SPLIT, "--cache_dir", str(cache)]
-    if name == "baseline":
-        return [sys.executable, str(BASELINE_SCRIPT), *common, "--stats_json", str(stats)]
+    if name in ("baseline", "baseline-rmi"):
+        # baseline: the original script, which never removes an image (shared layers are
+        # pulled once); baseline-rmi: the same with `docker rmi` after each entry.
+        removal = ["--remove_images"] if name == "baseline-rmi" else []
+        return [
+            sys.executable,
+            str(BASELINE_SCRIPT),
+            *common,
+            *removal,
+            "--stats_json",
+            str(stats),
+        ]
     match = re.fullmatch(r"([cr])(\d+)", name)
     if not match:
         raise SystemExit(f"unknown contender {name!r} (baseline, cN or rN)")
@@ -679,7 +701,7 @@ def run_contender(
         if result["client_downloaded_mib"] is not None
         else result["served_mib"]
     )
-    if name == "baseline" and stats.exists():
+    if name.startswith("baseline") and stats.exists():
         steps = json.loads(stats.read_text())
         good = [s for s in steps if "failed" not in s]
         for step in ("pull", "create", "cp", "rm", "rmi", "count", "index"):
@@ -878,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="runs per contender in the loopback scenario (default: --repeat)",
     )
     parser.add_argument("--scenarios", default="loopback,wan")
-    parser.add_argument("--contenders", default="baseline,c1,c4,c16,r1,r4,r16")
+    parser.add_argument("--contenders", default="baseline,baseline-rmi,c1,c4,c16,r1,r4,r16")
     parser.add_argument("--images", type=int, default=None, help="the first N bench images")
     parser.add_argument("--registry", default=fx.DEFAULT_REGISTRY)
     parser.add_argument("--wan-port", type=int, default=5055)
@@ -995,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if base and base["images_per_min"]
                         else None
                     )
-                    if base and row["contender"] != "baseline":
+                    if base and not row["contender"].startswith("baseline"):
                         row["docker_cp_cpu_per_image_s"] = base.get("docker_cp_cpu_per_image_s")
                 problems = check_consistency(rows)
                 output["scenarios"][scenario] = {

@@ -78,6 +78,20 @@ def test_index_sim_small() -> None:
     assert original["bytes_written"] > result["final_index_bytes"]
 
 
+def test_baseline_is_the_original_and_the_rmi_variant_is_labelled(tmp_path: Path) -> None:
+    original = bench.contender_command("baseline", tmp_path, tmp_path, tmp_path / "s")
+    variant = bench.contender_command("baseline-rmi", tmp_path, tmp_path, tmp_path / "s")
+    assert str(bench.BASELINE_SCRIPT) in original
+    assert "--remove_images" not in original
+    assert variant == [*original[:-2], "--remove_images", *original[-2:]]
+
+
+def test_code_snapshot_keeps_subpackages(tmp_path: Path) -> None:
+    sources = bench._sources("worktree")
+    assert "__init__.py" in sources
+    assert any("/" in name for name in sources), "subpackages must be part of the snapshot"
+
+
 def test_registry_contenders(tmp_path: Path) -> None:
     command = bench.contender_command("r4", tmp_path / "ds", tmp_path / "cache", tmp_path / "s")
     assert command[command.index("--backend") + 1] == "registry"
