@@ -1,5 +1,5 @@
-"""Caching as a command: the run (default) and the maintenance commands."""
+"""The command line: subcommands (caching is the default), their flags, logs and progress."""
 
-from asynccache.cli.run import main
+from asynccache.cli.app import main
 
 __all__ = ["main"]

@@ -7,11 +7,18 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 from asynccache import config
 from asynccache.cache.verify import cache_status, format_status, format_verify, verify_cache
+from asynccache.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    Subparsers,
+    add_global_flags,
+    cache_dir,
+)
 from asynccache.errors import CacheError
 
 __all__ = [
@@ -24,22 +31,8 @@ __all__ = [
     "run_verify",
 ]
 
-EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
-
-#: The first words of ``python -m asynccache`` that select a maintenance command.
+#: The maintenance commands (``python -m asynccache verify ...``).
 COMMANDS = ("verify", "status")
-
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def _cache_dir_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cache_dir",
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help=f"cache folder (default {config.repo_cache_dir}, env ASYNCCACHE_CACHE_DIR)",
-    )
 
 
 def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -50,7 +43,6 @@ def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         description="Check every indexed instance: folder present, file count and size as "
         "recorded; with --deep, content against the digest recorded at extraction.",
     )
-    _cache_dir_flag(parser)
     parser.add_argument(
         "--deep", action="store_true", help="also hash every file and compare digests"
     )
@@ -73,7 +65,6 @@ def add_status_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         description="Count cached, missing and failed instances of a cache folder, optionally "
         "against a dataset split.",
     )
-    _cache_dir_flag(parser)
     parser.add_argument(
         "--dataset",
         default=None,
@@ -88,10 +79,6 @@ def add_status_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _cache_dir(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir) if args.cache_dir is not None else config.default_cache_dir()
-
-
 def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args)
@@ -104,7 +91,7 @@ def run_verify(args: argparse.Namespace) -> int:
     """Run ``verify``; 0 healthy, 1 something missing or damaged (even if repaired), 2 error."""
 
     def run(args: argparse.Namespace) -> int:
-        report = verify_cache(_cache_dir(args), deep=args.deep, repair=args.repair, jobs=args.jobs)
+        report = verify_cache(cache_dir(args), deep=args.deep, repair=args.repair, jobs=args.jobs)
         if args.json:
             data: dict[str, Any] = dataclasses.asdict(report)
             data["healthy"] = report.healthy
@@ -125,7 +112,7 @@ def run_status(args: argparse.Namespace) -> int:
             from asynccache.api import dataset_rows
 
             rows = dataset_rows(args.dataset, args.split, args.max_entries)
-        report = cache_status(_cache_dir(args), rows)
+        report = cache_status(cache_dir(args), rows)
         if args.json:
             print(json.dumps(dataclasses.asdict(report), indent=2))
         else:
@@ -136,13 +123,15 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A parser of the maintenance commands alone."""
-    parser = argparse.ArgumentParser(
-        prog="asynccache", description="Maintenance commands of a cache folder."
+    """A parser of the maintenance commands alone (``python -m asynccache.cli.maintenance``)."""
+    parser = Parser(prog="asynccache", description="Maintenance commands of a cache folder.")
+    subparsers: Subparsers = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="command",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
-    add_verify_parser(subparsers)
-    add_status_parser(subparsers)
+    for add in (add_verify_parser, add_status_parser):
+        add_global_flags(add(subparsers))
     return parser
 
 

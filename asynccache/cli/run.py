@@ -1,4 +1,4 @@
-"""Command line: arguments, logging, progress, exit codes; no business logic."""
+"""The ``run`` command (the default): caching a dataset split, its progress, summary, exit code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -17,7 +16,8 @@ from asynccache import config
 from asynccache.api import dataset_rows, open_pipeline
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
-from asynccache.cli import maintenance as maintenance_cli
+from asynccache.cli import common
+from asynccache.cli.common import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, Subparsers, flag
 from asynccache.cli.progress import ProgressReporter
 from asynccache.config import CacheOptions
 from asynccache.entries import count_rows, entry_from_row, iterate_in_thread
@@ -26,34 +26,14 @@ from asynccache.pipeline import Pipeline, Summary
 
 log = logging.getLogger("asynccache")
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _flag(name: str) -> list[str]:
-    spellings = [f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    return spellings
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m asynccache``."""
-    parser = _Parser(
-        prog="asynccache",
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add ``run``, the caching job (the default command); its handler is ``args.func``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        usage="asynccache [run] [options]",
+        help="cache /testbed of every entry of a dataset split (the default command)",
         description="Cache /testbed of every R2E-Gym image into a folder, concurrently and safely.",
-        epilog="Maintenance: `asynccache verify --cache_dir DIR [--deep] [--repair]` and "
-        "`asynccache status --cache_dir DIR [--dataset D --split S]`.",
-    )
-    parser.add_argument(
-        *_flag("cache_dir"),
-        type=Path,
-        default=None,
-        help=f"cache folder (default {config.repo_cache_dir}, env ASYNCCACHE_CACHE_DIR)",
     )
     parser.add_argument(
         "--dataset",
@@ -64,44 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=config.dataset_split, help="dataset split (default train)"
     )
     parser.add_argument(
-        *_flag("max_entries"), type=int, default=None, help="take the first N rows only"
+        *flag("max_entries"), type=int, default=None, help="take the first N rows only"
     )
     parser.add_argument(
         "--concurrency", type=int, default=config.concurrency, help="parallel workers"
     )
     parser.add_argument(
-        *_flag("skip_existing"),
+        *flag("skip_existing"),
         action=argparse.BooleanOptionalAction,
         default=True,
         help="skip entries already cached (default on; --no-skip_existing re-extracts)",
     )
     parser.add_argument(
-        *_flag("skip_pull"), action="store_true", help="never pull; use local images only"
+        *flag("skip_pull"), action="store_true", help="never pull; use local images only"
     )
     parser.add_argument(
-        *_flag("keep_images"),
+        *flag("keep_images"),
         action="store_true",
         help="keep images this run pulled (default: remove them after extraction)",
     )
     parser.add_argument(
-        *_flag("dry_run"),
+        *flag("dry_run"),
         action="store_true",
         help="list what would be cached; needs no Docker daemon",
     )
     parser.add_argument(
-        *_flag("cp_timeout"),
+        *flag("cp_timeout"),
         type=float,
         default=config.cp_timeout,
         help="seconds allowed to copy one /testbed out (default 120)",
     )
     parser.add_argument(
-        *_flag("pull_timeout"),
+        *flag("pull_timeout"),
         type=float,
         default=config.pull_timeout,
         help="seconds allowed for one pull (default 600)",
     )
     parser.add_argument(
-        *_flag("rate_limit_max_wait"),
+        *flag("rate_limit_max_wait"),
         type=float,
         default=config.rate_limit_max_wait,
         help="seconds to wait out a registry's rate limit before failing the "
@@ -120,41 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --backend registry: platform to pick from multi-platform images",
     )
     parser.add_argument(
-        *_flag("insecure_registry"),
+        *flag("insecure_registry"),
         action="append",
         default=[],
         metavar="HOST[:PORT]",
         help="with --backend registry: reach this registry over plain HTTP "
-        "(loopback registries always are); repeatable",
+        "(loopback registries always are); repeatable (comma-separated in the variable)",
     )
     parser.add_argument(
-        *_flag("registry_mirror"),
+        *flag("registry_mirror"),
         default=None,
         metavar="URL",
         help="with --backend registry: pull Docker Hub images through this pull-through mirror",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only")
+    parser.set_defaults(func=run_command)
     return parser
-
-
-def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    if not verbose:
-        for noisy in ("datasets", "huggingface_hub", "fsspec", "filelock", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _validate(args: argparse.Namespace) -> None:
     if args.concurrency < 1:
-        raise SetupError("--concurrency must be at least 1")
+        raise SetupError(f"{_named(args, 'concurrency')} must be at least 1")
     if args.max_entries is not None and args.max_entries < 0:
-        raise SetupError("--max_entries must not be negative")
+        raise SetupError(f"{_named(args, 'max_entries')} must not be negative")
     if args.cp_timeout <= 0 or args.pull_timeout <= 0:
-        raise SetupError("--cp_timeout and --pull_timeout must be positive")
+        raise SetupError(
+            f"{_named(args, 'cp_timeout')} and {_named(args, 'pull_timeout')} must be positive"
+        )
+
+
+def _named(args: argparse.Namespace, dest: str) -> str:
+    """How an error names an option: its flag, or its variable when the value came from there."""
+    variable = getattr(args, "from_env", {}).get(dest)
+    if variable is not None and os.environ.get(variable) is not None:
+        return f"--{dest} (from {variable}={os.environ[variable]})"
+    return f"--{dest}"
 
 
 async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
@@ -213,7 +192,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run the caching job for parsed arguments; return the exit code."""
     _validate(args)
     log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
-    cache_dir = Path(args.cache_dir) if args.cache_dir is not None else config.default_cache_dir()
+    cache_dir = common.cache_dir(args)
     if args.dry_run:
         return await dry_run(args, cache_dir)
     total = count_rows(args.dataset, args.split)
@@ -299,13 +278,8 @@ def _backend_options() -> dict[str, object]:
     return {"use_uvloop": True}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``asynccache`` command."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments and arguments[0] in maintenance_cli.COMMANDS:
-        return maintenance_cli.main(arguments)
-    args = build_parser().parse_args(arguments)
-    _configure_logging(args.verbose, args.quiet)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the caching job (or the dry run) for parsed arguments; return the exit code."""
     try:
         code = anyio.run(run, args, backend="asyncio", backend_options=_backend_options())
     except KeyboardInterrupt:
