@@ -112,14 +112,26 @@ class CacheDir:
         return self.free_bytes() >= needed
 
     def remove_stale_work(self) -> int:
-        """Delete every leftover work-in-progress folder; return how many there were."""
+        """Delete every leftover work-in-progress folder; return how many went.
+
+        A folder that cannot be removed (a mount point inside it, a permission the process
+        lacks) is reported and skipped: it never stops this run or a later one.
+        """
+        if self.tmp_dir.is_symlink() or (self.tmp_dir.exists() and not self.tmp_dir.is_dir()):
+            # Never follow a planted link out of the cache folder.
+            self.tmp_dir.unlink()
         if not self.tmp_dir.exists():
             self.tmp_dir.mkdir()
             return 0
-        stale = list(self.tmp_dir.iterdir())
-        for path in stale:
-            remove_tree(path)
-        return len(stale)
+        removed = 0
+        for path in list(self.tmp_dir.iterdir()):
+            try:
+                remove_tree(path)
+            except OSError as exc:
+                log.warning("cannot remove the unfinished folder %s (skipped): %s", path, exc)
+                continue
+            removed += 1
+        return removed
 
     def new_work_dir(self, instance_id: str) -> Path:
         """A fresh, empty folder under .tmp for one extraction."""

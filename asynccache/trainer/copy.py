@@ -2,11 +2,12 @@
 
 A reflink (FICLONE) per file where the filesystems support it, else ``copy_file_range`` (or
 ``sendfile`` across filesystems). Fidelity: the same tree of directories, regular files, symlinks
-(targets verbatim) and fifos, with the same permission bits (setuid/setgid/sticky included);
+(targets verbatim) and fifos, with the same permission bits except setuid and setgid;
 regular files keep their mtime so that Python's timestamp-based ``.pyc`` files and make stay
 valid; directories and symlinks get fresh times; every file is owned by the caller; files
 hard-linked together in the cache become separate files, and nothing is ever hard-linked to the
-cache. Sockets are skipped. Every function here blocks; call it from a worker thread.
+cache. Sockets and device nodes are skipped. Every function here blocks; call it from a worker
+thread. The destination is held by descriptor (trainer/destination.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import stat
 from pathlib import Path
 
-from asynccache._fs import claim_empty_dir, current_umask, remove_tree
+from asynccache._fs import current_umask, remove_tree
+from asynccache.trainer.destination import claim_destination
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 30
+_PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 _NO_REFLINK = frozenset(
     {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 )
@@ -37,17 +40,19 @@ _NO_COPY_RANGE = frozenset(
 
 def copy_checkout(source: Path, dest: Path) -> None:
     """Copy ``source`` to ``dest`` in this thread (see the module docstring for fidelity)."""
-    root_mode = stat.S_IMODE(os.stat(source).st_mode)
-    claim_empty_dir(dest)
-    try:
-        os.chmod(dest, 0o700)
-        _Copier(os.stat(source).st_dev, os.stat(dest).st_dev).copy_tree(
-            os.fspath(source), os.fspath(dest)
-        )
-        os.chmod(dest, root_mode)
-    except BaseException:
-        remove_tree(dest)
-        raise
+    root_mode = stat.S_IMODE(os.stat(source).st_mode) & ~_PRIVILEGE_BITS
+    with claim_destination(dest) as target:
+        try:
+            os.fchmod(target.fd, 0o700)
+            _Copier(os.stat(source).st_dev, os.fstat(target.fd).st_dev).copy_tree(
+                os.fspath(source), target.here()
+            )
+            os.fchmod(target.fd, root_mode)
+        except BaseException:
+            for name in os.listdir(target.fd):
+                remove_tree(Path(target.here(name)))
+            target.discard()
+            raise
 
 
 _reflink_ok: dict[tuple[int, int], bool] = {}
@@ -102,7 +107,7 @@ class _Copier:
                     os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
                     continue
                 info = entry.stat(follow_symlinks=False)
-                mode = stat.S_IMODE(info.st_mode)
+                mode = stat.S_IMODE(info.st_mode) & ~_PRIVILEGE_BITS
                 if stat.S_ISREG(info.st_mode):
                     self._copy_file(src_fd, dst_fd, name, info, mode)
                 elif stat.S_ISDIR(info.st_mode):
@@ -112,9 +117,8 @@ class _Copier:
                     if mode & umask:
                         os.chmod(name, mode, dir_fd=dst_fd)
                 elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
-                    os.mknod(name, info.st_mode, info.st_rdev, dir_fd=dst_fd)
-                    if mode & umask:
-                        os.chmod(name, mode, dir_fd=dst_fd)
+                    # A device node in a rollout's tree would open the host's devices.
+                    log.debug("not copying the device node %s/%s", src_dir, name)
         return subdirs
 
     def _copy_file(

@@ -24,12 +24,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from asynccache._fs import claim_empty_dir, remove_tree
+from asynccache._fs import remove_tree
 from asynccache.errors import CheckoutError
+from asynccache.trainer.destination import claim_destination, fd_path
 
 log = logging.getLogger(__name__)
 
 _MNT_DETACH = 2
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def overlay_side_dir(dest: Path) -> Path:
@@ -157,32 +162,43 @@ def _initial_user_namespace() -> bool:
 
 
 def overlay_checkout(source: Path, dest: Path) -> None:
-    """Mount an overlay of ``source`` at ``dest``; its upper and work folders sit beside dest."""
+    """Mount an overlay of ``source`` at ``dest``; its upper and work folders sit beside dest.
+
+    The mount is ``nosuid,nodev``, and every path it is given names a folder this call opened
+    (see trainer/destination.py), so swapping ``dest`` or a parent for a link changes nothing.
+    """
     probe = overlay_probe(dest.parent)
     extra = probe.options if probe.available else _option_candidates()[0]
-    side = overlay_side_dir(dest)
-    mode = stat.S_IMODE(os.stat(source).st_mode)
-    created = claim_empty_dir(dest)
-    try:
-        os.mkdir(side, 0o700)
-    except FileExistsError:
-        if created:
-            os.rmdir(dest)
-        raise CheckoutError(
-            f"{side} already exists (an earlier checkout at {dest} was not released)"
-        ) from None
-    try:
-        upper = side / "upper"
-        os.mkdir(upper, mode)
-        if stat.S_IMODE(os.stat(upper).st_mode) != mode:
-            os.chmod(upper, mode)
-        os.mkdir(side / "work", 0o700)
-        _mount_overlay(source, dest, upper, side / "work", extra)
-    except BaseException:
-        remove_tree(side)
-        if created:
-            os.rmdir(dest)
-        raise
+    side_name = overlay_side_dir(dest).name
+    mode = stat.S_IMODE(os.stat(source).st_mode) & ~_PRIVILEGE_BITS
+    with claim_destination(dest) as target:
+        try:
+            os.mkdir(side_name, 0o700, dir_fd=target.parent_fd)
+        except FileExistsError:
+            target.discard()
+            raise CheckoutError(
+                f"{overlay_side_dir(dest)} already exists (an earlier checkout at {dest} was not "
+                "released)"
+            ) from None
+        try:
+            side_fd = os.open(side_name, _DIR_OPEN, dir_fd=target.parent_fd)
+            try:
+                os.mkdir("upper", mode, dir_fd=side_fd)
+                os.chmod("upper", mode, dir_fd=side_fd, follow_symlinks=False)
+                os.mkdir("work", 0o700, dir_fd=side_fd)
+                _mount_overlay(
+                    source,
+                    Path(target.here()),
+                    Path(fd_path(side_fd, "upper")),
+                    Path(fd_path(side_fd, "work")),
+                    extra,
+                )
+            finally:
+                os.close(side_fd)
+        except BaseException:
+            remove_tree(Path(target.beside(side_name)))
+            target.discard()
+            raise
 
 
 def _escape(path: Path) -> str:
@@ -197,9 +213,11 @@ def _mount_overlay(lower: Path, dest: Path, upper: Path, work: Path, extra: str)
     data = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}{extra}"
     libc = _libc()
     if libc is None:
-        _run_command(["mount", "-t", "overlay", "overlay", "-o", data, os.fspath(dest)])
+        options = f"nosuid,nodev,{data}"
+        _run_command(["mount", "-t", "overlay", "overlay", "-o", options, os.fspath(dest)])
         return
-    if libc.mount(b"overlay", os.fsencode(dest), b"overlay", 0, os.fsencode(data)) != 0:
+    flags = _MS_NOSUID | _MS_NODEV
+    if libc.mount(b"overlay", os.fsencode(dest), b"overlay", flags, os.fsencode(data)) != 0:
         code = ctypes.get_errno()
         raise CheckoutError(f"cannot mount an overlay at {dest}: {os.strerror(code)}")
 

@@ -971,6 +971,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def as_copied(snapshot: dict[str, Entry]) -> dict[str, Entry]:
+    """What a copy checkout of a tree gives: no setuid/setgid bits, no device nodes."""
+    return {
+        path: (kind, mode & ~0o6000 if mode is not None else None, detail, group)
+        for path, (kind, mode, detail, group) in snapshot.items()
+        if kind not in ("chardev", "blockdev")
+    }
+
+
 def snapshot_tree(root: Path | str, *, hardlinks: bool = True) -> dict[str, Entry]:
     """Describe every path under ``root`` (relative, POSIX, root itself excluded).
 
