@@ -37,6 +37,14 @@ class Entry:
     commit_hash: str
     row_number: int = 0
 
+    def __post_init__(self) -> None:
+        # Entries built by callers (not from dataset rows) name paths too: check them here.
+        try:
+            validate_instance_id(self.instance_id)
+            validate_image_reference(self.docker_image)
+        except ValueError as exc:
+            raise InvalidEntry(self.row_number, f"{exc}; fix this entry") from None
+
 
 InstanceIdFn = Callable[[Mapping[str, Any]], str]
 

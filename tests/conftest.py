@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import pytest
 
@@ -70,13 +71,29 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+_daemon_turn: list[IO[str]] = []
+
+
+def _take_daemon_turn() -> None:
+    """Hold the machine-wide Docker test lock until this process exits."""
+    if _daemon_turn:
+        return
+    path = Path(os.environ.get("ASYNCCACHE_TEST_LOCK", "/var/tmp/asynccache-docker-tests.lock"))
+    handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held for the whole session)
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    _daemon_turn.append(handle)
+
+
 @pytest.fixture(scope="session")
 def docker_services() -> str:
     """Make sure dockerd and the loopback registry are up; return the registry address.
 
     Runs ``scripts/services.sh up`` when either is missing. Fails under CI, skips elsewhere,
-    when they cannot be made available.
+    when they cannot be made available. Test sessions on one machine share the daemon (some
+    tests restart it or check which images are local), so each session takes its turn: the
+    first Docker test waits for a machine-wide lock that the session holds until it ends.
     """
+    _take_daemon_turn()
     if docker_available() and registry_available(REGISTRY):
         return REGISTRY
     try:

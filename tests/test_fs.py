@@ -147,3 +147,18 @@ def test_a_planted_tmp_link_is_replaced_not_followed(tmp_path: Path) -> None:
     assert cache.remove_stale_work() == 0
     assert cache.tmp_dir.is_dir() and not cache.tmp_dir.is_symlink()
     assert (outside / "precious").read_text() == "keep"
+
+
+def test_a_planted_lock_link_is_never_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    cache = CacheDir(tmp_path / "cache")
+    cache.root.mkdir()
+    (cache.root / ".lock").symlink_to(victim)
+    cache.lock()
+    try:
+        assert victim.read_text() == "precious\n"
+        assert not (cache.root / ".lock").is_symlink()
+        assert (cache.root / ".lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        cache.unlock()

@@ -15,6 +15,7 @@ from anyio.abc import ObjectReceiveStream
 
 from asynccache._fs import write_json_atomic
 from asynccache.config import INDEX_NAME, META_DIR_NAME
+from asynccache.entries import validate_instance_id
 from asynccache.errors import IndexCorrupt
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ def size_mb(size_bytes: int) -> float:
 
 def validate_record(key: str, record: Any) -> IndexRecord:
     """Return ``record`` when it is a complete index record for ``key``, else raise IndexCorrupt."""
+    try:
+        validate_instance_id(key)
+    except ValueError as exc:
+        raise IndexCorrupt(f"record key: {exc}") from None
     if not isinstance(record, dict):
         raise IndexCorrupt(f"record {key!r} is not an object")
     missing = [name for name in REQUIRED_FIELDS if name not in record]

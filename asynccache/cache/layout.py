@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from asynccache._fs import fsync_dir, remove_tree
 from asynccache.config import FAILURES_NAME, INDEX_NAME, LOCK_NAME, META_DIR_NAME, TMP_DIR_NAME
+from asynccache.entries import validate_instance_id
 from asynccache.errors import CacheLocked, SetupError
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ class CacheDir:
         return self.root / META_DIR_NAME
 
     def instance_path(self, instance_id: str) -> Path:
-        """The final folder of one instance."""
+        """The final folder of one instance (ValueError for an id that is not one folder name)."""
+        validate_instance_id(instance_id)
         return self.root / instance_id
 
     def check_usable(self) -> None:
@@ -79,7 +83,7 @@ class CacheDir:
     def lock(self) -> None:
         """Take the folder's exclusive lock or raise CacheLocked naming the holder."""
         path = self.root / LOCK_NAME
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+        handle = open(_open_lock_file(path), "r+", encoding="utf-8")  # noqa: SIM115
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -157,11 +161,34 @@ class CacheDir:
         return final
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file itself, never a link planted in its place."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        fd = os.open(path, flags, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SetupError(f"{path} is not a regular file; remove it and rerun")
+    return fd
+
+
 def resolve_instance_path(cache_dir: Path, record: Mapping[str, Any]) -> Path:
-    """The recorded ``cache_path`` when it exists, else the instance's folder in ``cache_dir``."""
-    recorded = Path(str(record.get("cache_path", "")))
-    if not recorded.is_absolute():
-        recorded = cache_dir / recorded
-    if str(record.get("cache_path", "")) and os.path.isdir(recorded):
+    """The recorded ``cache_path`` when it is a folder inside ``cache_dir``, else the instance's
+    folder in ``cache_dir``: a record never names a place outside the cache folder."""
+    instance_id = str(record["instance_id"])
+    validate_instance_id(instance_id)
+    own = cache_dir / instance_id
+    text = str(record.get("cache_path", ""))
+    if not text:
+        return own
+    recorded = Path(text) if os.path.isabs(text) else cache_dir / text
+    root = os.path.realpath(cache_dir)
+    real = os.path.realpath(recorded)
+    if os.path.dirname(real) == root and os.path.isdir(real):
         return recorded
-    return cache_dir / str(record["instance_id"])
+    return own
