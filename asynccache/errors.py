@@ -47,6 +47,18 @@ class DaemonUnavailable(SetupError):
         )
 
 
+class NoDaemonFound(SetupError):
+    """No Docker daemon address at all: DOCKER_HOST unset and no socket where Docker puts one."""
+
+    def __init__(self, looked_at: list[str]) -> None:
+        self.looked_at = looked_at
+        super().__init__(
+            f"no Docker daemon found: DOCKER_HOST is not set and there is no socket at "
+            f"{', '.join(looked_at)}; start dockerd or set DOCKER_HOST, or use "
+            "--backend registry, which needs no daemon"
+        )
+
+
 class ImageNotFound(CacheError):
     """The image does not exist in its registry (or locally with --skip_pull)."""
 

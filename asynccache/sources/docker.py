@@ -23,6 +23,7 @@ from asynccache.errors import (
     CacheError,
     DaemonUnavailable,
     ImageNotFound,
+    NoDaemonFound,
     NoTestbed,
     PullFailed,
     RateLimited,
@@ -39,6 +40,14 @@ CREATE_TIMEOUT = 120.0
 _NOT_FOUND_MARKERS = ("manifest unknown", "not found", "does not exist", "no such image")
 _AUTH_MARKERS = ("unauthorized", "authentication required", "denied")
 _RATE_MARKERS = ("toomanyrequests", "too many requests", "rate limit")
+
+
+#: Where aiodocker (like the docker CLI) looks for the daemon's socket without DOCKER_HOST.
+_SOCKET_PATHS = (
+    Path("/run/docker.sock"),
+    Path("/var/run/docker.sock"),
+    Path.home() / ".docker" / "run" / "docker.sock",
+)
 
 
 def daemon_address() -> str:
@@ -135,6 +144,9 @@ class DockerBackend:
         """Open the client and check that the daemon answers; raise DaemonUnavailable if not."""
         try:
             self._docker = aiodocker.Docker()
+        except AssertionError:
+            # aiodocker asserts when it finds no address: Docker absent or not started.
+            raise NoDaemonFound([str(path) for path in _SOCKET_PATHS]) from None
         except (ValueError, OSError, aiodocker.DockerError) as exc:
             raise DaemonUnavailable(self.address, str(exc)) from None
         try:
