@@ -203,3 +203,15 @@ class EnsureFailed(CacheError):
 
 class CheckoutError(CacheError):
     """A checkout cannot be made or released."""
+
+
+class GitGuardFailed(CacheError):
+    """A repository's history past HEAD could not be removed; nothing of it is published."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        self.where = where
+        self.detail = detail
+        super().__init__(
+            f"cannot remove the git history past HEAD from {where}: {detail}; "
+            "--keep_git_history keeps .git as the image has it"
+        )

@@ -1,0 +1,384 @@
+"""The solution-leak guard: a repository keeps HEAD with its whole history, and nothing past it.
+
+An R2E-Gym image is ``git clone <upstream>`` then ``git checkout <buggy commit>``, tagged with the
+fix: its ``.git`` still reaches the fix through branches, tags, remote refs, reflogs and the
+objects they hold. ``guard_tree`` keeps HEAD (detached or on a branch) and every commit, tree and
+blob reachable from it or from the index, keeps only the branches and tags at HEAD or one of its
+ancestors, removes remotes, reflogs, stashes, notes, replace refs, ``FETCH_HEAD`` and the like,
+and repacks (reusing the packs' deltas) so that no other object is left. The working tree and the
+index are never touched. ``check_tree`` tells what of that does not hold in a tree.
+
+git runs in a shadow git folder (``safe_git``): nothing the image's repository names is run.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from asynccache.errors import DiskFull, GitGuardFailed
+from asynccache.tree.safe_git import ShadowGit, find_special_files, sections
+
+#: Seconds the guard may take for one tree, submodules included.
+DEFAULT_TIMEOUT = 600.0
+#: Most files a tree's .git may hold (loose objects of a never-packed repository included).
+MAX_GIT_FILES = 2_000_000
+
+#: Any all-capitals file at the top of a git folder is read by git as a ref (FETCH_HEAD, ORIG_HEAD,
+#: MERGE_HEAD, CHERRY_PICK_HEAD, AUTO_MERGE, BISECT_*, ...) or holds a message (MERGE_MSG, ...).
+_PSEUDO_REF = re.compile(r"[A-Z][A-Z_]*")
+#: Folders that hold reflogs, other worktrees' HEADs and indexes, interrupted operations, or
+#: recorded conflict resolutions: each can name or hold content past HEAD.
+_STATE_FOLDERS = ("logs", "worktrees", "rebase-merge", "rebase-apply", "sequencer", "rr-cache")
+#: Files that add history or objects from elsewhere, or list refs and packs as they were.
+_STALE_FILES = ("info/grafts", "info/refs", "objects/info/packs")
+#: Object-folder files that git would trust for reachability or lookups (a commit-graph can give a
+#: commit parents it does not have, a bitmap objects a commit does not reach, alternates objects
+#: from outside the tree) or that keep packs from being rewritten (.keep).
+_OBJECT_SIDECARS = (
+    "info/alternates",
+    "info/http-alternates",
+    "info/commit-graph",
+    "info/commit-graphs",
+    "pack/multi-pack-index",
+)
+_PACK_SIDECARS = (".keep", ".bitmap", ".rev", ".promisor", ".mtimes")
+#: Repository extensions the guard can work with; any other fails the repository.
+_KNOWN_EXTENSIONS = {"objectformat", "worktreeconfig", "preciousobjects", "noop"}
+#: Upstream keys of a kept branch's config section.
+_UPSTREAM_KEYS = ("remote", "merge", "pushremote")
+#: How much of the end of logs/HEAD is read to find the last checkout.
+_REFLOG_TAIL = 4 << 20
+_CHECKOUT = b"checkout: moving from "
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What the guard did to one tree."""
+
+    repositories: int = 0
+    refs_kept: int = 0
+    refs_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class _Checkout:
+    """The last "checkout: moving from" entry of HEAD's reflog (git status reads it)."""
+
+    new: str
+    rest: bytes  # identity, time, zone, tab and message, as written
+
+
+def guard_tree(
+    tree: Path, *, timeout: float = DEFAULT_TIMEOUT, scratch: Path | None = None
+) -> GuardResult:
+    """Remove every ref, reflog and object past HEAD from ``tree/.git`` and its submodules.
+
+    A tree without ``.git`` is left as it is. ``scratch`` (default: the tree's parent) holds a
+    temporary folder per repository. On failure (``GitGuardFailed``, ``DiskFull``) the tree's
+    ``.git`` is half done and the tree must be discarded.
+    """
+    dotgit = tree / ".git"
+    if not dotgit.exists() and not dotgit.is_symlink():
+        return GuardResult()
+    if dotgit.is_symlink() or not dotgit.is_dir():
+        raise GitGuardFailed(".git", "it is not a folder")
+    for problem in find_special_files(dotgit, MAX_GIT_FILES):
+        raise GitGuardFailed(".git", problem)
+    deadline = time.monotonic() + timeout
+    scratch = tree.parent if scratch is None else scratch
+    kept = dropped = 0
+    gitdirs = _git_dirs(dotgit)
+    for gitdir in gitdirs:
+        where = str(gitdir.relative_to(tree))
+        try:
+            with ShadowGit(gitdir, where, scratch, deadline) as git:
+                k, d = _guard_git_dir(git)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left while cleaning {where}: {exc.strerror}") from exc
+            raise GitGuardFailed(where, exc.strerror or str(exc)) from exc
+        kept += k
+        dropped += d
+    return GuardResult(len(gitdirs), kept, dropped)
+
+
+def check_tree(
+    tree: Path, *, timeout: float = DEFAULT_TIMEOUT, scratch: Path | None = None
+) -> list[str]:
+    """What in ``tree/.git`` (and its submodules) reaches past HEAD; empty when nothing does.
+
+    Reads the tree only; ``scratch`` (default: the system's temporary folder) holds the shadow.
+    """
+    dotgit = tree / ".git"
+    if not dotgit.exists() and not dotgit.is_symlink():
+        return []
+    if dotgit.is_symlink() or not dotgit.is_dir():
+        return [".git is not a folder"]
+    special = list(find_special_files(dotgit, MAX_GIT_FILES))
+    if special:
+        return special[:5]
+    deadline = time.monotonic() + timeout
+    problems: list[str] = []
+    for gitdir in _git_dirs(dotgit):
+        where = str(gitdir.relative_to(tree))
+        try:
+            with ShadowGit(gitdir, where, scratch, deadline) as git:
+                problems += [f"{where}: {problem}" for problem in _check_git_dir(git)]
+        except GitGuardFailed as exc:
+            problems.append(f"{where}: {exc.detail}")
+        except OSError as exc:
+            problems.append(f"{where}: {exc.strerror or exc}")
+    return problems
+
+
+def _git_dirs(dotgit: Path) -> list[Path]:
+    """The tree's git folder, then every submodule's under ``modules/`` (nested ones too)."""
+    found = [dotgit]
+    pending = [dotgit / "modules"]
+    while pending:
+        folder = pending.pop()
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            if not child.is_dir():
+                continue
+            if (child / "HEAD").is_file() and (child / "objects").is_dir():
+                found.append(child)
+                pending.append(child / "modules")
+            else:  # a submodule's name may hold slashes: modules/libs/foo
+                pending.append(child)
+    return found
+
+
+def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
+    """Clean one git folder; return (refs kept, refs dropped)."""
+    gitdir = git.gitdir
+    extensions = {k.removeprefix("extensions.") for k in git.config if k.startswith("extensions.")}
+    unknown = sorted(extensions - _KNOWN_EXTENSIONS)
+    if unknown:
+        raise git.fail(f"unsupported repository extension {unknown[0]}")
+    _remove_object_sidecars(gitdir)
+
+    head, branch = _head(git)
+    checkout = _last_checkout(gitdir / "logs" / "HEAD") if head and branch is None else None
+    abbrev_before = _abbrev(git, head, checkout)
+    every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
+    kept: list[tuple[str, str]] = []
+    if head:
+        listing = git.run(
+            "for-each-ref", "--merged=HEAD", "--format=%(objectname) %(refname)",
+            "refs/heads", "refs/tags",
+        )[1]  # fmt: skip
+        pairs = (line.partition(" ") for line in listing.splitlines())
+        kept = [(oid, name) for oid, _, name in pairs if name]
+        if branch and branch not in {name for _, name in kept}:
+            kept.append((head, branch))  # HEAD's own branch, wherever it lives, stays
+    if checkout and checkout.new != head and not _is_ancestor(git, checkout.new):
+        checkout = _Checkout(head or checkout.new, checkout.rest)  # never keep a later commit
+
+    git.reset_refs()
+    if kept:
+        commands = "".join(f"create {name} {oid}\n" for oid, name in kept)
+        git.run("update-ref", "--stdin", stdin=commands.encode())
+    git.run("pack-refs", "--all", "--prune")
+    # -a -d without -A/-k: the new pack holds exactly what HEAD, the kept refs and the index
+    # reach; deltas and compressed data are reused (no -f); -n: no info/refs listing.
+    git.run("repack", "-a", "-d", "-n", "-q", "--no-write-bitmap-index")
+    git.run("prune", "--expire=now")
+
+    _remove_state(gitdir)
+    git.install_refs()
+    if checkout and head:
+        (gitdir / "logs").mkdir()
+        (gitdir / "logs" / "HEAD").write_bytes(
+            b"0" * len(head) + f" {checkout.new} ".encode() + checkout.rest + b"\n"
+        )
+    abbrev_after = _abbrev(git, head, checkout)
+    pin = abbrev_before if abbrev_after < abbrev_before else 0
+    _clean_config(git, {name.removeprefix("refs/heads/") for _, name in kept}, pin)
+    return len(kept), len(every_ref) - len(kept)
+
+
+def _check_git_dir(git: ShadowGit) -> list[str]:
+    """What in one git folder reaches past HEAD."""
+    gitdir = git.gitdir
+    problems = [f"{name} is present" for name in _leftovers(gitdir)]
+    remotes = sections(list(git.config), "remote")
+    problems += [f"remote {name or '(default)'} is configured" for name in remotes]
+    head, _ = _head(git)
+    every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
+    merged: set[str] = set()
+    if head:
+        listing = git.run(
+            "for-each-ref", "--merged=HEAD", "--format=%(refname)", "refs/heads", "refs/tags"
+        )[1]
+        merged = set(listing.split())
+    past = [ref for ref in every_ref if ref not in merged]
+    if past:
+        shown = ", ".join(past[:3]) + (f" and {len(past) - 3} more" if len(past) > 3 else "")
+        problems.append(f"refs not at HEAD or an ancestor of it: {shown}")
+    problems += _reflog_problems(git, head)
+    problems += _unreachable(git)
+    return problems
+
+
+def _head(git: ShadowGit) -> tuple[str | None, str | None]:
+    """(HEAD's commit or None when unborn, its branch ref or None when detached)."""
+    code, symref = git.run("symbolic-ref", "-q", "HEAD", check=False)
+    branch = symref.strip() if code == 0 else None
+    code, out = git.run("rev-parse", "--verify", "-q", "HEAD^{commit}", check=False)
+    head = out.strip() if code == 0 else None
+    if head is None and branch is None:
+        raise git.fail("HEAD does not name a commit of the repository")
+    return head, branch
+
+
+def _is_ancestor(git: ShadowGit, oid: str) -> bool:
+    code, _ = git.run("merge-base", "--is-ancestor", oid, "HEAD", check=False)
+    return code == 0
+
+
+def _last_checkout(reflog: Path) -> _Checkout | None:
+    """The last "checkout: moving from" entry of HEAD's reflog, which `git status` shows."""
+    if not reflog.is_file():
+        return None
+    with open(reflog, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - _REFLOG_TAIL))
+        lines = handle.read().splitlines()
+    for line in reversed(lines):
+        parts = line.split(b" ", 2)
+        if len(parts) < 3 or not parts[2].partition(b"\t")[2].startswith(_CHECKOUT):
+            continue
+        new = parts[1].decode("ascii", "replace")
+        if _HEX.fullmatch(new):
+            return _Checkout(new, parts[2])
+    return None
+
+
+def _abbrev(git: ShadowGit, head: str | None, checkout: _Checkout | None) -> int:
+    """How many hex digits git shows for HEAD (and the last checkout) now: it grows with the
+    number of objects, so the guard pins it when removing objects would shorten what
+    `git status` and `git log --oneline` print."""
+    longest = 0
+    for oid in {oid for oid in (head, checkout.new if checkout else None) if oid}:
+        code, out = git.run("rev-parse", "--short", oid, check=False)  # one name a call
+        longest = max(longest, len(out.strip()) if code == 0 else 0)
+    return longest
+
+
+def _remove_object_sidecars(gitdir: Path) -> None:
+    objects = gitdir / "objects"
+    for name in _OBJECT_SIDECARS:
+        _remove(objects / name)
+    pack = objects / "pack"
+    if pack.is_dir():
+        for path in pack.iterdir():
+            if path.suffix in _PACK_SIDECARS or path.name.startswith("multi-pack-index"):
+                _remove(path)
+
+
+def _leftovers(gitdir: Path) -> list[str]:
+    """Files and folders the guard removes that are present in a git folder."""
+    found = [p.name for p in sorted(gitdir.iterdir()) if _is_pseudo_ref(p)]
+    found += [name for name in _STATE_FOLDERS if (gitdir / name).exists()]
+    found += [name for name in _STALE_FILES if (gitdir / name).exists()]
+    found += [f"objects/{n}" for n in _OBJECT_SIDECARS if (gitdir / "objects" / n).exists()]
+    if "logs" in found and _only_head_reflog(gitdir):
+        found.remove("logs")
+    return found
+
+
+def _only_head_reflog(gitdir: Path) -> bool:
+    return [p.name for p in (gitdir / "logs").iterdir()] == ["HEAD"]
+
+
+def _is_pseudo_ref(path: Path) -> bool:
+    return path.is_file() and path.name != "HEAD" and bool(_PSEUDO_REF.fullmatch(path.name))
+
+
+def _remove_state(gitdir: Path) -> None:
+    for path in gitdir.iterdir():
+        if _is_pseudo_ref(path):
+            path.unlink()
+    for name in (*_STATE_FOLDERS, *_STALE_FILES):
+        _remove(gitdir / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _reflog_problems(git: ShadowGit, head: str | None) -> list[str]:
+    """The guard leaves at most one HEAD reflog entry, naming HEAD or an ancestor of it."""
+    reflog = git.gitdir / "logs" / "HEAD"
+    if not reflog.is_file():
+        return []
+    lines = reflog.read_bytes().splitlines()
+    if len(lines) > 1:
+        return [f"HEAD's reflog has {len(lines)} entries"]
+    parts = lines[0].split(b" ", 2) if lines else []
+    if len(parts) < 3 or parts[0].strip(b"0"):
+        return ["HEAD's reflog names an earlier HEAD"]
+    new = parts[1].decode("ascii", "replace")
+    if new != head and not _is_ancestor(git, new):
+        return [f"HEAD's reflog names {new}, not HEAD or an ancestor of it"]
+    return []
+
+
+def _unreachable(git: ShadowGit) -> list[str]:
+    """Objects that neither HEAD, the refs nor the index reach (and objects missing)."""
+    report = git.shadow.parent / "fsck.txt"
+    code, _ = git.run(
+        "fsck", "--connectivity-only", "--unreachable", "--no-dangling", "--no-reflogs",
+        "--no-progress", check=False, stdout_to=report,
+    )  # fmt: skip
+    count = 0
+    first = ""
+    with open(report, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.startswith("unreachable "):
+                count += 1
+                first = first or line.split()[-1]
+    problems = []
+    if count:
+        problems.append(f"{count} objects not reachable from HEAD or the index, e.g. {first}")
+    if code != 0 and not count:
+        problems.append("git fsck found the repository incomplete or damaged")
+    return problems
+
+
+def _clean_config(git: ShadowGit, kept_branches: set[str], abbrev: int) -> None:
+    """Remove remotes, the sections of dropped branches and the upstreams of kept ones; pin
+    ``core.abbrev`` to ``abbrev`` (when not 0 and the image does not set it)."""
+    path = git.gitdir / "config"
+    if not path.exists():
+        return
+    keys = git.config_keys(path)
+    for remote in sections(keys, "remote"):
+        git.run("config", "--file", str(path), "--remove-section", _section("remote", remote))
+    for branch in sections(keys, "branch"):
+        name = _section("branch", branch)
+        if branch not in kept_branches:
+            git.run("config", "--file", str(path), "--remove-section", name)
+            continue
+        for key in _UPSTREAM_KEYS:
+            if f"{name}.{key}".lower() in (k.lower() for k in keys):
+                git.run("config", "--file", str(path), "--unset-all", f"{name}.{key}")
+    if abbrev and "core.abbrev" not in git.config:
+        git.run("config", "--file", str(path), "core.abbrev", str(abbrev))
+    if sections(git.config_keys(path), "remote"):
+        raise git.fail("a remote could not be removed from config")
+
+
+def _section(section: str, sub: str | None) -> str:
+    return section if sub is None else f"{section}.{sub}"
