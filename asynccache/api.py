@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asynccache import config
 from asynccache.config import CacheOptions
-from asynccache.entries import (
-    Entry,
-    InstanceIdFn,
-    iterate_in_thread,
-    load_rows,
-    make_instance_id,
-)
+from asynccache.dataset import SplitRows, iterate_in_thread, open_split
+from asynccache.entries import Entry, InstanceIdFn, make_instance_id
 from asynccache.pipeline import (
     ArchiveSource,
     Outcome,
@@ -37,11 +33,20 @@ log = logging.getLogger(__name__)
 
 
 def dataset_rows(
-    dataset: str, split: str, max_entries: int | None = None
+    dataset: str, split: str, max_entries: int | None = None, revision: str | None = None
 ) -> Iterator[Mapping[str, Any]]:
-    """Rows of a dataset split (Hub id or local folder), the first ``max_entries`` only."""
-    rows = load_rows(dataset, split)
-    return islice(rows, max_entries) if max_entries is not None else rows
+    """Rows of a dataset split (Hub id or local folder), the first ``max_entries`` only.
+
+    ``revision`` pins a Hub dataset's version (a tag, branch or commit). Blocking.
+    """
+    return open_split(dataset, split, revision).take(max_entries).rows
+
+
+def dataset_split(
+    dataset: str, split: str, max_entries: int | None = None, revision: str | None = None
+) -> SplitRows:
+    """Like :func:`dataset_rows`, with the split's row count and resolved revision. Blocking."""
+    return open_split(dataset, split, revision).take(max_entries)
 
 
 def make_options(**options: Any) -> CacheOptions:
@@ -54,16 +59,21 @@ def make_options(**options: Any) -> CacheOptions:
 
 
 async def _entries(
-    entries: RowSource | None, dataset: str | None, split: str, max_entries: int | None
-) -> RowSource:
+    entries: RowSource | None,
+    dataset: str | None,
+    split: str,
+    max_entries: int | None,
+    revision: str | None,
+    settings: CacheOptions,
+) -> tuple[RowSource, CacheOptions]:
     if entries is None:
-        rows = await anyio.to_thread.run_sync(
-            dataset_rows, dataset or config.dataset_name, split, max_entries
-        )
-        return iterate_in_thread(rows)
+        name = dataset or config.dataset_name
+        rows = await anyio.to_thread.run_sync(dataset_split, name, split, max_entries, revision)
+        provenance = replace(settings, dataset=name, dataset_revision=rows.revision)
+        return iterate_in_thread(rows.rows), provenance
     if max_entries is not None:
-        return _take(entries, max_entries)
-    return entries
+        return _take(entries, max_entries), settings
+    return entries, settings
 
 
 async def cache_repos(
@@ -71,6 +81,7 @@ async def cache_repos(
     *,
     dataset: str | None = None,
     split: str = config.dataset_split,
+    revision: str | None = None,
     max_entries: int | None = None,
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
@@ -80,12 +91,16 @@ async def cache_repos(
 ) -> Summary:
     """Cache every entry (rows, Entry objects, or a dataset split); return the summary.
 
+    With a dataset split, ``revision`` pins the Hub dataset's version, and the dataset and the
+    commit its rows came from are recorded in every index record.
+
     ``options`` are CacheOptions fields, named like the CLI's flags: ``cache_dir``,
     ``concurrency``, ``skip_existing``, ``skip_pull``, ``keep_images``, ``cp_timeout``,
     ``pull_timeout``, ``backend``, ...
     """
-    settings = make_options(**options)
-    rows = await _entries(entries, dataset, split, max_entries)
+    rows, settings = await _entries(
+        entries, dataset, split, max_entries, revision, make_options(**options)
+    )
     async with open_pipeline(
         settings,
         instance_id_fn=instance_id_fn,

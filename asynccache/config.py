@@ -25,6 +25,10 @@ rate_limit_pause_max = 900.0
 #: Label put on every container we create; its value is the absolute cache folder.
 CONTAINER_LABEL = "io.asynccache.cache_dir"
 
+#: The version of the index record format, recorded in each record as ``schema_version``:
+#: 1 is the original script's; 2 adds it, the dataset and its revision, and the byte count.
+INDEX_SCHEMA_VERSION = 2
+
 INDEX_NAME = "index.json"
 FAILURES_NAME = "failures.json"
 TMP_DIR_NAME = ".tmp"
@@ -60,3 +64,16 @@ class CacheOptions:
     retry_timeout: float = 600.0
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 10.0
+    #: Where the rows come from, recorded in every index record (None: not recorded).
+    dataset: str | None = None
+    #: The Hub commit of the dataset the rows come from (None for rows of no known revision).
+    dataset_revision: str | None = None
+
+    def record_fields(self) -> dict[str, object]:
+        """Fields every index record of this run carries besides the entry's own."""
+        fields: dict[str, object] = {"schema_version": INDEX_SCHEMA_VERSION}
+        if self.dataset is not None:
+            fields["dataset"] = self.dataset
+        if self.dataset_revision is not None:
+            fields["dataset_revision"] = self.dataset_revision
+        return fields

@@ -1,20 +1,14 @@
-"""Dataset rows become validated entries: loading, instance ids and the producer."""
+"""Dataset rows become validated entries: instance ids, image references, safe folder names."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from itertools import islice
-from pathlib import Path
 from typing import Any
 
-import anyio
-
-from asynccache.errors import DatasetError, InvalidEntry
-
-#: The only columns read from the dataset.
-COLUMNS = ("repo_name", "docker_image", "commit_hash")
+from asynccache.dataset import COLUMNS
+from asynccache.errors import InvalidEntry
 
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN_COMPONENT = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
@@ -92,109 +86,3 @@ def entry_from_row(
         commit_hash=values["commit_hash"],
         row_number=row_number,
     )
-
-
-def local_splits(dataset_dir: Path) -> dict[str, list[str]]:
-    """Split name -> parquet files of a local copy laid out like the Hub repo."""
-    splits: dict[str, list[str]] = {}
-    for path in sorted((dataset_dir / "data").glob("*.parquet")):
-        split = path.name.split("-", 1)[0]
-        splits.setdefault(split, []).append(str(path))
-    return splits
-
-
-def load_rows(dataset: str, split: str) -> Iterator[Mapping[str, Any]]:
-    """Rows of a split (only the needed columns), from a local folder or the Hub."""
-    local = Path(dataset).expanduser()
-    if local.is_dir():
-        return _load_local(local, split)
-    if dataset.startswith((".", "/", "~")):
-        raise DatasetError(f"dataset folder {dataset} does not exist")
-    return _load_hub(dataset, split)
-
-
-def count_rows(dataset: str, split: str) -> int | None:
-    """How many rows a split has, when that is cheap to know (a local copy)."""
-    local = Path(dataset).expanduser()
-    if not local.is_dir():
-        return None
-    import pyarrow.parquet as pq
-
-    files = local_splits(local).get(split, [])
-    return sum(pq.read_metadata(path).num_rows for path in files) if files else None
-
-
-def _load_local(dataset_dir: Path, split: str) -> Iterator[Mapping[str, Any]]:
-    """Rows of a local split, read straight from its parquet files with pyarrow.
-
-    Gives what ``datasets.load_dataset("parquet", ...)`` gives for the needed columns, in
-    the same order, without that library's second of start-up.
-    """
-    splits = local_splits(dataset_dir)
-    if not splits:
-        raise DatasetError(f"no data/*.parquet files under {dataset_dir}")
-    if split not in splits:
-        raise DatasetError(
-            f"unknown split {split!r} in {dataset_dir}; splits: {', '.join(sorted(splits))}"
-        )
-    for path in splits[split]:
-        _check_columns(path, dataset_dir)
-    return _parquet_rows(splits[split])
-
-
-def _parquet_rows(paths: list[str]) -> Iterator[Mapping[str, Any]]:
-    import pyarrow.parquet as pq
-
-    for path in paths:
-        with pq.ParquetFile(path) as parquet:
-            for batch in parquet.iter_batches(batch_size=1024, columns=list(COLUMNS)):
-                yield from batch.to_pylist()
-
-
-def _check_columns(parquet_file: str, dataset_dir: Path) -> None:
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(parquet_file).names)
-    missing = [c for c in COLUMNS if c not in names]
-    if missing:
-        raise DatasetError(f"dataset {dataset_dir} lacks columns {', '.join(missing)}")
-
-
-def _load_hub(name: str, split: str) -> Iterator[Mapping[str, Any]]:
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(name, split=split, streaming=True)
-        return iter(stream.select_columns(list(COLUMNS)))
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise DatasetError(f"unknown split {split!r} of {name}: {exc}") from None
-        raise DatasetError(f"cannot load dataset {name}: {exc}") from None
-    except Exception as exc:
-        raise DatasetError(
-            f"cannot load dataset {name} from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{exc}); pass --dataset /path/to/a/local/copy"
-        ) from None
-
-
-async def iterate_in_thread(
-    rows: Iterable[Mapping[str, Any]], batch_size: int = 64
-) -> AsyncIterator[Mapping[str, Any]]:
-    """Iterate a blocking iterable from a worker thread, a batch at a time."""
-    iterator = iter(rows)
-    read = 0
-    while True:
-        try:
-            batch = await anyio.to_thread.run_sync(lambda: list(islice(iterator, batch_size)))
-        except DatasetError:
-            raise
-        except Exception as exc:
-            raise DatasetError(
-                f"reading the dataset failed after {read} rows ({type(exc).__name__}: {exc}); "
-                "rerun to resume, or pass --dataset /path/to/a/local/copy"
-            ) from exc
-        read += len(batch)
-        if not batch:
-            return
-        for row in batch:
-            yield row

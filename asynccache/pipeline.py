@@ -334,6 +334,7 @@ class Pipeline:
                 "size_bytes": result.size_bytes,
                 "seconds": round(time.monotonic() - started, 3),
                 "cached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **self.options.record_fields(),
             }
             await anyio.to_thread.run_sync(self._publish, work_dir, record)
             if self._releases is not None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import TextIO
 
 FORMATS = ("text", "json")
-
-#: Libraries that log at INFO about every file they touch; shown from -vv on.
-_NOISY = ("datasets", "huggingface_hub", "fsspec", "filelock", "urllib3", "httpx", "asyncio")
 
 #: Writes one finished log line; the live progress display replaces it while it runs.
 Sink = Callable[[str], None]
@@ -92,9 +90,12 @@ def configure(verbosity: int, log_format: str = "text") -> LineHandler:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level_of(verbosity))
-    # Libraries stay quiet unless asked twice (-vv): their lines drown the run's own.
-    noisy_level = logging.NOTSET if verbosity >= 2 else logging.ERROR
-    for name in _NOISY:
-        logging.getLogger(name).setLevel(noisy_level)
+    logging.getLogger("asynccache").setLevel(level_of(verbosity))
+    # Libraries (HTTP clients, datasets, ...) log at INFO about every request: their lines
+    # drown the run's own, so below a warning they show only when asked twice (-vv).
+    root.setLevel(logging.DEBUG if verbosity >= 2 else max(logging.WARNING, level_of(verbosity)))
+    # datasets and huggingface_hub set their own level and handler when imported (later, and
+    # only for Hub datasets); they read it from these variables, which a user's setting wins.
+    for variable in ("DATASETS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(variable, "debug" if verbosity >= 2 else "error")
     return handler

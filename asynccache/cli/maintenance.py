@@ -72,6 +72,9 @@ def add_status_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default=config.dataset_split, help="dataset split")
     parser.add_argument(
+        "--revision", default=None, metavar="REV", help="Hub dataset version (tag, branch, commit)"
+    )
+    parser.add_argument(
         "--max_entries", "--max-entries", type=int, default=None, help="first N rows only"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -111,7 +114,7 @@ def run_status(args: argparse.Namespace) -> int:
         if args.dataset is not None:
             from asynccache.api import dataset_rows
 
-            rows = dataset_rows(args.dataset, args.split, args.max_entries)
+            rows = dataset_rows(args.dataset, args.split, args.max_entries, args.revision)
         report = cache_status(cache_dir(args), rows)
         if args.json:
             print(json.dumps(dataclasses.asdict(report), indent=2))

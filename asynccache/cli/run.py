@@ -13,14 +13,15 @@ from pathlib import Path
 import anyio
 
 from asynccache import config
-from asynccache.api import dataset_rows, open_pipeline
+from asynccache.api import dataset_split, open_pipeline
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
 from asynccache.cli import common
 from asynccache.cli.common import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, Subparsers, flag
 from asynccache.cli.progress import ProgressReporter
 from asynccache.config import CacheOptions
-from asynccache.entries import count_rows, entry_from_row, iterate_in_thread
+from asynccache.dataset import SplitRows, iterate_in_thread
+from asynccache.entries import entry_from_row
 from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
 from asynccache.pipeline import Pipeline, Summary
 
@@ -42,6 +43,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--split", default=config.dataset_split, help="dataset split (default train)"
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        metavar="REV",
+        help="Hub dataset version: a tag, branch or commit (default: the main branch); the "
+        "commit is recorded in every index record",
     )
     parser.add_argument(
         *flag("max_entries"), type=int, default=None, help="take the first N rows only"
@@ -136,8 +144,22 @@ def _named(args: argparse.Namespace, dest: str) -> str:
     return f"--{dest}"
 
 
+async def open_rows(args: argparse.Namespace) -> SplitRows:
+    """The rows the arguments name (loaded in a worker thread: the Hub may be slow)."""
+    return await anyio.to_thread.run_sync(
+        dataset_split, args.dataset, args.split, args.max_entries, args.revision
+    )
+
+
+def dataset_line(rows: SplitRows) -> str:
+    """``Dataset NAME split S at revision SHA`` (no revision for a local copy)."""
+    revision = f" at revision {rows.revision}" if rows.revision else ""
+    return f"Dataset {rows.dataset} split {rows.split}{revision}"
+
+
 async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
     """Print each entry that would be cached and how many are cached already."""
+    split = await open_rows(args)
     try:
         records = read_index(CacheDir(cache_dir).index_path)
     except IndexCorrupt as exc:
@@ -146,7 +168,7 @@ async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
     cache = CacheDir(cache_dir)
     todo = cached = invalid = 0
     row_number = 0
-    async for row in iterate_in_thread(dataset_rows(args.dataset, args.split, args.max_entries)):
+    async for row in iterate_in_thread(split.rows):
         row_number += 1
         try:
             entry = entry_from_row(row, row_number)
@@ -167,10 +189,11 @@ async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
         f"Dry run: {todo} to cache, {cached} already cached, {invalid} invalid rows; "
         f"cache {cache.root}"
     )
+    print(dataset_line(split))
     return EXIT_OK
 
 
-def print_summary(summary: Summary) -> None:
+def print_summary(summary: Summary, split: SplitRows | None = None) -> None:
     """The final lines of a run."""
     for note in summary.notes:
         print(f"note: {note}")
@@ -182,6 +205,8 @@ def print_summary(summary: Summary) -> None:
         f"in {summary.seconds:.1f} s; index {cache.index_path}; "
         f"{summary.cached_bytes / (1024 * 1024):.1f} MiB extracted"
     )
+    if split is not None:
+        print(dataset_line(split))
     if summary.failed:
         print(f"Failure reasons: {cache.failures_path}")
     if summary.stopped:
@@ -195,10 +220,9 @@ async def run(args: argparse.Namespace) -> int:
     cache_dir = common.cache_dir(args)
     if args.dry_run:
         return await dry_run(args, cache_dir)
-    total = count_rows(args.dataset, args.split)
-    if total is not None and args.max_entries is not None:
-        total = min(total, args.max_entries)
-    rows = iterate_in_thread(dataset_rows(args.dataset, args.split, args.max_entries))
+    split = await open_rows(args)
+    total = split.total
+    rows = iterate_in_thread(split.rows)
     options = CacheOptions(
         cache_dir=cache_dir,
         concurrency=args.concurrency,
@@ -212,6 +236,8 @@ async def run(args: argparse.Namespace) -> int:
         platform=args.platform,
         insecure_registries=tuple(args.insecure_registry),
         registry_mirror=args.registry_mirror,
+        dataset=split.dataset,
+        dataset_revision=split.revision,
     )
     reporter = ProgressReporter(total=total, live=sys.stderr.isatty() and not args.quiet)
     signalled: list[int] = []
@@ -227,7 +253,7 @@ async def run(args: argparse.Namespace) -> int:
                     pipeline.stop(f"stopped by {signal.Signals(signalled[0]).name}")
                 _warn_if_disk_small(pipeline, total)
                 summary = await pipeline.run(rows)
-        print_summary(summary)
+        print_summary(summary, split)
         tg.cancel_scope.cancel()
     # Removing the loop's handler may leave SIGINT at SIG_DFL; make it an exception again.
     signal.signal(signal.SIGINT, signal.default_int_handler)
