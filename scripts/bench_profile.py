@@ -90,7 +90,7 @@ def child_main(argv: list[str]) -> int:
     if code:
         sys.path.insert(0, code)
 
-    from asynccache import cli, pipeline
+    from asynccache import _threads, cli, pipeline
     from asynccache.cache import index
     from asynccache.sources import docker
     from asynccache.tree import extract
@@ -104,7 +104,7 @@ def child_main(argv: list[str]) -> int:
     _wrap_async(backend, "remove_image", "docker: remove image", totals)
     _wrap_async(pipeline, "extract_stream", "archive: stream + extract (until done)", totals)
     _wrap_sync(extract, "_extract", "thread: tar parse + write (whole member loop)", totals)
-    _wrap_sync(extract._ChunkPipe, "_next_chunk", "thread: waiting for the next chunk", totals)
+    _wrap_sync(_threads._ChunkPipe, "_next_chunk", "thread: waiting for the next chunk", totals)
     _wrap_sync(extract._Extractor, "add_file", "thread: regular files (open/write/utime)", totals)
     _wrap_sync(extract._Extractor, "finish", "thread: folder modes/mtimes (finish)", totals)
     _wrap_sync(pipeline.Pipeline, "_publish", "publish: meta + rename", totals)

@@ -9,20 +9,14 @@ import os
 import shutil
 import stat
 import tarfile
-import threading
-from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
-
-import anyio
-import anyio.from_thread
-import anyio.lowlevel
-import anyio.to_thread
+from typing import BinaryIO, Protocol
 
 from asynccache._fs import current_umask
+from asynccache._threads import feed_thread
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.tree.digest import digest_of_lines, entry_line
 from asynccache.tree.tarstream import (
@@ -54,20 +48,13 @@ __all__ = [
     "LayerTree",
     "extract_stream",
     "extract_tar",
-    "feed_thread",
     "tree_stats",
 ]
-
-_T = TypeVar("_T")
 
 #: Most file hashes an extraction keeps for its digest (the other files are read again).
 MAX_KEPT_HASHES = 50_000
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
-#: Most bytes queued between the event loop and the extracting thread.
-_MAX_QUEUED_STREAM_BYTES = 2 << 20
-#: A waiting extracting thread is woken once this many bytes of the stream are queued.
-_WAKE_READER_BYTES = 256 << 10
 _NAME_MAX = 255
 _PATH_MAX = 4095
 _IMPLICIT_DIR_MODE = 0o755
@@ -102,10 +89,6 @@ class _BadName(Exception):
 
 class _Outside(_BadName):
     """A well-formed member name that lies outside the extracted root."""
-
-
-class _PipeAborted(Exception):
-    """The async side stopped feeding the extracting thread."""
 
 
 def _walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
@@ -944,141 +927,6 @@ def extract_tar(
 ) -> ExtractResult:
     """Sync: read a tar stream (non-seekable, tarfile mode "r|") and write it under dest."""
     return _extract(fileobj.read, dest, root, keep_hashes)
-
-
-class _ChunkPipe:
-    """A bounded queue of chunks, filled by the event loop and read as a file by one thread.
-
-    The network hands out chunks of a few KiB; the reading thread is woken once a batch of
-    them waits (or at the end), and the event loop once the queue is half empty, so that a
-    stream costs a few thread switches per MiB, not one per chunk.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._chunks: deque[bytes] = deque()
-        self._queued = 0
-        self._max = max_bytes
-        self._reader_waiting = False
-        self._closed = False
-        self._aborted = False
-        self._space: anyio.Event | None = None
-        self._current = b""
-        self._offset = 0
-        # The reading thread may be any thread (see layers._ReadAhead), not only an anyio one.
-        self._loop = anyio.lowlevel.current_token()
-
-    async def put(self, chunk: bytes) -> None:
-        """Queue a chunk, waiting while the queue is full."""
-        while True:
-            with self._lock:
-                if self._aborted:
-                    return
-                if self._queued < self._max:
-                    self._chunks.append(chunk)
-                    self._queued += len(chunk)
-                    if self._reader_waiting and self._queued >= _WAKE_READER_BYTES:
-                        self._ready.notify()
-                    return
-                if self._space is None:
-                    self._space = anyio.Event()
-                space = self._space
-                if self._reader_waiting:
-                    self._ready.notify()
-            await space.wait()
-
-    def close(self) -> None:
-        """Mark the end of the stream."""
-        with self._lock:
-            self._closed = True
-            self._ready.notify_all()
-
-    def abort(self) -> None:
-        """Make the reading thread fail at its next read."""
-        with self._lock:
-            self._aborted = True
-            self._chunks.clear()
-            self._queued = 0
-            self._ready.notify_all()
-
-    def _next_chunk(self) -> bytes:
-        """Take the next chunk (b"" at the end), waking the producer when room frees up."""
-        with self._lock:
-            while not self._chunks and not self._closed and not self._aborted:
-                self._reader_waiting = True
-                self._ready.wait()
-                self._reader_waiting = False
-            if self._aborted:
-                raise _PipeAborted("extraction cancelled")
-            if not self._chunks:
-                return b""
-            chunk = self._chunks.popleft()
-            self._queued -= len(chunk)
-            wake = None
-            if self._space is not None and self._queued <= self._max // 2:
-                wake, self._space = self._space, None
-        if wake is not None:
-            anyio.from_thread.run_sync(wake.set, token=self._loop)
-        return chunk
-
-    def read(self, size: int) -> bytes:
-        """Read at most size bytes (thread side)."""
-        if self._aborted:
-            raise _PipeAborted("extraction cancelled")
-        current, offset = self._current, self._offset
-        if offset >= len(current):
-            current = self._current = self._next_chunk()
-            offset = 0
-            if not current:
-                self._offset = 0
-                return b""
-        end = offset + size
-        if offset == 0 and end >= len(current):
-            self._offset = len(current)
-            return current
-        self._offset = min(end, len(current))
-        return current[offset:end]
-
-
-async def feed_thread(
-    chunks: AsyncIterable[bytes], consume: Callable[[Callable[[int], bytes]], _T]
-) -> _T:
-    """Run consume(read) in a thread, read() giving the bytes of chunks (the rest left unread)."""
-    pipe = _ChunkPipe(_MAX_QUEUED_STREAM_BYTES)
-    results: list[_T] = []
-    failures: list[Exception] = []
-    feed_error: Exception | None = None
-
-    async def run_consumer(scope: anyio.CancelScope) -> None:
-        try:
-            results.append(await anyio.to_thread.run_sync(consume, pipe.read))
-        except Exception as exc:
-            failures.append(exc)
-        finally:
-            scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_consumer, tg.cancel_scope)
-        try:
-            async for chunk in chunks:
-                if chunk:
-                    await pipe.put(bytes(chunk))
-            pipe.close()
-            await anyio.sleep_forever()
-        except Exception as exc:
-            pipe.abort()
-            feed_error = exc
-        except BaseException:
-            pipe.abort()
-            raise
-    if feed_error is not None:
-        raise feed_error
-    if failures:
-        raise failures[0]
-    if not results:
-        raise RuntimeError("the reading thread stopped without a result")
-    return results[0]
 
 
 async def extract_stream(

@@ -17,7 +17,8 @@ import anyio
 import pytest
 
 from asynccache.errors import DigestMismatch, TransferFailed, UnsafeArchive
-from asynccache.sources.registry.layer_store import LayerStore, compression_of
+from asynccache.sources.registry.compression import compression_of
+from asynccache.sources.registry.layer_store import LayerStore
 from asynccache.tree.extract import ExtractResult, LayerTree, tree_stats
 from tests.support.oci_fixtures import (
     compress,
