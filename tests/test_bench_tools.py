@@ -44,7 +44,7 @@ def test_generated_content_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_baseline_count_matches_asynccache(tmp_path: Path) -> None:
-    from asynccache.tree.extract import tree_stats
+    from asynccache.tree.digest import tree_stats
 
     rng = random.Random(1)
     for i in range(30):

@@ -16,8 +16,13 @@ from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.config import FAILURES_NAME, INDEX_NAME
 from asynccache.entries import entry_from_row
 from asynccache.errors import InvalidEntry, SetupError
-from asynccache.tree.digest import digest_path, read_digest, tree_digest, write_digest
-from asynccache.tree.extract import tree_stats
+from asynccache.tree.digest import (
+    digest_path,
+    read_digest,
+    tree_digest,
+    tree_stats,
+    write_digest,
+)
 
 __all__ = [
     "InstanceCheck",

@@ -1,4 +1,4 @@
-"""Content digests of cached trees, recorded at extraction as ``.meta/<id>.digest``."""
+"""A tree's content: file identities and hashes, counts, its digest and the ``.digest`` file."""
 
 from __future__ import annotations
 
@@ -9,21 +9,79 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from asynccache.config import META_DIR_NAME
-from asynccache.tree.writer import FileHash, identity_of
 
 __all__ = [
     "DIGEST_SUFFIX",
+    "FileHash",
+    "FileIdentity",
     "digest_of_lines",
     "digest_path",
     "entry_line",
+    "identity_of",
     "read_digest",
     "remove_digest",
+    "sha256_of",
     "tree_digest",
+    "tree_stats",
+    "walk",
     "write_digest",
 ]
 
 DIGEST_SUFFIX = ".digest"
 _BLOCK = 1 << 20
+
+#: (st_ino, st_size, st_mtime_ns) of a file as written: its content hash holds while they do.
+FileIdentity = tuple[int, int, int]
+#: A file's identity and the sha256 (hex) of its content.
+FileHash = tuple[FileIdentity, str]
+
+
+def identity_of(found: os.stat_result) -> FileIdentity:
+    """The identity of a file as stat found it."""
+    return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
+def sha256_of(pieces: list[bytes]) -> str:
+    """The sha256 (hex) of the concatenated pieces."""
+    content = hashlib.sha256()
+    for piece in pieces:
+        content.update(piece)
+    return content.hexdigest()
+
+
+def walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
+    """Regular files and their total size under top, and every folder (top included).
+
+    The paths of everything but folders are appended to ``paths`` when it is given.
+    """
+    files = size = 0
+    folders = [top]
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                    stack.append(entry.path)
+                else:
+                    if entry.is_file(follow_symlinks=False):
+                        files += 1
+                        size += entry.stat(follow_symlinks=False).st_size
+                    if paths is not None:
+                        paths.append(entry.path)
+    return files, size, folders
+
+
+def tree_stats(path: Path) -> tuple[int, int]:
+    """(file_count, size_bytes) of regular files under path, by lstat, never following symlinks."""
+    target = os.fsencode(path)
+    info = os.lstat(target)
+    if stat.S_ISREG(info.st_mode):
+        return 1, info.st_size
+    if not stat.S_ISDIR(info.st_mode):
+        return 0, 0
+    files, size, _ = walk(target)
+    return files, size
 
 
 def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> str:

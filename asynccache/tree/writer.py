@@ -9,12 +9,13 @@ not do (see :meth:`FileWriter.flush`), so that every error is reported where it 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import threading
 from collections import deque
 from dataclasses import dataclass
+
+from asynccache.tree.digest import FileHash, identity_of, sha256_of
 
 #: Flags of every regular file an extraction creates.
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -83,23 +84,6 @@ class DirJob:
 
 
 Job = FileJob | DirJob
-#: (st_ino, st_size, st_mtime_ns) of a file as written: its content hash holds while they do.
-FileIdentity = tuple[int, int, int]
-#: A file's identity and the sha256 (hex) of its content.
-FileHash = tuple[FileIdentity, str]
-
-
-def identity_of(found: os.stat_result) -> FileIdentity:
-    """The identity of a file as stat found it."""
-    return (found.st_ino, found.st_size, found.st_mtime_ns)
-
-
-def sha256_of(pieces: list[bytes]) -> str:
-    """The sha256 (hex) of the concatenated pieces."""
-    content = hashlib.sha256()
-    for piece in pieces:
-        content.update(piece)
-    return content.hexdigest()
 
 
 class FileWriter:

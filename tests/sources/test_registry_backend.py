@@ -44,7 +44,7 @@ from asynccache.sources.registry.client import (
     parse_www_authenticate,
     select_platform,
 )
-from asynccache.tree.extract import tree_stats
+from asynccache.tree.digest import tree_stats
 from tests.support import oci_fixtures as oci
 from tests.support.cli_runner import instance_id
 from tests.support.cli_runner import run_cli as run_asynccache

@@ -12,8 +12,7 @@ from typing import Any
 from asynccache._fs import write_json_atomic
 from asynccache.cache.index import read_index, size_mb, write_meta
 from asynccache.entries import make_instance_id
-from asynccache.tree.digest import tree_digest, write_digest
-from asynccache.tree.extract import tree_stats
+from asynccache.tree.digest import tree_digest, tree_stats, write_digest
 
 TreeBuilder = Callable[[Path], None]
 

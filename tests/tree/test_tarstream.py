@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from asynccache.errors import TruncatedArchive, UnsafeArchive
-from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members
+from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members, plain_header
+from tests.support.tars import MTIME
 
 FIELDS = (
     "name",
@@ -154,3 +155,51 @@ def test_data_cut_short_is_truncated() -> None:
             reader.copy(member, lambda _more, _size: None)
     with pytest.raises(Truncated, match="before the header at byte"):
         list(members(Source(io.BytesIO(cut).read)))
+
+
+HEADER_FIELDS = (
+    "name", "mode", "uid", "gid", "size", "mtime", "chksum", "type",
+    "linkname", "uname", "gname", "devmajor", "devminor",
+)  # fmt: skip
+
+
+def random_header(rng: random.Random) -> bytes:
+    """One header block as tarfile writes it, sometimes with a few bytes changed."""
+    depth = rng.randint(1, 6)
+    name = "/".join(rng.choice(("testbed", "ä", "x" * 60, "a b", "d")) for _ in range(depth))
+    info = tarfile.TarInfo(name + rng.choice(("", "/")))
+    info.type = rng.choice(
+        (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
+    )
+    info.linkname = rng.choice(("", "target", "../x"))
+    info.mode = rng.choice((0o644, 0o755, 0o4755, 0o7777))
+    info.size = rng.choice((0, 1, 4096, 8**11 - 1)) if info.type in tarfile.REGULAR_TYPES else 0
+    info.mtime = rng.choice((0, MTIME, 8**11 - 1))
+    info.uid = info.gid = rng.choice((0, 1000, 8**7 - 1))
+    info.uname = rng.choice(("", "root", "ü"))
+    fmt = rng.choice((tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT))
+    try:
+        block = info.tobuf(fmt, "utf-8", "surrogateescape")[-512:]
+    except ValueError:  # a name too long for ustar
+        block = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")[-512:]
+    data = bytearray(block)
+    for _ in range(rng.choice((0, 0, 1, 3))):
+        data[rng.randrange(512)] = rng.choice((0, 0x20, 0x30, 0x37, 0x38, 0x80, 0xFF, 0xC3))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_quick_header_parser_agrees_with_tarfile(seed: int) -> None:
+    rng = random.Random(seed)
+    quick = 0
+    for _ in range(500):
+        block = random_header(rng)
+        ours = plain_header(tarfile.TarInfo, block, "utf-8", "surrogateescape")
+        if ours is None:
+            continue
+        quick += 1
+        theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        assert {key: getattr(ours, key) for key in HEADER_FIELDS} == {
+            key: getattr(theirs, key) for key in HEADER_FIELDS
+        }
+    assert quick > 200  # most blocks take the quick path

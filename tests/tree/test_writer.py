@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-import asynccache.tree.extract as extract_module
+import asynccache.tree.folder as folder_module
 import asynccache.tree.writer as writer_module
-from asynccache.tree.digest import tree_digest
-from asynccache.tree.extract import ExtractResult, LayerTree, extract_tar, tree_stats
+from asynccache.tree.digest import tree_digest, tree_stats
+from asynccache.tree.extract import ExtractResult, extract_tar
+from asynccache.tree.layered import LayerTree
 from asynccache.tree.writer import FileJob, FileWriter
 from tests.support.fixtures import snapshot_tree
+from tests.support.tars import tar_of
 
 MTIME = 1_600_000_000
 NAMES = ("a", "b", "c", "d", "e", "f", ".wh.a", ".wh.b", ".wh..wh..opq")
@@ -74,14 +76,6 @@ def random_members(rng: random.Random, count: int, *, layered: bool) -> list[tup
     return members
 
 
-def tar_of(members: list[tuple[Any, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return out.getvalue()
-
-
 def outcome(run: Any, dest: Path) -> tuple[str, Any]:
     """The tree run() leaves under dest, or the error it raised.
 
@@ -105,7 +99,7 @@ def both_ways(run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     """run() with the writer thread and without it ends the same way."""
     threaded = outcome(run, tmp_path / "threaded")
     with monkeypatch.context() as patch:
-        patch.setattr(extract_module._Extractor, "start_writer", lambda self: None)
+        patch.setattr(folder_module.Folder, "start_writer", lambda self: None)
         inline = outcome(run, tmp_path / "inline")
     assert threaded == inline
     assert not [t for t in threading.enumerate() if t.name == "asynccache-writer"]
@@ -193,30 +187,3 @@ def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -
     info = os.lstat(tmp_path / "old")
     identity = (info.st_ino, info.st_size, info.st_mtime_ns)
     assert hashes == [(b"old", 0o644, (identity, hashlib.sha256(b"new").hexdigest()))]
-
-
-def test_a_hash_is_used_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
-    (tmp_path / "a").write_bytes(b"old")
-    info = os.lstat(tmp_path / "a")
-    identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-    stale = {b"a": (identity, "0" * 64)}
-    assert tree_digest(tmp_path, stale) != tree_digest(tmp_path)  # taken at face value
-    (tmp_path / "a").write_bytes(b"new content")  # size and mtime change
-    assert tree_digest(tmp_path, stale) == tree_digest(tmp_path)
-
-
-def test_hashes_kept_are_bounded_and_never_stale(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(extract_module, "MAX_KEPT_HASHES", 10)
-    members = [(tarfile.TarInfo("testbed"), b"")]
-    members[0][0].type = tarfile.DIRTYPE
-    for round_ in range(2):  # the second round replaces every file with other content
-        for index in range(30):
-            info = tarfile.TarInfo(f"testbed/f{index}")
-            data = f"{round_}-{index}".encode() * (round_ + 1)
-            info.size = len(data)
-            members.append((info, data))
-    result = extract_tar(io.BytesIO(tar_of(members)), tmp_path, keep_hashes=True)
-    assert len(result.file_hashes) == 10
-    assert tree_digest(tmp_path, result.file_hashes) == tree_digest(tmp_path)

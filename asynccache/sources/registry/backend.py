@@ -24,7 +24,8 @@ from asynccache.sources.registry.client import (
     parse_reference,
 )
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LAYERS_DIR_NAME, LayerStore
-from asynccache.tree.extract import ExtractResult, LayerTree
+from asynccache.tree.extract import ExtractResult
+from asynccache.tree.layered import LayerTree
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import anyio.to_thread
 from asynccache._threads import Read, ReadAhead, feed_thread
 from asynccache.errors import DigestMismatch, TransferFailed, TruncatedArchive, UnsafeArchive
 from asynccache.sources.registry.compression import Blob, decompressed
-from asynccache.tree.extract import LayerResult, LayerTree
+from asynccache.tree.layered import LayerResult, LayerTree
 
 log = logging.getLogger(__name__)
 

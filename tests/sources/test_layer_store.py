@@ -1,0 +1,238 @@
+"""layer_store.py: compression, digest checks, hardlinks outside the root, the blob store."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccache.errors import DigestMismatch, TransferFailed, UnsafeArchive
+from asynccache.sources.registry.compression import compression_of
+from asynccache.sources.registry.layer_store import LayerStore
+from asynccache.tree.digest import tree_stats
+from asynccache.tree.layered import LayerTree
+from tests.support.oci_fixtures import compress, file, folder, hardlink, sha256, symlink, tar_bytes
+from tests.support.tars import apply_all, listing
+
+
+def blob_opener(
+    blob: bytes, calls: list[str], chunk: int = 777
+) -> Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]:
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[AsyncIterator[bytes]]:
+        calls.append("open")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(blob), chunk):
+                await anyio.sleep(0)
+                yield blob[start : start + chunk]
+
+        yield chunks()
+
+    return opened
+
+
+SAMPLE = tar_bytes(
+    [
+        folder("etc"),
+        file("etc/hosts", "h" * 5000),
+        folder("testbed"),
+        file("testbed/big.bin", os.urandom(300_000)),
+        file("testbed/small.txt", "small"),
+        symlink("testbed/py", "/usr/bin/python3"),
+    ]
+)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+@pytest.mark.anyio
+async def test_each_compression_gives_the_same_tree(tmp_path: Path, compression: str) -> None:
+    blob = compress(SAMPLE, compression)  # type: ignore[arg-type]
+    assert compression_of(blob[:4]) == {"none": "tar"}.get(compression, compression)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    apply_all(plain, SAMPLE)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tree = LayerTree(dest)
+    store = LayerStore(None)
+    await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+    tree.finish()
+    assert listing(dest) == listing(plain)
+
+
+@pytest.mark.anyio
+async def test_concatenated_gzip_members_are_read_whole(tmp_path: Path) -> None:
+    half = len(SAMPLE) // 2
+    blob = gzip.compress(SAMPLE[:half]) + gzip.compress(SAMPLE[half:])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tree = LayerTree(dest)
+    await LayerStore(None).apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+    assert (dest / "small.txt").read_text() == "small"
+
+
+@pytest.mark.anyio
+async def test_digest_mismatch_fails_and_the_layer_is_not_remembered(tmp_path: Path) -> None:
+    blob = compress(SAMPLE, "gzip")
+    wrong = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    store = LayerStore(tmp_path / ".layers")
+    store.open()
+    tree = LayerTree(tmp_path / "dest")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(DigestMismatch, match="does not match its digest"):
+        await store.apply(tree, "img", wrong, len(blob), blob_opener(blob, []))
+    assert wrong not in store.untouched
+    assert [p.name for p in (tmp_path / ".layers").iterdir() if p.is_file()] == []
+    assert list((tmp_path / ".layers" / ".partial").iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_short_or_long_blobs_are_refused(tmp_path: Path) -> None:
+    blob = compress(SAMPLE, "gzip")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(TransferFailed, match="ended after"):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "a"), "img", sha256(blob), len(blob) + 10, blob_opener(blob, [])
+        )
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DigestMismatch, match="more than"):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "b"), "img", sha256(blob), len(blob) - 10, blob_opener(blob, [])
+        )
+
+
+@pytest.mark.anyio
+async def test_hardlinks_to_files_outside_the_root_get_their_data(tmp_path: Path) -> None:
+    layer = tar_bytes(
+        [
+            folder("root/.cache/uv"),
+            file("root/.cache/uv/mod.py", "print('cached')\n", 0o640),
+            file("root/.cache/uv/other.py", "other"),
+            folder("testbed"),
+            folder("testbed/.venv"),
+            hardlink("testbed/.venv/mod.py", "root/.cache/uv/mod.py"),
+            hardlink("testbed/.venv/again.py", "./root/.cache/uv/mod.py"),
+            hardlink("testbed/.venv/other.py", "root/.cache/uv/other.py"),
+        ]
+    )
+    blob = compress(layer, "gzip")
+    store = LayerStore(tmp_path / ".layers")
+    store.open()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tree = LayerTree(dest)
+    await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+    result = tree.finish()
+    venv = dest / ".venv"
+    assert (venv / "mod.py").read_text() == "print('cached')\n"
+    assert (venv / "again.py").lstat().st_ino == (venv / "mod.py").lstat().st_ino
+    assert stat.S_IMODE((venv / "mod.py").lstat().st_mode) == 0o640
+    assert (venv / "other.py").read_text() == "other"
+    assert not (dest / "root").exists()
+    assert (result.file_count, result.size_bytes) == tree_stats(dest) == (3, 37)
+
+
+@pytest.mark.anyio
+async def test_untouched_layers_are_fetched_once_and_remembered_across_runs(
+    tmp_path: Path,
+) -> None:
+    base = compress(tar_bytes([folder("usr"), file("usr/lib/x", "x" * 1000)]), "gzip")
+    mine = compress(tar_bytes([folder("testbed"), file("testbed/a", "a")]), "gzip")
+    calls: list[str] = []
+    store = LayerStore(tmp_path / ".layers")
+    store.open()
+    for number in range(3):
+        dest = tmp_path / f"d{number}"
+        dest.mkdir()
+        tree = LayerTree(dest)
+        await store.apply(tree, "img", sha256(base), len(base), blob_opener(base, calls))
+        await store.apply(tree, "img", sha256(mine), len(mine), blob_opener(mine, calls))
+        assert listing(dest) == {"a": "a"}
+    assert calls == ["open", "open"]
+    assert (store.fetches, store.cache_hits, store.skipped) == (2, 2, 2)
+    later = LayerStore(tmp_path / ".layers")
+    later.open()
+    assert sha256(base) in later.untouched
+    assert sha256(mine) not in later.untouched
+
+
+@pytest.mark.anyio
+async def test_one_fetch_when_workers_need_the_same_layer_at_once(tmp_path: Path) -> None:
+    blob = compress(SAMPLE, "gzip")
+    calls: list[str] = []
+    store = LayerStore(tmp_path / ".layers")
+    store.open()
+    dests = [tmp_path / f"d{n}" for n in range(4)]
+
+    async def one(dest: Path) -> None:
+        dest.mkdir()
+        tree = LayerTree(dest)
+        await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, calls, 100))
+
+    async with anyio.create_task_group() as tg:
+        for dest in dests:
+            tg.start_soon(one, dest)
+    assert calls == ["open"]
+    assert all(listing(d) == listing(dests[0]) for d in dests)
+    assert "small.txt" in listing(dests[0])
+
+
+@pytest.mark.anyio
+async def test_blob_cache_keeps_the_most_recent_within_its_bound(tmp_path: Path) -> None:
+    blobs = [
+        compress(tar_bytes([folder("testbed"), file(f"testbed/f{n}", os.urandom(4000))]), "none")
+        for n in range(3)
+    ]
+    store = LayerStore(tmp_path / ".layers", max_bytes=len(blobs[0]) * 2 + 100)
+    store.open()
+    for number, blob in enumerate(blobs):
+        dest = tmp_path / f"d{number}"
+        dest.mkdir()
+        await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, []))
+    kept = sorted(p.name for p in (tmp_path / ".layers").iterdir() if p.name.startswith("sha"))
+    assert kept == sorted(sha256(b).replace(":", "-") for b in blobs[1:])
+
+
+def layer_threads() -> list[str]:
+    """The read-ahead and writer threads still alive."""
+    names = ("asynccache-read-ahead", "asynccache-writer")
+    return [thread.name for thread in threading.enumerate() if thread.name in names]
+
+
+@pytest.mark.anyio
+async def test_a_layer_that_fails_early_stops_its_reading_threads(tmp_path: Path) -> None:
+    # the parser fails on the second member while 8 MiB are still to be inflated behind it
+    bulk = os.urandom(8 << 20)
+    layer = tar_bytes([file("testbed/a", "a"), file("/etc/evil", "x"), file("testbed/bulk", bulk)])
+    blob = compress(layer, "gzip")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(UnsafeArchive, match="absolute name"):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "dest"), "img", sha256(blob), len(blob), blob_opener(blob, [])
+        )
+    assert layer_threads() == []
+
+
+@pytest.mark.anyio
+async def test_corrupt_gzip_is_reported_through_the_read_ahead_thread(tmp_path: Path) -> None:
+    blob = bytearray(compress(SAMPLE, "gzip"))
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(UnsafeArchive):
+        await LayerStore(None).apply(
+            LayerTree(tmp_path / "dest"),
+            "img",
+            sha256(bytes(blob)),
+            len(blob),
+            blob_opener(bytes(blob), []),
+        )
+    assert layer_threads() == []
