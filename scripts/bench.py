@@ -1,30 +1,49 @@
-"""Throughput benchmark: asynccache against the sequential docker-CLI script.
+"""Throughput benchmark: asynccache against the original script and against its peers.
 
-For each scenario (``loopback``: the registry on 127.0.0.1:5000 directly; ``wan``: the same
-registry behind a socat proxy that adds ~40 ms per new connection and caps each connection's
-responses at 20 MiB/s with pv) and each contender (``baseline``: scripts/baseline_cache_repos.py,
-the original script, which never removes an image, so shared layers are pulled once;
-``baseline-rmi``: the same with ``docker rmi`` after each entry, so every image is pulled whole;
-``cN``: ``python -m asynccache --concurrency N``; ``rN``: ``python -m asynccache --backend
-registry --concurrency N`` with ``DOCKER_HOST=unix:///nonexistent``, so that it cannot use
-dockerd), the benchmark removes every local image of the bench set and sets the whole cache
-folder aside (``.layers/`` included), runs the contender as a child process, and records:
+Scenarios (``--scenarios``, default ``loopback,tmpfs,transfer``):
 
-* wall time, images per minute, MiB of /testbed extracted per second, ratio to the baseline;
+* ``loopback``: the registry on 127.0.0.1:5000; the cache folder on the disk (``--cache-root``);
+* ``wan``: the same registry behind a socat proxy that adds ~40 ms per new connection and caps
+  each connection's responses at 20 MiB/s with pv;
+* ``tmpfs``: like loopback, but each run's cache folder is on a tmpfs mounted for that run
+  alone, so that the disk's noise stays out (``--processes 1`` against ``--processes 2``);
+* ``transfer``: moving a cache folder (scripts/bench_transfer.py): ``asynccache export |
+  asynccache import`` against ``tar czf | tar xzf`` and ``rsync -a``.
+
+Contenders (``--contenders``, or each scenario's default list, ``DEFAULT_CONTENDERS``):
+
+* ``baseline``: scripts/baseline_cache_repos.py, the original script (docker pull, create, cp,
+  rm, one image at a time; it never removes an image, so shared layers are pulled once);
+* ``baseline-rmi``: the same with ``docker rmi`` after each entry (not in the original);
+* ``cN`` / ``rN``: ``python -m asynccache --concurrency N``, with the docker or the registry
+  backend (``rN`` with ``DOCKER_HOST=unix:///nonexistent``, so that it cannot use dockerd), and
+  modifiers: ``+pN`` (``--processes N``), ``+nodedup`` (``--no_dedup``), ``+keepgit``
+  (``--keep_git_history``). A contender whose flag is not in ``python -m asynccache --help``
+  of the code under test (a feature not landed yet) is skipped with a printed note;
+* ``shellN`` and ``skopeo``: the peers (scripts/bench_peers.py): ``curl | gzip -dc | tar -x``
+  of every layer, N images at a time, no whiteouts; ``skopeo copy`` + ``umoci raw unpack``.
+
+Before each run the benchmark removes every local image of the bench set, sets the cache folder
+aside, and waits (up to ``--settle`` s) until creating a file costs little again. It records:
+
+* wall time, images per minute, ratio to the scenario's first contender (the baseline);
 * CPU seconds of the contender's process tree (``os.wait4`` rusage of the child: for the
   baseline that includes every docker CLI process it ran) and per image;
-* for the baseline, the CPU of ``docker cp`` alone per image (the CLI's own extraction);
+* for the baseline, the wall and CPU of each step per image (``docker cp`` alone included);
 * CPU seconds of dockerd, containerd (and shims) and the registry (``/proc/PID/stat``), and of
-  the WAN proxy;
-* peak RSS of the child (``ru_maxrss``);
+  the WAN proxy; peak RSS of the child (``ru_maxrss``);
 * MiB downloaded: for ``rN`` the client's own count (its ``registry backend: N bytes
   downloaded`` log line); for every contender, the bytes the registry served for the bench
   repositories (the sizes of the GET lines of its access log, found through
-  ``/proc/PID/fd/1``), and the registry process's ``wchar`` growth (every write and sendfile,
-  so any other client of the registry counts too) as a cross-check.
+  ``/proc/PID/fd/1``);
+* the cache folder (scripts/bench_trees.py): logical files and bytes of the cached trees,
+  files created (distinct inodes) and physical bytes, and every tree compared with the
+  baseline's (``docker cp``'s; without ``.git`` where the leak guard rewrites it).
 
-Results: one table per scenario on stdout, JSON in ``.bench/results-<timestamp>.json`` and
-``.bench/latest.json``. With ``--repeat N`` every number is the median of N runs.
+Results: one table per scenario on stdout, with the comparisons the feature issues ask for
+(dedup on/off, leak guard on/off, one process against two, asynccache against its peers), JSON
+in ``.bench/results-<timestamp>.json`` and ``.bench/latest.json``. Every number is the median of
+``--repeat`` runs (``--docker-repeat`` for the contenders that pull through dockerd).
 
 ``--index-sim N`` also feeds N records through ``asynccache.cache.index.IndexWriter`` (as fast as
 possible, then at ``--index-pace`` records per second) and reports the bytes written to
@@ -33,15 +52,16 @@ index.json and the time per update, next to what rewriting the whole index after
 
 Usage::
 
-    python scripts/bench.py [--images N] [--scenarios loopback,wan]
-                            [--contenders baseline,baseline-rmi,c1,c4,c16,r1,r4,r16]
-                            [--repeat N]
-                            [--loopback-repeat N] [--code worktree|head] [--index-sim 5000]
+    python scripts/bench.py [--images N] [--scenarios loopback,wan,tmpfs,transfer]
+                            [--contenders baseline,c4,r1,r1+nodedup,shell4,skopeo]
+                            [--repeat N] [--docker-repeat N] [--code worktree|head]
+                            [--index-sim 5000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -65,6 +85,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts import bench_images as bi  # noqa: E402
+from scripts import bench_peers as bp  # noqa: E402
+from scripts import bench_transfer  # noqa: E402
+from scripts import bench_trees as bt  # noqa: E402
 from tests.support import fixtures as fx  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench"
@@ -472,12 +495,76 @@ def code_env(code: Path | None) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+#: Contender modifiers: suffix -> asynccache flags (``pN``: ``--processes N``).
+MODIFIERS: dict[str, tuple[str, ...]] = {
+    "nodedup": ("--no_dedup",),
+    "keepgit": ("--keep_git_history",),
+}
+#: Flags that exist only once a feature has landed: detected in ``--help`` before use.
+GUARD_FLAG = "--keep_git_history"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of filling a cache folder, parsed from its name.
+
+    ``baseline`` (the original script), ``baseline-rmi`` (the same, removing each image),
+    ``cN`` / ``rN`` (asynccache, docker or registry backend, ``--concurrency N``) with modifiers
+    after ``+`` (``+pN`` ``--processes N``, ``+nodedup`` ``--no_dedup``, ``+keepgit``
+    ``--keep_git_history``), ``shellN`` and ``skopeo`` (scripts/bench_peers.py).
+    """
+
+    name: str
+    kind: str
+    backend: str = "docker"
+    concurrency: int = 1
+    flags: tuple[str, ...] = ()
+
+    @property
+    def uses_docker(self) -> bool:
+        """True when the contender pulls through dockerd."""
+        return self.kind == "baseline" or (self.kind == "asynccache" and self.backend == "docker")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The asynccache flags this contender needs (to be found in ``--help``)."""
+        return tuple(flag for flag in self.flags if flag.startswith("--"))
+
+
+def parse_contender(name: str) -> Contender:
+    """The contender a name stands for (SystemExit naming the grammar when unknown)."""
+    if name in ("baseline", "baseline-rmi"):
+        return Contender(name, "baseline")
+    peer = bp.parse_peer(name)
+    if peer is not None:
+        return Contender(name, peer[0], "registry", peer[1])
+    head, *mods = name.split("+")
+    match = re.fullmatch(r"([cr])(\d+)", head)
+    flags: list[str] = []
+    for mod in mods:
+        processes = re.fullmatch(r"p(\d+)", mod)
+        if processes:
+            flags += ["--processes", processes.group(1)]
+        elif mod in MODIFIERS:
+            flags += MODIFIERS[mod]
+        else:
+            match = None
+    if not match:
+        raise SystemExit(
+            f"unknown contender {name!r} (baseline, baseline-rmi, cN or rN with +pN, +nodedup, "
+            "+keepgit, shellN, skopeo)"
+        )
+    backend = "registry" if match.group(1) == "r" else "docker"
+    return Contender(name, "asynccache", backend, int(match.group(2)), tuple(flags))
+
+
 def contender_command(
     name: str, dataset: Path, cache: Path, stats: Path, extra: Sequence[str] = ()
 ) -> list[str]:
-    """The command line of a contender."""
+    """The command line of a baseline or asynccache contender (peers: bench_peers)."""
     common = ["--dataset", str(dataset), "--split", bi.SPLIT, "--cache_dir", str(cache)]
-    if name in ("baseline", "baseline-rmi"):
+    contender = parse_contender(name)
+    if contender.kind == "baseline":
         # baseline: the original script, which never removes an image (shared layers are
         # pulled once); baseline-rmi: the same with `docker rmi` after each entry.
         removal = ["--remove_images"] if name == "baseline-rmi" else []
@@ -489,10 +576,9 @@ def contender_command(
             "--stats_json",
             str(stats),
         ]
-    match = re.fullmatch(r"([cr])(\d+)", name)
-    if not match:
-        raise SystemExit(f"unknown contender {name!r} (baseline, cN or rN)")
-    backend = ["--backend", "registry"] if match.group(1) == "r" else []
+    if contender.kind != "asynccache":
+        raise SystemExit(f"{name} is a peer: see scripts/bench_peers.py")
+    backend = ["--backend", "registry"] if contender.backend == "registry" else []
     return [
         sys.executable,
         "-m",
@@ -500,14 +586,16 @@ def contender_command(
         *common,
         *backend,
         "--concurrency",
-        match.group(2),
+        str(contender.concurrency),
+        *contender.flags,
         *extra,
     ]
 
 
 def is_registry_contender(name: str) -> bool:
-    """True for the rN contenders (--backend registry, no Docker)."""
-    return re.fullmatch(r"r\d+", name) is not None
+    """True for asynccache with --backend registry (no Docker)."""
+    contender = parse_contender(name)
+    return contender.kind == "asynccache" and contender.backend == "registry"
 
 
 def contender_env(name: str, code: Path | None) -> dict[str, str]:
@@ -516,6 +604,48 @@ def contender_env(name: str, code: Path | None) -> dict[str, str]:
     if is_registry_contender(name):
         env["DOCKER_HOST"] = "unix:///nonexistent"
     return env
+
+
+@functools.cache
+def cli_help(code: Path | None) -> str:
+    """``python -m asynccache --help`` of the code under test (for feature detection)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "asynccache", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=code or ROOT,
+        env=code_env(code),
+        timeout=60,
+    )
+    return proc.stdout
+
+
+@functools.cache
+def has_subcommand(code: Path | None, name: str) -> bool:
+    """True when ``python -m asynccache NAME --help`` exists in the code under test."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "asynccache", name, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=code or ROOT,
+        env=code_env(code),
+        timeout=60,
+    )
+    return proc.returncode == 0 and name in proc.stdout
+
+
+def missing_flags(contender: Contender, help_text: str) -> list[str]:
+    """The flags the contender needs that the CLI does not have (yet)."""
+    return [flag for flag in contender.needs if not re.search(rf"{flag}\b", help_text)]
+
+
+def guard_active(contender: Contender, help_text: str) -> bool:
+    """True when asynccache rewrites .git (the leak guard exists and is not opted out)."""
+    return (
+        contender.kind == "asynccache"
+        and GUARD_FLAG in help_text
+        and GUARD_FLAG not in contender.flags
+    )
 
 
 DOWNLOADED_RE = re.compile(rb"registry backend: (\d+) bytes downloaded")
@@ -589,45 +719,103 @@ def create_cost_us(where: Path, count: int = 300) -> float:
     return cost
 
 
-def settle(seconds: float) -> None:
-    """Flush dirty pages and let the file system forget recent deletions.
+def settle(seconds: float, where: Path, cheap_us: float = 40.0) -> float:
+    """Flush dirty pages and let the file system forget recent deletions; return create us.
 
     On ext4 without a journal (this machine's root file system) a new inode is never one freed
     less than 60 s ago (300 s while its inode table block is dirty; sync cleans it), and each
     create scans past every such inode: right after a mass delete (a cache folder, the layers
-    of removed images) creating a file costs ~0.5 ms of CPU instead of ~20 us. Every contender
-    starts after the same quiet period; the create cost probed after it is in the results.
+    of removed images) creating a file costs ~0.5 ms of CPU instead of ~20 us. Before every
+    contender this waits, probing every 3 s, until creating a file in ``where`` costs at most
+    ``cheap_us`` of CPU, or ``seconds`` have passed; the last probe is in the results.
     """
     subprocess.run(["sync"], check=False)
-    if seconds > 0:
-        time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while True:
+        cost = create_cost_us(where)
+        if cost <= cheap_us or time.monotonic() >= deadline:
+            return cost
+        time.sleep(3)
+
+
+@dataclass
+class RunContext:
+    """What every run of one scenario shares."""
+
+    dataset: Path
+    expected: int
+    log_dir: Path
+    code: Path | None
+    help_text: str
+    proxy: WanProxy | None = None
+    settle_s: float = 61.0
+    plan: Path | None = None
+    #: instance id -> manifest of the docker cp tree (filled by the first baseline run)
+    reference: dict[str, bt.Manifest] = field(default_factory=dict)
+    compare: bool = True
+
+
+def _mount_tmpfs(where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16g,mode=0755", "tmpfs", str(where)], check=True
+    )
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], check=False)
+    with contextlib.suppress(OSError):
+        where.rmdir()
 
 
 def run_contender(
     name: str,
-    dataset: Path,
-    expected: int,
-    log_dir: Path,
+    ctx: RunContext,
     label: str,
-    proxy: WanProxy | None = None,
-    wrapper: Sequence[str] = (),
-    settle_s: float = 31.0,
-    code: Path | None = None,
     cache_root: Path = BENCH_DIR,
+    fresh_tmpfs: bool = False,
 ) -> dict[str, Any]:
-    """Clean up, run one contender, and measure it."""
+    """Clean up, run one contender, and measure it.
+
+    With ``fresh_tmpfs`` the cache folder is on a tmpfs mounted for this run alone (under
+    cache_root), unmounted afterwards.
+    """
+    contender = parse_contender(name)
+    if fresh_tmpfs:
+        cache_root = cache_root / f"tmpfs-{os.getpid()}"
+        _mount_tmpfs(cache_root)
+    try:
+        return _run(contender, ctx, label, cache_root)
+    finally:
+        if fresh_tmpfs:
+            _umount(cache_root)
+
+
+def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) -> dict[str, Any]:
+    name = contender.name
     cache = cache_root / "cache"
-    stats = log_dir / f"{label}.steps.json"
+    peer_work = cache_root / "peer-work"
+    stats = ctx.log_dir / f"{label}.steps.json"
     set_aside(cache)
+    set_aside(peer_work)
     removed = remove_bench_images()
-    settle(settle_s)
-    create_us = create_cost_us(cache_root)
-    command = [*wrapper, *contender_command(name, dataset, cache, stats)]
+    # the disk forgets deletions (ours, dockerd's); on tmpfs a contender without Docker
+    # writes nothing to disk, so there is nothing to wait for
+    quiet = 0.0 if _is_tmpfs(cache_root) and not contender.uses_docker else ctx.settle_s
+    create_us = settle(quiet, cache_root)
+    env = contender_env(name, ctx.code)
+    if contender.kind in ("shell", "skopeo"):
+        if ctx.plan is None:
+            raise SystemExit("the peers need a plan (bench_peers.write_plan)")
+        command = bp.peer_command(contender.kind, contender.concurrency, ctx.plan, cache, peer_work)
+        env.update(bp.peer_env(cache, peer_work))
+    else:
+        command = contender_command(name, ctx.dataset, cache, stats)
     daemon = CpuProbe(DAEMON_NAMES)
     registry = CpuProbe(REGISTRY_NAMES)
     traffic = RegistryTraffic(bi.bench_repositories())
-    proxy_before = proxy.cpu() if proxy else 0.0
-    log_path = log_dir / f"{label}.log"
+    proxy_before = ctx.proxy.cpu() if ctx.proxy else 0.0
+    log_path = ctx.log_dir / f"{label}.log"
     load_before = os.getloadavg()
     daemon.start()
     registry.start()
@@ -638,8 +826,8 @@ def run_contender(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=code or ROOT,
-            env=contender_env(name, code),
+            cwd=ctx.code or ROOT,
+            env=env,
         )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
@@ -648,35 +836,32 @@ def run_contender(
     registry_cpu = registry.stop()
     sent = traffic.stop()
     client_bytes = client_downloaded_bytes(log_path) if is_registry_contender(name) else None
-    proxy_cpu = (proxy.cpu() - proxy_before) if proxy else 0.0
+    proxy_cpu = (ctx.proxy.cpu() - proxy_before) if ctx.proxy else 0.0
 
     index_path = cache / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    files, size = tree_totals(cache) if cache.exists() else (0, 0)
-    # bookkeeping, not /testbed: .meta/ records, and the registry backend's .layers/ store
-    for aside in (".meta", ".layers", ".tmp"):
-        if (cache / aside).is_dir():
-            aside_files, aside_size = tree_totals(cache / aside)
-            files, size = files - aside_files, size - aside_size
-    files -= sum(1 for n in ("index.json", "failures.json", ".lock") if (cache / n).is_file())
-    size -= sum(
-        (cache / n).stat().st_size
-        for n in ("index.json", "failures.json", ".lock")
-        if (cache / n).is_file()
-    )
+    folders = bt.instance_folders(cache)
+    if contender.kind in ("shell", "skopeo"):
+        # the peers keep no index: their trees are counted as asynccache counts them
+        index = {folder.name: {"file_count": tree_totals(folder)[0]} for folder in folders}
+    usage_counts = bt.cache_usage(cache)
+    files, size = usage_counts["logical_files"], usage_counts["logical_bytes"]
     images = len(index)
     cpu = usage.ru_utime + usage.ru_stime
     result: dict[str, Any] = {
         "contender": name,
         "exit_code": proc.returncode,
         "images": images,
-        "expected": expected,
-        "ok": proc.returncode == 0 and images == expected,
+        "expected": ctx.expected,
+        "ok": proc.returncode == 0 and images == ctx.expected,
         "wall_s": wall,
         "images_per_min": images / wall * 60 if wall else 0.0,
         "mib_per_s": size / MIB / wall if wall else 0.0,
         "testbed_mib": size / MIB,
         "testbed_files": files,
+        "files_created": usage_counts["files_created"],
+        "physical_mib": usage_counts["physical_bytes"] / MIB,
+        "physical_ratio": usage_counts["physical_ratio"],
         "cpu_s": cpu,
         "cpu_user_s": usage.ru_utime,
         "cpu_sys_s": usage.ru_stime,
@@ -692,6 +877,8 @@ def run_contender(
         "removed_images_before": removed,
         "loadavg_before": list(load_before),
         "create_us_before": create_us,
+        "tmpfs": _is_tmpfs(cache_root),
+        "guard": guard_active(contender, ctx.help_text),
         "file_counts": {key: rec.get("file_count") for key, rec in index.items()},
         "log": str(log_path.relative_to(ROOT)),
     }
@@ -701,7 +888,7 @@ def run_contender(
         if result["client_downloaded_mib"] is not None
         else result["served_mib"]
     )
-    if name.startswith("baseline") and stats.exists():
+    if contender.kind == "baseline" and stats.exists():
         steps = json.loads(stats.read_text())
         good = [s for s in steps if "failed" not in s]
         for step in ("pull", "create", "cp", "rm", "rmi", "count", "index"):
@@ -710,7 +897,15 @@ def run_contender(
                 result[f"{step}_cpu_per_image_s"] = sum(v["cpu"] for v in values) / len(values)
                 result[f"{step}_wall_per_image_s"] = sum(v["wall"] for v in values) / len(values)
         result["docker_cp_cpu_per_image_s"] = result.get("cp_cpu_per_image_s")
+    if ctx.compare:
+        if contender.kind == "baseline" and not ctx.reference and result["ok"]:
+            # docker cp's trees: the reference every other contender is held to
+            ctx.reference.update({f.name: bt.tree_manifest(f) for f in folders})
+            result["reference"] = True
+        elif ctx.reference:
+            result["trees"] = bt.compare_trees(ctx.reference, cache, skip_git=result["guard"])
     set_aside(cache)
+    set_aside(peer_work)
     return result
 
 
@@ -722,7 +917,7 @@ NUMERIC_SKIP = {"exit_code", "expected", "removed_images_before", "loadavg_befor
 
 
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of every numeric field over repeated runs."""
+    """The median of every numeric field over repeated runs (trees: the worst run's)."""
     merged: dict[str, Any] = dict(runs[0])
     for key, value in runs[0].items():
         if key in NUMERIC_SKIP or isinstance(value, bool):
@@ -730,6 +925,9 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, int | float) or value is None:
             values: list[float] = [v for r in runs if isinstance(v := r.get(key), int | float)]
             merged[key] = statistics.median(values) if values else None
+    trees = [r["trees"] for r in runs if isinstance(r.get("trees"), dict)]
+    if trees:
+        merged["trees"] = min(trees, key=lambda t: (t["equal"] - t["compared"], t["equal"]))
     merged["ok"] = all(r["ok"] for r in runs)
     merged["runs"] = len(runs)
     merged["wall_s_all"] = [round(r["wall_s"], 2) for r in runs]
@@ -744,22 +942,31 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def trees_cell(row: dict[str, Any]) -> str:
+    """'equal/compared' trees against docker cp's ('-' when not compared; '*' without .git)."""
+    trees = row.get("trees")
+    if row.get("reference"):
+        return "ref"
+    if not trees:
+        return "-"
+    return f"{trees['equal']}/{trees['compared']}{'*' if trees['skip_git'] else ''}"
+
+
 COLUMNS = (
     ("contender", "contender", 0),
     ("wall s", "wall_s", 1),
     ("img/min", "images_per_min", 1),
-    ("MiB/s", "mib_per_s", 1),
-    ("x base", "ratio_to_baseline", 2),
+    ("x ref", "ratio_to_ref", 2),
     ("CPU s", "cpu_s", 1),
     ("CPU/img", "cpu_per_image_s", 3),
-    ("cp CPU/img", "docker_cp_cpu_per_image_s", 3),
     ("dockerd s", "dockerd_cpu_s", 1),
-    ("dockerd/img", "dockerd_cpu_per_image_s", 3),
-    ("registry s", "registry_cpu_s", 1),
-    ("proxy s", "proxy_cpu_s", 1),
     ("RSS MiB", "peak_rss_mib", 0),
     ("MiB dl", "downloaded_mib", 0),
-    ("served MiB", "served_mib", 0),
+    ("files", "testbed_files", 0),
+    ("created", "files_created", 0),
+    ("logical MiB", "testbed_mib", 0),
+    ("phys/log", "physical_ratio", 2),
+    ("trees=cp", "trees_cell", 0),
     ("create us", "create_us_before", 0),
     ("ok", "ok", 0),
 )
@@ -768,7 +975,13 @@ COLUMNS = (
 def table(title: str, rows: list[dict[str, Any]]) -> str:
     """A plain-text table of results."""
     header = [name for name, _, _ in COLUMNS]
-    body = [[_fmt(row.get(key), digits) for _, key, digits in COLUMNS] for row in rows]
+    body = [
+        [
+            trees_cell(row) if key == "trees_cell" else _fmt(row.get(key), digits)
+            for _, key, digits in COLUMNS
+        ]
+        for row in rows
+    ]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
@@ -776,12 +989,19 @@ def table(title: str, rows: list[dict[str, Any]]) -> str:
 
 
 def check_consistency(rows: list[dict[str, Any]]) -> list[str]:
-    """Every contender must report the same file_count per instance."""
+    """Contenders that give docker cp's trees must report the same file_count per instance.
+
+    Left out: the shell pipeline (no whiteouts: deleted files stay) and asynccache with its
+    leak guard (it removes what .git holds past HEAD); their trees are compared without .git
+    or not at all (see the trees column). Trees that differ from docker cp's where they should
+    not are problems too.
+    """
     problems: list[str] = []
-    reference = next((r for r in rows if r["file_counts"]), None)
+    comparable = [r for r in rows if not r["contender"].startswith("shell") and not r.get("guard")]
+    reference = next((r for r in comparable if r["file_counts"]), None)
     if reference is None:
-        return ["no contender cached anything"]
-    for row in rows:
+        return []
+    for row in comparable:
         for key, count in reference["file_counts"].items():
             other = row["file_counts"].get(key)
             if other != count:
@@ -789,7 +1009,73 @@ def check_consistency(rows: list[dict[str, Any]]) -> list[str]:
                     f"{row['contender']}: {key} file_count {other} vs "
                     f"{reference['contender']} {count}"
                 )
+    for row in rows:
+        trees = row.get("trees")
+        if (
+            trees
+            and not row["contender"].startswith("shell")
+            and (trees["equal"] != trees["compared"] or trees["missing"])
+        ):
+            problems.append(
+                f"{row['contender']}: {trees['equal']} of {trees['compared']} trees equal "
+                f"to docker cp's; {'; '.join(trees['samples'][:2])}"
+            )
     return problems
+
+
+def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["contender"] == name), None)
+
+
+def _ratio(slow: float | None, fast: float | None) -> str:
+    return f"{slow / fast:.2f}x" if slow and fast else "-"
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines the issues ask for: each feature on against off, asynccache against peers."""
+    lines: list[str] = []
+    for row in rows:
+        name = row["contender"]
+        if "+nodedup" in name:
+            on = _row(rows, name.replace("+nodedup", ""))
+            if on:
+                lines.append(
+                    f"dedup {on['contender']} vs {name}: wall {_fmt(on['wall_s'])} vs "
+                    f"{_fmt(row['wall_s'])} s ({_ratio(row['wall_s'], on['wall_s'])} faster with "
+                    f"dedup); files created {on['files_created']} vs {row['files_created']}; "
+                    f"physical/logical {_fmt(on['physical_ratio'], 2)} vs "
+                    f"{_fmt(row['physical_ratio'], 2)} ({_fmt(on['physical_mib'], 0)} vs "
+                    f"{_fmt(row['physical_mib'], 0)} MiB of {_fmt(row['testbed_mib'], 0)})"
+                )
+        if "+keepgit" in name:
+            on = _row(rows, name.replace("+keepgit", ""))
+            if on and on.get("guard"):
+                lines.append(
+                    f"leak guard {on['contender']} vs {name}: wall {_fmt(on['wall_s'])} vs "
+                    f"{_fmt(row['wall_s'])} s (x{_fmt(on['wall_s'] / row['wall_s'], 2)} with "
+                    f"the guard); CPU {_fmt(on['cpu_s'])} vs {_fmt(row['cpu_s'])} s "
+                    f"(guard ~{_fmt(on['cpu_s'] - row['cpu_s'], 1)} s, "
+                    f"{_fmt((on['cpu_s'] - row['cpu_s']) / max(1, on['images']), 3)} s/img)"
+                )
+        processes = re.search(r"\+p(\d+)", name)
+        if processes and processes.group(1) != "1":
+            one = _row(rows, name.replace(processes.group(0), "+p1"))
+            if one:
+                lines.append(
+                    f"processes {one['contender']} vs {name}: wall {_fmt(one['wall_s'])} vs "
+                    f"{_fmt(row['wall_s'])} s ({_ratio(one['wall_s'], row['wall_s'])} faster); "
+                    f"CPU/img {_fmt(one['cpu_per_image_s'], 3)} vs "
+                    f"{_fmt(row['cpu_per_image_s'], 3)} s"
+                )
+    peers = [r for r in rows if r["contender"].startswith(("shell", "skopeo"))]
+    ours = [r for r in rows if re.fullmatch(r"r\d+", r["contender"])]
+    for row in ours:
+        for peer in peers:
+            lines.append(
+                f"{row['contender']} vs {peer['contender']}: {_fmt(row['wall_s'])} vs "
+                f"{_fmt(peer['wall_s'])} s ({_ratio(peer['wall_s'], row['wall_s'])} faster)"
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,24 +1176,307 @@ def original_index_cost(count: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+#: Scenarios: a table of contenders each, or the transfer of a cache folder.
+SCENARIOS = ("loopback", "wan", "tmpfs", "transfer")
+DEFAULT_SCENARIOS = "loopback,tmpfs,transfer"
+#: Contenders per table scenario when --contenders is not given.
+DEFAULT_CONTENDERS = {
+    "loopback": (
+        "baseline,baseline-rmi,c1,c1+nodedup,c1+keepgit,c4,r1,r1+nodedup,r1+keepgit,r4,"
+        "shell1,shell4,skopeo"
+    ),
+    "wan": "baseline,baseline-rmi,c4,r1,r4,shell4,skopeo",
+    "tmpfs": "r1,r4+p1,r4+p2,shell1,shell2,skopeo",
+}
+
+
+def runnable(contenders: Sequence[str], help_text: str, skipped: dict[str, str]) -> list[Contender]:
+    """The contenders whose flags the code under test has; the others go to skipped, noted."""
+    ready: list[Contender] = []
+    for name in contenders:
+        contender = parse_contender(name)
+        missing = missing_flags(contender, help_text)
+        if missing:
+            reason = f"{' '.join(missing)} not in `python -m asynccache --help` (not landed yet)"
+            skipped[name] = reason
+            print(f"note: skipping {name}: {reason}")
+            continue
+        ready.append(contender)
+    return ready
+
+
+def run_table(
+    scenario: str,
+    names: Sequence[str],
+    args: argparse.Namespace,
+    base: RunContext,
+    images: Sequence[bi.BenchImage],
+) -> dict[str, Any]:
+    """Run every contender of a table scenario args.repeat times; print and return the table."""
+    skipped: dict[str, str] = {}
+    contenders = runnable(names, base.help_text, skipped)
+    proxy = None
+    registry = args.registry
+    if scenario == "wan":
+        if not insecure_loopback():
+            raise SystemExit("error: dockerd does not treat 127.0.0.0/8 as insecure registries")
+        proxy = WanProxy(args.wan_port, args.registry, args.wan_latency, args.wan_rate)
+        proxy.start()
+        registry = proxy.address
+        print(f"wan proxy on {proxy.address}: {proxy.checks}")
+    try:
+        dataset = BENCH_DIR / f"dataset-{scenario}"
+        if dataset.exists():
+            shutil.rmtree(dataset)
+        bi.write_bench_dataset(dataset, images, registry)
+        plan = None
+        if any(c.kind in ("shell", "skopeo") for c in contenders):
+            plan = bp.write_plan(
+                base.log_dir / f"plan-{scenario}.txt",
+                [(image.instance_id, image.ref_on(registry)) for image in images],
+            )
+        ctx = RunContext(
+            dataset=dataset,
+            expected=len(images),
+            log_dir=base.log_dir,
+            code=base.code,
+            help_text=base.help_text,
+            proxy=proxy,
+            settle_s=base.settle_s,
+            plan=plan,
+            reference=base.reference,
+            compare=base.compare,
+        )
+        runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
+        for repeat in range(max(args.repeat, args.docker_repeat)):
+            for contender in contenders:
+                if repeat >= (args.docker_repeat if contender.uses_docker else args.repeat):
+                    continue
+                label = f"{scenario}-{contender.name}-{repeat}"
+                result = run_contender(
+                    contender.name,
+                    ctx,
+                    label,
+                    cache_root=args.cache_root.resolve(),
+                    fresh_tmpfs=scenario == "tmpfs",
+                )
+                runs[contender.name].append(result)
+                print(
+                    f"  {label}: {result['wall_s']:.1f}s, "
+                    f"{result['images_per_min']:.1f} img/min, CPU {result['cpu_s']:.1f}s, "
+                    f"dockerd {result['dockerd_cpu_s']:.1f}s, "
+                    f"dl {_fmt(result['downloaded_mib'], 0)} MiB, "
+                    f"created {result['files_created']}, trees {trees_cell(result)}, "
+                    f"create {_fmt(result['create_us_before'], 0)} us, "
+                    f"load {_fmt(result['loadavg_before'][0], 2)}, "
+                    f"exit {result['exit_code']}{'' if result['ok'] else ' NOT OK'}",
+                    flush=True,
+                )
+    finally:
+        if proxy:
+            proxy.stop()
+    rows = [median_result(runs[c.name]) for c in contenders if runs[c.name]]
+    ref = rows[0] if rows else None
+    baseline = _row(rows, "baseline")
+    for row in rows:
+        row["ratio_to_ref"] = (
+            row["images_per_min"] / ref["images_per_min"] if ref and ref["images_per_min"] else None
+        )
+    problems = check_consistency(rows)
+    where = "a fresh tmpfs per run" if scenario == "tmpfs" else str(args.cache_root)
+    title = (
+        f"== {scenario} ({registry}, {len(images)} images, cache on {where}; "
+        f"x ref = img/min against {ref['contender'] if ref else '-'}; median of "
+        f"{args.repeat} runs, {args.docker_repeat} for contenders using dockerd) =="
+    )
+    print()
+    print(table(title, rows))
+    if baseline:
+        print(
+            "   baseline steps per image (wall / CPU of the CLI process, s): "
+            + ", ".join(
+                f"{step} {_fmt(baseline.get(step + '_wall_per_image_s'), 2)}/"
+                f"{_fmt(baseline.get(step + '_cpu_per_image_s'), 3)}"
+                for step in ("pull", "create", "cp", "rm", "rmi", "count", "index")
+            )
+        )
+    print(
+        "   MiB dl: rN = the client's own count; the others = the bytes of the registry's GET "
+        "responses for the bench repositories (its access log). files/created: regular files "
+        "of the cached trees / distinct inodes in the cache folder; phys/log: allocated bytes "
+        "(distinct inodes) over the trees' bytes; trees=cp: trees equal to docker cp's "
+        "(* = .git left out: the leak guard rewrites it)"
+    )
+    for line in comparisons(rows):
+        print(f"   {line}")
+    for name, reason in skipped.items():
+        print(f"   skipped {name}: {reason}")
+    for problem in problems[:10]:
+        print(f"   INCONSISTENT: {problem}")
+    print()
+    return {
+        "registry": registry,
+        "proxy": proxy.checks if proxy else None,
+        "results": rows,
+        "runs": runs,
+        "skipped": skipped,
+        "comparisons": comparisons(rows),
+        "consistency_problems": problems,
+    }
+
+
+def run_transfer(
+    args: argparse.Namespace, base: RunContext, images: Sequence[bi.BenchImage]
+) -> dict[str, Any]:
+    """Fill a dedup and a plain cache (untimed), then time each transfer method on a tmpfs."""
+    has_export = has_subcommand(base.code, "export") and has_subcommand(base.code, "import")
+    dedup_flag = "--no_dedup" in base.help_text
+    skipped: dict[str, str] = {}
+    if not has_export:
+        skipped["export|import"] = "`asynccache export`/`import` not in the CLI (not landed yet)"
+    if not dedup_flag:
+        skipped["plain cache"] = "--no_dedup not in the CLI: one cache serves as both"
+    for name, reason in skipped.items():
+        print(f"note: transfer: {name}: {reason}")
+    root = args.cache_root.resolve() / f"transfer-{os.getpid()}"
+    _mount_tmpfs(root)
+    try:
+        dataset = BENCH_DIR / "dataset-transfer"
+        if dataset.exists():
+            shutil.rmtree(dataset)
+        bi.write_bench_dataset(dataset, images, args.registry)
+        env = contender_env("r4", base.code)
+        sources: dict[str, Path] = {}
+        fills = {"dedup": "r4", "plain": "r4+nodedup"} if dedup_flag else {"dedup": "r4"}
+        for kind, name in fills.items():
+            sources[kind] = root / kind
+            command = contender_command(name, dataset, sources[kind], root / "unused")
+            with open(base.log_dir / f"transfer-fill-{kind}.log", "wb") as log:
+                subprocess.run(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base.code or ROOT,
+                    check=True,
+                )  # fmt: skip
+        sources.setdefault("plain", sources["dedup"])
+        reference = (
+            {f.name: bt.tree_manifest(f) for f in bt.instance_folders(sources["plain"])}
+            if base.compare
+            else {}
+        )
+        usage = {kind: bt.cache_usage(path) for kind, path in sources.items()}
+        methods = bench_transfer.transfer_methods(
+            sources["dedup"], sources["plain"], root / "dest", has_export
+        )
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+        for repeat in range(args.repeat):
+            for name, (producer, consumer) in methods.items():
+                dest = root / "dest"
+                log = base.log_dir / f"transfer-{name.replace(' ', '_')}-{repeat}.log"
+                result = bench_transfer.run_method(producer, consumer, dest, env, log)
+                if repeat == 0 and base.compare:
+                    # every method must hand over the same trees (content, modes, symlinks)
+                    result["trees"] = bt.compare_trees(reference, dest)
+                    trees = result["trees"]
+                    result["ok"] = result["ok"] and trees["equal"] == len(reference)
+                shutil.rmtree(dest)
+                runs[name].append(result)
+                print(
+                    f"  transfer-{name}-{repeat}: {result['wall_s']:.1f}s, CPU "
+                    f"{result['cpu_s']:.1f}s, stream {_fmt(result['stream_mib'], 0)} MiB, "
+                    f"{result['tree_count']} trees{'' if result['ok'] else ' NOT OK'}",
+                    flush=True,
+                )
+    finally:
+        _umount(root)
+    rows = []
+    for name, results in runs.items():
+        row = {"method": name, **median_result([{"contender": name, **r} for r in results])}
+        rows.append(row)
+    tar = next((r for r in rows if r["method"] == "tar czf|tar xzf"), None)
+    print()
+    print(
+        f"== transfer ({len(images)} images; on a tmpfs; x tar = wall and stream bytes against "
+        f"tar czf|tar xzf; median of {args.repeat}) =="
+    )
+    print(
+        f"   sources: dedup cache {usage['dedup']['physical_bytes'] / MIB:.0f} MiB physical, "
+        f"plain {usage['plain']['physical_bytes'] / MIB:.0f} MiB physical, "
+        f"{usage['plain']['logical_bytes'] / MIB:.0f} MiB logical"
+    )
+    print(
+        f"   {'method':>16}  {'wall s':>7}  {'x tar':>6}  {'CPU s':>6}  {'stream MiB':>10}  "
+        f"{'bytes x tar':>11}  {'dest phys MiB':>13}  {'trees':>5}  {'=source':>7}  ok"
+    )
+    for row in rows:
+        speed = tar["wall_s"] / row["wall_s"] if tar and row["wall_s"] else None
+        size = (
+            row["stream_mib"] / tar["stream_mib"]
+            if tar and row.get("stream_mib") and tar.get("stream_mib")
+            else None
+        )
+        row["speed_vs_tar"], row["bytes_vs_tar"] = speed, size
+        print(
+            f"   {row['method']:>16}  {_fmt(row['wall_s']):>7}  {_fmt(speed, 2):>6}  "
+            f"{_fmt(row['cpu_s']):>6}  {_fmt(row.get('stream_mib'), 0):>10}  "
+            f"{_fmt(size, 2):>11}  {_fmt(row['physical_mib'], 0):>13}  "
+            f"{_fmt(row['tree_count']):>5}  {trees_cell(row):>7}  {row['ok']}"
+        )
+    for name, reason in skipped.items():
+        print(f"   skipped {name}: {reason}")
+    print()
+    return {"results": rows, "runs": runs, "sources": usage, "skipped": skipped}
+
+
+def take_daemon_turn() -> Any:
+    """Hold the machine-wide Docker lock that test sessions take (tests/conftest.py).
+
+    Docker tests restart dockerd and count local images; a benchmark run must neither be
+    disturbed by them nor disturb them. Returns the open lock file (held until it is closed).
+    """
+    import fcntl
+
+    path = Path(os.environ.get("ASYNCCACHE_TEST_LOCK", "/var/tmp/asynccache-docker-tests.lock"))
+    handle = open(path, "a")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for Docker test sessions to finish (lock {path})", flush=True)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per contender (median)")
     parser.add_argument(
-        "--loopback-repeat",
-        type=int,
-        default=None,
-        help="runs per contender in the loopback scenario (default: --repeat)",
+        "--repeat", type=int, default=3, help="runs per contender without Docker (median)"
     )
-    parser.add_argument("--scenarios", default="loopback,wan")
-    parser.add_argument("--contenders", default="baseline,baseline-rmi,c1,c4,c16,r1,r4,r16")
-    parser.add_argument("--images", type=int, default=None, help="the first N bench images")
+    parser.add_argument(
+        "--docker-repeat",
+        type=int,
+        default=1,
+        help="runs per contender that pulls through dockerd (median; they take minutes)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated, of {', '.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})",
+    )
+    parser.add_argument(
+        "--contenders",
+        default=None,
+        help="for every table scenario (default: each scenario's own list, see the README)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=12, help="the first N bench images (0: all 24)"
+    )
     parser.add_argument("--registry", default=fx.DEFAULT_REGISTRY)
     parser.add_argument("--wan-port", type=int, default=5055)
     parser.add_argument("--wan-latency", type=float, default=0.04)
     parser.add_argument("--wan-rate", default="20m", help="pv -L rate per connection")
     parser.add_argument(
-        "--settle", type=float, default=31.0, help="quiet seconds before each contender"
+        "--settle",
+        type=float,
+        default=61.0,
+        help="at most this many seconds of waiting for cheap file creation before a contender",
     )
     parser.add_argument(
         "--code",
@@ -919,17 +1488,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache-root",
         type=Path,
         default=BENCH_DIR,
-        help="where the cache folder goes (e.g. /dev/shm/bench to leave out the disk)",
+        help="where the cache folder goes (the tmpfs and transfer scenarios mount theirs here)",
+    )
+    parser.add_argument(
+        "--no-compare", action="store_true", help="do not compare trees with docker cp's"
     )
     parser.add_argument("--index-sim", type=int, default=0, metavar="N")
     parser.add_argument("--index-pace", type=float, default=100.0, help="records/s when paced")
     args = parser.parse_args(argv)
 
     scenarios = [s for s in args.scenarios.split(",") if s]
-    contenders = [c for c in args.contenders.split(",") if c]
     for scenario in scenarios:
-        if scenario not in ("loopback", "wan"):
-            parser.error(f"unknown scenario {scenario!r}")
+        if scenario not in SCENARIOS:
+            parser.error(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
+    names = {
+        scenario: [c for c in (args.contenders or DEFAULT_CONTENDERS[scenario]).split(",") if c]
+        for scenario in scenarios
+        if scenario != "transfer"
+    }
+    for listed in names.values():
+        for name in listed:
+            parse_contender(name)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     log_dir = BENCH_DIR / "logs" / stamp
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -940,7 +1519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": {},
     }
 
-    if scenarios and contenders:
+    if scenarios:
+        turn = take_daemon_turn()
+        output["daemon_turn"] = turn.name
         if not fx.docker_available() or not fx.registry_available(args.registry):
             print("error: dockerd or the registry is not up (scripts/services.sh up)")
             return 2
@@ -948,111 +1529,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_root.mkdir(parents=True, exist_ok=True)
         output["cache_root"] = {"path": str(cache_root), "tmpfs": _is_tmpfs(cache_root)}
         code, code_hash = snapshot_code(args.code)
+        help_text = cli_help(code)
         output["code"] = {
             "which": args.code,
             "head": _git_head(),
             "path": str(code.relative_to(ROOT)),
             "sha256_12": code_hash,
+            "help": help_text,
         }
         print(f"asynccache under test: {code.relative_to(ROOT)} (frozen copy of asynccache/)")
-        images = bi.ensure_bench_images(args.registry, count=args.images)
-        if args.images is not None and args.images > len(images):
-            print(f"note: only {len(images)} bench images exist")
-        total_mib = 0.0
+        images = bi.ensure_bench_images(args.registry, count=args.images or None)
         output["images"] = [image.ref for image in images]
         print(
             f"{len(images)} images over {len({i.repo for i in images})} repos; "
-            f"contenders {', '.join(contenders)}; repeat {args.repeat}"
+            f"scenarios {', '.join(scenarios)}; repeat {args.repeat} "
+            f"({args.docker_repeat} with dockerd)"
         )
-        for scenario in scenarios:
-            proxy = None
-            registry = args.registry
-            if scenario == "wan":
-                if not insecure_loopback():
-                    print("error: dockerd does not treat 127.0.0.0/8 as insecure registries")
-                    return 2
-                proxy = WanProxy(args.wan_port, args.registry, args.wan_latency, args.wan_rate)
-                proxy.start()
-                registry = proxy.address
-                print(f"wan proxy on {proxy.address}: {proxy.checks}")
-            try:
-                dataset = BENCH_DIR / f"dataset-{scenario}"
-                if dataset.exists():
-                    shutil.rmtree(dataset)
-                bi.write_bench_dataset(dataset, images, registry)
-                runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
-                repeats = args.repeat
-                if scenario == "loopback" and args.loopback_repeat is not None:
-                    repeats = args.loopback_repeat
-                for repeat in range(repeats):
-                    for contender in contenders:
-                        label = f"{scenario}-{contender}-{repeat}"
-                        result = run_contender(
-                            contender,
-                            dataset,
-                            len(images),
-                            log_dir,
-                            label,
-                            proxy,
-                            settle_s=args.settle,
-                            code=code,
-                            cache_root=cache_root,
-                        )
-                        runs[contender].append(result)
-                        total_mib = max(total_mib, result["testbed_mib"])
-                        print(
-                            f"  {label}: {result['wall_s']:.1f}s, "
-                            f"{result['images_per_min']:.1f} img/min, CPU {result['cpu_s']:.1f}s, "
-                            f"dockerd {result['dockerd_cpu_s']:.1f}s, "
-                            f"dl {_fmt(result['downloaded_mib'], 0)} MiB, "
-                            f"load {_fmt(result['loadavg_before'][0], 2)}, "
-                            f"exit {result['exit_code']}{'' if result['ok'] else ' NOT OK'}",
-                            flush=True,
-                        )
-                rows = [median_result(runs[c]) for c in contenders]
-                base = next((r for r in rows if r["contender"] == "baseline"), None)
-                for row in rows:
-                    row["ratio_to_baseline"] = (
-                        row["images_per_min"] / base["images_per_min"]
-                        if base and base["images_per_min"]
-                        else None
+        base = RunContext(
+            dataset=BENCH_DIR,
+            expected=len(images),
+            log_dir=log_dir,
+            code=code,
+            help_text=help_text,
+            settle_s=args.settle,
+            compare=not args.no_compare,
+        )
+        # the baseline's trees (docker cp) are the reference: its scenario goes first
+        ordered = sorted(scenarios, key=lambda s: s == "transfer" or "baseline" not in names[s])
+        try:
+            for scenario in ordered:
+                if scenario == "transfer":
+                    output["scenarios"][scenario] = run_transfer(args, base, images)
+                else:
+                    output["scenarios"][scenario] = run_table(
+                        scenario, names[scenario], args, base, images
                     )
-                    if base and not row["contender"].startswith("baseline"):
-                        row["docker_cp_cpu_per_image_s"] = base.get("docker_cp_cpu_per_image_s")
-                problems = check_consistency(rows)
-                output["scenarios"][scenario] = {
-                    "registry": registry,
-                    "proxy": proxy.checks if proxy else None,
-                    "results": rows,
-                    "runs": runs,
-                    "consistency_problems": problems,
-                }
-                print()
-                print(table(f"== {scenario} ({registry}, {len(images)} images) ==", rows))
-                if base:
-                    print(
-                        "   baseline steps per image (wall / CPU of the CLI process, s): "
-                        + ", ".join(
-                            f"{step} {_fmt(base.get(step + '_wall_per_image_s'), 2)}/"
-                            f"{_fmt(base.get(step + '_cpu_per_image_s'), 3)}"
-                            for step in ("pull", "create", "cp", "rm", "rmi", "count", "index")
-                        )
-                    )
-                print(
-                    "   MiB dl: rN = the client's own count (its 'registry backend: N bytes "
-                    "downloaded' line); baseline/cN = 'served MiB', the bytes of the registry's "
-                    "GET responses (manifests + compressed blobs) for the bench repositories, "
-                    "from its access log"
-                )
-                for problem in problems[:10]:
-                    print(f"   INCONSISTENT: {problem}")
-                print()
-            finally:
-                if proxy:
-                    proxy.stop()
-        remove_bench_images()
-        empty_trash()
-        output["testbed_mib"] = total_mib
+        finally:
+            remove_bench_images()
+            empty_trash()
 
     if args.index_sim:
         print(f"index.json simulation: {args.index_sim} updates through IndexWriter")
@@ -1078,7 +1592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (BENCH_DIR / "latest.json").write_text(text, encoding="utf-8")
     print(f"results: {BENCH_DIR / f'results-{stamp}.json'} (and {BENCH_DIR / 'latest.json'})")
     ok = all(
-        row["ok"] and not sc["consistency_problems"]
+        row["ok"] and not sc.get("consistency_problems")
         for sc in output["scenarios"].values()
         for row in sc["results"]
     )

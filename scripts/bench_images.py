@@ -1,24 +1,29 @@
 """Benchmark images shaped like R2E-Gym task images, pushed to the loopback registry.
 
-Every repository gets one local base image (the clone with a packed ``.git`` and an installed
-``.venv``), and each of its "commits" is a small image on top of it that changes a few files,
-adds one and deletes some, as a checkout would. Images of one repository therefore share their
-large base layers, as the real ``namanjain12/{repo}_final:{commit}`` images share theirs.
+Real images are ``FROM ubuntu`` + ``git clone <upstream> testbed`` + ``git checkout <buggy
+commit>`` + an install that builds ``/testbed/.venv`` and leaves the tree dirty; each image is
+built on its own, so images share only their OS layers, while their ``/testbed`` layers, though
+separate, hold mostly the same files (the same ``.venv``, sources that differ by a few commits,
+the same pack). These images are made the same way:
 
-Per image ``/testbed`` holds 30-60 MB in 3,000-6,000 files:
+* one OS base shared by every image (``docker import`` of busybox plus ~20 MiB of
+  ``/usr/lib`` files: stdlib-like text and a few shared objects), never holding ``/testbed``;
+* per repository, an upstream history made with the real git CLI (scripts/bench_git.py: 900
+  commits on ``main``, release tags, a maintenance branch and feature branches, binary test data
+  replaced now and then);
+* per image, in its own layers: a ``git clone --no-local`` checked out detached at one commit of
+  ``main`` (several hundred commits, tags and branches lie past it; ``refs/remotes/origin/*``,
+  reflogs, ``FETCH_HEAD`` and a stash are there, as in R2E images), then the repository's
+  ``.venv`` (the same files in every image of the repository: a few thousand small ``.py``
+  files, ``dist-info`` folders, incompressible ``.so``-like files, ``bin/python`` symlinks), then
+  an install step that deletes one tracked file and edits another, then ``install.sh`` and
+  ``run_tests.sh``. The commits of one repository's images are ``spacing`` commits apart.
 
-* ``.git`` with ``objects/pack/pack-*.pack`` (random bytes, a few MB), its ``.idx``, an index
-  file, refs, hooks and a few loose objects;
-* the source tree: several hundred Python-like text files (gzip compresses them about 3x);
-* ``.venv``: a few thousand small ``.py`` files in site-packages, ``dist-info`` folders, a few
-  large ``.so``-like files of random bytes (incompressible, like real shared objects), and the
-  usual ``bin/python`` symlinks.
-
-Content is deterministic (``random.Random`` seeded by repository and file), so a rebuild yields
-identical trees. Images are built with the legacy builder on the fixtures' busybox base, pushed
-as ``{registry}/namanjain12/{repo}_final:{commit_hash}``, and removed locally (the base too),
-so that a benchmark has to pull them. Nothing is rebuilt when the registry already holds every
-image with a matching content label.
+Generated content is deterministic (``random.Random`` seeded by repository and file; git dates
+fixed). Images are built with the legacy builder, pushed as
+``{registry}/namanjain12/{repo}_final:{commit_hash}``, and removed locally (the bases too), so
+that a benchmark has to pull them. Nothing is rebuilt when the registry already holds every
+image with a matching content label (a hash of everything that shapes it).
 
 Command line::
 
@@ -28,16 +33,20 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import random
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts import bench_git  # noqa: E402
 from tests.support import fixtures as fx  # noqa: E402
 
 #: Bumped whenever generated content or the way images are built changes.
-BENCH_VERSION = "1"
+BENCH_VERSION = "2"
 #: Label holding the content hash of the spec a bench image was built from.
 BENCH_LABEL = "io.asynccache.bench.hash"
 #: Split name of the benchmark dataset.
@@ -67,18 +77,34 @@ class RepoShape:
     src_files: int
     venv_files: int
     so_sizes: tuple[int, ...]
-    pack_bytes: int
     commits: int = 6
+    history: bench_git.History = field(default_factory=bench_git.History)
+    #: main's commits between two images of the repository
+    spacing: int = 15
 
     def spec_hash(self) -> str:
         """A digest of everything that shapes this repository's images."""
-        text = json.dumps({"version": BENCH_VERSION, **asdict(self)}, sort_keys=True)
+        text = json.dumps(
+            {"version": BENCH_VERSION, "os": asdict(OS_SPEC), **asdict(self)}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
-    @property
-    def base_tag(self) -> str:
-        """The local tag of the per-repository base image (removed after the push)."""
-        return f"asynccache-bench-base-{self.name}:{self.spec_hash()[:12]}"
+    def head_index(self, index: int) -> int:
+        """Which commit of main (0 = the first) the index-th image has checked out."""
+        return int(self.history.commits * 0.35) + index * self.spacing
+
+
+@dataclass(frozen=True)
+class OsShape:
+    """The shared OS layer: stdlib-like text files and shared objects under /usr/lib."""
+
+    text_files: int = 1500
+    so_sizes: tuple[int, ...] = (4 * MIB, 3 * MIB) + (MIB,) * 6
+    #: bumped to get a new layer (a daemon that lost track of the old one keeps it for good)
+    revision: int = 2
+
+
+OS_SPEC = OsShape()
 
 
 REPOS: tuple[RepoShape, ...] = (
@@ -88,7 +114,6 @@ REPOS: tuple[RepoShape, ...] = (
         src_files=1400,
         venv_files=3200,
         so_sizes=(6 * MIB, 4 * MIB, 3 * MIB) + (2 * MIB,) * 4 + (MIB,) * 6,
-        pack_bytes=9 * MIB,
     ),
     RepoShape(
         "numpy",
@@ -96,7 +121,6 @@ REPOS: tuple[RepoShape, ...] = (
         src_files=900,
         venv_files=2200,
         so_sizes=(24 * MIB, 5 * MIB, 3 * MIB) + (MIB,) * 4,
-        pack_bytes=7 * MIB,
     ),
     RepoShape(
         "pillow",
@@ -104,7 +128,6 @@ REPOS: tuple[RepoShape, ...] = (
         src_files=500,
         venv_files=2600,
         so_sizes=(3 * MIB,) + (2 * MIB,) * 3 + (MIB // 2,) * 8,
-        pack_bytes=5 * MIB,
     ),
     RepoShape(
         "tornado",
@@ -112,7 +135,6 @@ REPOS: tuple[RepoShape, ...] = (
         src_files=400,
         venv_files=3600,
         so_sizes=(2 * MIB,) + (MIB,) * 4 + (300 * 1024,) * 6,
-        pack_bytes=5 * MIB,
     ),
 )
 
@@ -281,45 +303,21 @@ def source_paths(shape: RepoShape) -> list[str]:
     return paths
 
 
-def write_repo(shape: RepoShape, root: Path, pool: list[str]) -> _Writer:
-    """The clone: source tree, top-level files and a packed .git (context folder ``root``)."""
-    out = _Writer(root, pool)
+def repo_files(shape: RepoShape, pool: list[str]) -> dict[str, bytes]:
+    """The upstream's first commit: source tree and top-level files (path -> content)."""
+    out = _Writer(Path("/nonexistent"), pool)
     rng = random.Random(f"{shape.name}/repo")
-    for rel in source_paths(shape):
-        out.write(rel, out.text(rng, rel))
+    files = {rel: out.text(rng, rel) for rel in source_paths(shape)}
     for rel in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "tox.ini", "MANIFEST.in"):
-        out.write(rel, out.text(rng, rel))
-    git = ".git"
-    pack_id = hashlib.sha1(f"{shape.name}/pack".encode()).hexdigest()
-    pack = b"PACK\x00\x00\x00\x02" + rng.randbytes(shape.pack_bytes - 8)
-    out.write(f"{git}/objects/pack/pack-{pack_id}.pack", pack, 0o444)
-    idx_size = max(4096, shape.pack_bytes // 40)
-    out.write(f"{git}/objects/pack/pack-{pack_id}.idx", b"\xfftOc" + rng.randbytes(idx_size), 0o444)
-    out.write(f"{git}/index", b"DIRC" + rng.randbytes(shape.src_files * 90))
-    out.write(f"{git}/HEAD", b"ref: refs/heads/main\n")
-    out.write(
-        f"{git}/config",
-        b"[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
-        b'[remote "origin"]\n\turl = https://example.invalid/repo.git\n',
-    )
-    out.write(f"{git}/description", b"Unnamed repository.\n")
-    refs = "".join(
-        f"{hashlib.sha1(f'{shape.name}/tag/{i}'.encode()).hexdigest()} refs/tags/v0.{i}\n"
-        for i in range(200)
-    )
-    out.write(
-        f"{git}/packed-refs", ("# pack-refs with: peeled fully-peeled sorted\n" + refs).encode()
-    )
-    out.write(f"{git}/info/exclude", b"# git ls-files --others --exclude-from=.git/info/exclude\n")
-    for hook in ("pre-commit", "pre-push", "commit-msg", "post-update", "pre-rebase", "update"):
-        out.write(f"{git}/hooks/{hook}.sample", out.text(rng, hook), 0o755)
-    for i in range(30):
-        sha = hashlib.sha1(f"{shape.name}/loose/{i}".encode()).hexdigest()
-        out.write(
-            f"{git}/objects/{sha[:2]}/{sha[2:]}", rng.randbytes(rng.randint(100, 4000)), 0o444
-        )
-    out.write(f"{git}/refs/heads/main", f"{commit_hash(shape, 0)}\n".encode())
-    return out
+        files[rel] = out.text(rng, rel)
+    files["ci/run_checks.sh"] = b"#!/bin/sh\nset -e\npython -m pytest\n"
+    return files
+
+
+def new_source(pool: list[str]) -> Any:
+    """A maker of new source files for the history (see bench_git.make_upstream)."""
+    out = _Writer(Path("/nonexistent"), pool)
+    return lambda rng, rel: out.text(rng, rel)
 
 
 def write_venv(shape: RepoShape, root: Path, pool: list[str]) -> _Writer:
@@ -370,39 +368,84 @@ _VENV_LINKS = (
 )
 
 
-def commit_changes(shape: RepoShape, index: int) -> tuple[list[str], list[str], list[str]]:
-    """(changed, added, deleted) source paths of a repository's index-th commit."""
-    rng = random.Random(f"{shape.name}/commit/{index}")
-    paths = source_paths(shape)
-    picked = rng.sample(paths, 12)
-    changed, deleted = picked[:9], picked[9:]
-    added = [f"{shape.package}/{_ident(rng, 2)}_new{index}.py"]
-    return changed, added, deleted
+def install_changes(shape: RepoShape, index: int, tracked: Sequence[str]) -> tuple[str, str]:
+    """(deleted, edited): the tracked files the index-th image's install step dirties."""
+    rng = random.Random(f"{shape.name}/install/{index}")
+    deleted, edited = rng.sample(sorted(p for p in tracked if p.endswith(".py")), 2)
+    return deleted, edited
 
 
-def write_commit(shape: RepoShape, index: int, root: Path, pool: list[str]) -> list[str]:
-    """The context of one commit image: changed files, git metadata; returns deleted paths."""
-    out = _Writer(root / "commit", pool)
-    rng = random.Random(f"{shape.name}/commit/{index}/data")
-    changed, added, deleted = commit_changes(shape, index)
-    for rel in changed + added:
-        out.write(rel, out.text(rng, rel))
-    git = ".git"
-    out.write(f"{git}/index", b"DIRC" + rng.randbytes(shape.src_files * 90))
-    commit = commit_hash(shape, index)
-    out.write(f"{git}/HEAD", f"{commit}\n".encode())
-    out.write(f"{git}/ORIG_HEAD", f"{commit_hash(shape, 0)}\n".encode())
-    out.write(f"{git}/logs/HEAD", f"checkout: moving to {commit}\n".encode())
-    for i in range(5):
-        sha = hashlib.sha1(f"{commit}/loose/{i}".encode()).hexdigest()
-        out.write(
-            f"{git}/objects/{sha[:2]}/{sha[2:]}", rng.randbytes(rng.randint(200, 3000)), 0o444
-        )
+def write_scripts(shape: RepoShape, commit: str, root: Path) -> None:
+    """install.sh and run_tests.sh, as R2E images carry them."""
     install = f"#!/bin/sh\nset -e\ncd /testbed\n# install {shape.name} at {commit}\n"
     tests = f'#!/bin/sh\nset -e\ncd /testbed\n.venv/bin/python -m pytest -rA {shape.package} "$@"\n'
-    out.write("install.sh", install.encode(), 0o755)
-    out.write("run_tests.sh", tests.encode(), 0o755)
-    return deleted
+    for name, text in (("install.sh", install), ("run_tests.sh", tests)):
+        (root / name).write_text(text, encoding="utf-8")
+        (root / name).chmod(0o755)
+
+
+def os_rootfs_tar() -> bytes:
+    """The shared OS layer: the busybox root file system plus stdlib-like files in /usr/lib."""
+    base = fx.base_rootfs_tar(fx.find_static_busybox())
+    buffer = io.BytesIO()
+    rng = random.Random(f"bench-os/{OS_SPEC.revision}")
+    pool = _line_pool(f"bench-os/{OS_SPEC.revision}")
+    out = _Writer(Path("/nonexistent"), pool)
+    with (
+        tarfile.open(fileobj=io.BytesIO(base)) as source,
+        tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for member in source.getmembers():
+            tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+        folders: set[str] = set()
+        text_files, so_sizes = OS_SPEC.text_files, OS_SPEC.so_sizes
+        paths = _tree_paths(rng, "usr/lib/python3.11", text_files)
+        libs = "usr/lib/x86_64-linux-gnu"
+        paths += [f"{libs}/lib{_ident(rng, 1)}{i}.so.1" for i in range(len(so_sizes))]
+        for number, rel in enumerate(paths):
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder not in folders and folder not in ("usr",):
+                    folders.add(folder)
+                    info = tarfile.TarInfo(folder)
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    tar.addfile(info)
+            so = number - text_files
+            data = (
+                out.text(rng, rel)
+                if so < 0
+                else b"\x7fELF\x02\x01\x01" + rng.randbytes(so_sizes[so] - 7)
+            )
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def os_tag() -> str:
+    """The local tag of the shared OS base (removed once the images are pushed)."""
+    text = json.dumps({"v": BENCH_VERSION, **asdict(OS_SPEC)})
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"asynccache-bench-os:{digest[:12]}"
+
+
+def build_os_base() -> str:
+    """Import the shared OS base unless it exists; return its tag."""
+    tag = os_tag()
+    if not fx.image_exists(tag):
+        fx.docker(
+            "import",
+            "--change",
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "-",
+            tag,
+            input_bytes=os_rootfs_tar(),
+            timeout=600,
+        )
+    return tag
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,56 +462,91 @@ def is_pushed(image: BenchImage) -> bool:
     return labels is not None and labels.get(BENCH_LABEL) == image.spec_hash
 
 
+def _docker_retrying(*args: str, env: dict[str, str] | None = None, attempts: int = 3) -> None:
+    """A docker command, tried again after the daemon restarts (tests on this machine do)."""
+    for attempt in range(attempts):
+        try:
+            fx.docker(*args, env=env, timeout=900)
+            return
+        except fx.FixtureError:
+            if attempt == attempts - 1:
+                raise
+            deadline = time.monotonic() + 120
+            while not fx.docker_available() and time.monotonic() < deadline:
+                time.sleep(2)
+
+
 def _build(context: Path, tag: str, labels: dict[str, str]) -> None:
     args = ["build", "--quiet", "--rm", "--force-rm", "--tag", tag]
     for key, value in labels.items():
         args += ["--label", f"{key}={value}"]
-    fx.docker(*args, str(context), env={"DOCKER_BUILDKIT": "0"}, timeout=900)
+    _docker_retrying(*args, str(context), env={"DOCKER_BUILDKIT": "0"})
 
 
-def build_repo(shape: RepoShape, images: Sequence[BenchImage], log: Any = print) -> None:
-    """Build the repository's base and the given commit images; push them; remove them locally."""
+def build_repo(
+    shape: RepoShape, images: Sequence[BenchImage], os_base: str, log: Any = print
+) -> None:
+    """Build the given images of one repository on the OS base; push them; remove them locally."""
     started = time.monotonic()
     pool = _line_pool(shape.name)
     with tempfile.TemporaryDirectory(prefix=f"asynccache-bench-{shape.name}-") as tmp:
-        base_ctx = Path(tmp, "base")
-        repo = write_repo(shape, base_ctx / "repo", pool)
-        venv = write_venv(shape, base_ctx / "venv", pool)
-        (base_ctx / "Dockerfile").write_text(
-            f"FROM {fx.BASE_IMAGE}\nWORKDIR /testbed\nCOPY repo/ /testbed/\n"
-            f'COPY venv/ /testbed/.venv/\n{_VENV_LINKS}\nCMD ["/bin/sh"]\n',
-            encoding="utf-8",
+        upstream = Path(tmp, "upstream.git")
+        main_ids = bench_git.make_upstream(
+            upstream, shape.package, repo_files(shape, pool), shape.history, pool, new_source(pool)
         )
-        generated = time.monotonic()
-        _build(base_ctx, shape.base_tag, {"io.asynccache.bench.base": shape.name})
-        shutil.rmtree(base_ctx)
+        venv = write_venv(shape, Path(tmp, "venv"), pool)
         log(
-            f"  {shape.name}: base {repo.files + venv.files} files, "
-            f"{(repo.bytes + venv.bytes) / MIB:.1f} MiB (generated in "
-            f"{generated - started:.1f}s, built in {time.monotonic() - generated:.1f}s)"
+            f"  {shape.name}: upstream of {len(main_ids)} commits on main and "
+            f"{venv.files} .venv files made in {time.monotonic() - started:.1f}s"
         )
-        try:
-            for image in images:
-                ctx = Path(tmp, f"commit-{image.index}")
-                deleted = write_commit(shape, image.index, ctx, pool)
-                removal = " ".join(f"'{path}'" for path in deleted)
-                (ctx / "Dockerfile").write_text(
-                    f"FROM {shape.base_tag}\nCOPY commit/ /testbed/\n"
-                    f"RUN set -e; cd /testbed; rm -f {removal}\n",
-                    encoding="utf-8",
-                )
-                _build(
-                    ctx,
-                    image.ref,
-                    {BENCH_LABEL: image.spec_hash, "io.asynccache.bench.repo": shape.name},
-                )
-                try:
-                    fx.docker("push", "--quiet", image.ref, timeout=900)
-                finally:
-                    fx.docker("rmi", image.ref, check=False)
-        finally:
-            fx.docker("rmi", shape.base_tag, check=False)
+        for image in images:
+            ctx = Path(tmp, f"image-{image.index}")
+            ctx.mkdir()
+            head = main_ids[shape.head_index(image.index)]
+            when = bench_git.EPOCH + (shape.history.commits + 24 * image.index) * 3600
+            url = f"https://github.com/bench/{shape.name}.git"
+            bench_git.clone_at(upstream, ctx / "repo", head, url, when)
+            # a copy, not links or the same mtimes: every image builds its own .venv
+            shutil.copytree(Path(tmp, "venv"), ctx / "venv", copy_function=shutil.copy)
+            write_scripts(shape, image.commit_hash, ctx)
+            tracked = (
+                bench_git.git(ctx / "repo", "ls-files", env=bench_git.git_env(Path(tmp)))
+                .stdout.decode()
+                .split()
+            )
+            deleted, edited = install_changes(shape, image.index, tracked)
+            (ctx / "Dockerfile").write_text(
+                f"FROM {os_base}\nWORKDIR /testbed\nCOPY repo/ /testbed/\n"
+                f"COPY venv/ /testbed/.venv/\n{_VENV_LINKS}; cd /testbed; rm -f '{deleted}'; "
+                f"echo '# patched by install.sh' >> '{edited}'\n"
+                f'COPY install.sh run_tests.sh /testbed/\nCMD ["/bin/sh"]\n',
+                encoding="utf-8",
+            )
+            _build(
+                ctx,
+                image.ref,
+                {BENCH_LABEL: image.spec_hash, "io.asynccache.bench.repo": shape.name},
+            )
+            shutil.rmtree(ctx)
+            try:
+                _docker_retrying("push", "--quiet", image.ref)
+            finally:
+                fx.docker("rmi", image.ref, check=False)
     log(f"  {shape.name}: {len(images)} images pushed in {time.monotonic() - started:.1f}s")
+
+
+_LOCK_PATH = Path(tempfile.gettempdir()) / "asynccache-bench-images.lock"
+
+
+@contextlib.contextmanager
+def _bench_lock() -> Any:
+    """Keep builds of the bench images by separate processes apart."""
+    with open(_LOCK_PATH, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_bench_images(
@@ -481,22 +559,26 @@ def ensure_bench_images(
 ) -> list[BenchImage]:
     """Make sure the registry holds the first ``count`` bench images; return them."""
     images = all_images(registry)[: count if count is not None else None]
-    with fx.build_lock():
+    with _bench_lock():
         todo = [image for image in images if force or not is_pushed(image)]
         if not todo:
             return images
         log(f"building {len(todo)} bench images (once; later runs reuse the registry's copy)")
-        fx.build_base_image()
+        os_base = build_os_base()
         by_repo = {shape.name: shape for shape in REPOS}
         groups: dict[str, list[BenchImage]] = {}
         for image in todo:
             groups.setdefault(image.repo, []).append(image)
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [
-                pool.submit(build_repo, by_repo[repo], group, log) for repo, group in groups.items()
-            ]
-            for future in futures:
-                future.result()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                futures = [
+                    pool.submit(build_repo, by_repo[repo], group, os_base, log)
+                    for repo, group in groups.items()
+                ]
+                for future in futures:
+                    future.result()
+        finally:
+            fx.docker("rmi", os_base, check=False)
     return images
 
 

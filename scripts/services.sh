@@ -4,7 +4,8 @@
 #   * a loopback registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1:PORT;
 #   * a single-node Slurm on this host (Debian's slurm-wlm and munge: munged, slurmctld and
 #     slurmd, no systemd), for the array-job tests. Slurm is optional: when it cannot be
-#     installed or started, `up` says so and still brings Docker and the registry up.
+#     installed or started, `up` says so and still brings Docker and the registry up;
+# and the Debian packages they and the benchmark use (socat, pv, skopeo, umoci, rsync).
 #
 # Usage: scripts/services.sh up|down|status
 #
@@ -99,6 +100,10 @@ ensure_packages() {
     static_busybox || missing+=(busybox-static)
     have socat || missing+=(socat)
     have pv || missing+=(pv)
+    # the benchmark's peers and transfers: skopeo copy + umoci raw unpack, rsync -a
+    have skopeo || missing+=(skopeo)
+    have umoci || missing+=(umoci)
+    have rsync || missing+=(rsync)
     have openssl || missing+=(openssl)
     if [ "${#missing[@]}" -eq 0 ]; then
         say "packages: all present"
