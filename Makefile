@@ -44,7 +44,7 @@ small:
 
 BENCH_ARGS ?=
 
-# Throughput against the sequential docker-CLI script (loopback and an emulated wide-area link).
+# Throughput against the original script and the peers (loopback, tmpfs, transfer; see README).
 bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 

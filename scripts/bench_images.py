@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
 
 from scripts import bench_git  # noqa: E402
 from tests.support import fixtures as fx  # noqa: E402
+from tests.support import oci_fixtures as oci  # noqa: E402
 
 #: Bumped whenever generated content or the way images are built changes.
 BENCH_VERSION = "2"
@@ -101,7 +102,7 @@ class OsShape:
     text_files: int = 1500
     so_sizes: tuple[int, ...] = (4 * MIB, 3 * MIB) + (MIB,) * 6
     #: bumped to get a new layer (a daemon that lost track of the old one keeps it for good)
-    revision: int = 2
+    revision: int = 3
 
 
 OS_SPEC = OsShape()
@@ -425,27 +426,26 @@ def os_rootfs_tar() -> bytes:
     return buffer.getvalue()
 
 
-def os_tag() -> str:
-    """The local tag of the shared OS base (removed once the images are pushed)."""
+def os_ref(registry: str) -> str:
+    """The shared OS base in the registry (pushed through its HTTP API, never imported)."""
     text = json.dumps({"v": BENCH_VERSION, **asdict(OS_SPEC)})
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return f"asynccache-bench-os:{digest[:12]}"
+    return f"{registry}/asynccache-bench-os:{digest[:12]}"
 
 
-def build_os_base() -> str:
-    """Import the shared OS base unless it exists; return its tag."""
-    tag = os_tag()
-    if not fx.image_exists(tag):
-        fx.docker(
-            "import",
-            "--change",
-            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "-",
-            tag,
-            input_bytes=os_rootfs_tar(),
-            timeout=600,
-        )
-    return tag
+def build_os_base(registry: str) -> str:
+    """Push the shared OS base to the registry unless it is there; return its reference.
+
+    It goes straight to the registry and reaches dockerd by a pull: a ``docker import``ed layer
+    outlives the removal of its image in this dockerd, and the benchmark needs every bench
+    layer gone before each contender.
+    """
+    ref = os_ref(registry)
+    name, _, tag = ref.removeprefix(f"{registry}/").rpartition(":")
+    if fx.registry_labels(ref) is None:
+        image = oci.build_image([oci.Layer(os_rootfs_tar(), "gzip")])
+        oci.push_image(registry, name, tag, image)
+    return ref
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +564,7 @@ def ensure_bench_images(
         if not todo:
             return images
         log(f"building {len(todo)} bench images (once; later runs reuse the registry's copy)")
-        os_base = build_os_base()
+        os_base = build_os_base(registry)
         by_repo = {shape.name: shape for shape in REPOS}
         groups: dict[str, list[BenchImage]] = {}
         for image in todo:

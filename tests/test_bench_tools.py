@@ -282,4 +282,4 @@ def test_comparisons_name_each_feature_pair() -> None:
     assert "dedup r1 vs r1+nodedup" in text and "1.20x faster with dedup" in text
     assert "leak guard r1 vs r1+keepgit" in text and "guard ~1.0 s" in text
     assert "processes r4+p1 vs r4+p2" in text and "1.67x faster" in text
-    assert "r1 vs shell1" in text
+    assert "r1 vs shell1: 10.0 vs 11.0 s (shell1 takes 1.10x r1's time)" in text
