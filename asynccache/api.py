@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -14,6 +15,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asynccache import config
+from asynccache.cache.layout import shard_tag
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread, open_split
 from asynccache.entries import Entry, InstanceIdFn, make_instance_id
@@ -26,6 +28,7 @@ from asynccache.pipeline import (
     Summary,
     TreeSource,
 )
+from asynccache.shards import parse_shard
 from asynccache.sources.docker import DockerBackend
 from asynccache.sources.ratelimit import PullGate, StatusCallback
 
@@ -50,11 +53,16 @@ def dataset_split(
 
 
 def make_options(**options: Any) -> CacheOptions:
-    """CacheOptions from keyword arguments (the CLI's flags as names); unknown names raise."""
+    """CacheOptions from keyword arguments (the CLI's flags as names); unknown names raise.
+
+    ``shard`` takes a Shard, ``"K/N"`` or ``"auto"`` (read from the scheduler's environment).
+    """
     if options.get("cache_dir") is not None:
         options["cache_dir"] = Path(options["cache_dir"])
     else:
         options.pop("cache_dir", None)
+    if isinstance(options.get("shard"), str):
+        options["shard"] = parse_shard(options["shard"], os.environ)
     return CacheOptions(**options)
 
 
@@ -96,7 +104,8 @@ async def cache_repos(
 
     ``options`` are CacheOptions fields, named like the CLI's flags: ``cache_dir``,
     ``concurrency``, ``skip_existing``, ``skip_pull``, ``keep_images``, ``cp_timeout``,
-    ``pull_timeout``, ``backend``, ...
+    ``pull_timeout``, ``backend``, ``shard`` (``"3/16"`` or ``"auto"``: cache only that
+    shard of the rows, beside the other shards' runs), ...
     """
     rows, settings = await _entries(
         entries, dataset, split, max_entries, revision, make_options(**options)
@@ -161,6 +170,7 @@ async def open_pipeline(
 ) -> AsyncIterator[Pipeline]:
     """A prepared pipeline (folder locked, index loaded, source connected) until exit."""
     pipeline = Pipeline(options, _NoSource(), instance_id_fn=instance_id_fn, on_outcome=on_outcome)
+    work_name = shard_tag(options.shard) if options.shard is not None else None
     await anyio.to_thread.run_sync(pipeline.prepare)
     try:
         if source is not None:
@@ -183,6 +193,7 @@ async def open_pipeline(
                 registry_mirror=options.registry_mirror,
                 pull_gate=gate,
                 testbed_path=options.testbed_path,
+                work_name=work_name,
             ) as registry:
                 pipeline.source = registry
                 yield pipeline
@@ -194,6 +205,7 @@ async def open_pipeline(
             keep_images=options.keep_images,
             testbed_path=options.testbed_path,
             pull_gate=gate,
+            shard_name=work_name,
         )
         async with backend:
             leaked = await backend.remove_leaked_containers()

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asynccache.shards import Shard
+
 #: Where the cache lives unless --cache_dir or ASYNCCACHE_CACHE_DIR says otherwise.
 repo_cache_dir = os.environ.get("ASYNCCACHE_CACHE_DIR", "/data/repo-cache")
 dataset_name = os.environ.get("ASYNCCACHE_DATASET", "R2E-Gym/R2E-Gym-Lite")
@@ -24,6 +26,8 @@ rate_limit_pause_max = 900.0
 
 #: Label put on every container we create; its value is the absolute cache folder.
 CONTAINER_LABEL = "io.asynccache.cache_dir"
+#: Label naming the shard (``3-of-16``) whose run created the container, when sharded.
+SHARD_LABEL = "io.asynccache.shard"
 
 #: The version of the index record format, recorded in each record as ``schema_version``:
 #: 1 is the original script's; 2 adds it, the dataset and its revision, and the byte count.
@@ -34,6 +38,8 @@ FAILURES_NAME = "failures.json"
 TMP_DIR_NAME = ".tmp"
 META_DIR_NAME = ".meta"
 LOCK_NAME = ".lock"
+#: Each shard's lock, index part and failures (``3-of-16.lock``, ``.json``, ``.failures.json``).
+SHARDS_DIR_NAME = ".shards"
 
 
 def default_cache_dir() -> Path:
@@ -68,6 +74,8 @@ class CacheOptions:
     dataset: str | None = None
     #: The Hub commit of the dataset the rows come from (None for rows of no known revision).
     dataset_revision: str | None = None
+    #: Cache only this shard of the rows (an array job's task), beside the other shards.
+    shard: Shard | None = None
 
     def record_fields(self) -> dict[str, object]:
         """Fields every index record of this run carries besides the entry's own."""

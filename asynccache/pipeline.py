@@ -18,9 +18,11 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 from asynccache._fs import remove_tree, write_json_atomic
 from asynccache.cache.index import IndexRecord, IndexWriter, load_and_repair, size_mb, write_meta
 from asynccache.cache.layout import CacheDir
+from asynccache.cache.parts import PartProgress, known_records
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
+from asynccache.shards import Shard, shard_positions
 from asynccache.tree.digest import remove_digest, tree_digest, write_digest
 from asynccache.tree.extract import ExtractResult, extract_stream
 
@@ -73,6 +75,8 @@ class Summary:
     """Totals of a run and every entry's outcome."""
 
     cache_dir: str
+    #: The shard this run cached (``3/16``), or "" for the whole split.
+    shard: str = ""
     cached: int = 0
     skipped: int = 0
     failed: int = 0
@@ -119,6 +123,38 @@ async def _aiter(rows: RowSource) -> AsyncIterator[Mapping[str, Any] | Entry]:
             yield row
 
 
+def repository_of(row: Mapping[str, Any] | Entry) -> str:
+    """The repository a row belongs to, for the shard partition ("" when it has none)."""
+    if isinstance(row, Entry):
+        return row.repo_name
+    value = row.get("repo_name")
+    return value.strip() if isinstance(value, str) else ""
+
+
+async def numbered_rows(
+    rows: RowSource,
+    shard: Shard | None = None,
+    on_share: Callable[[int], None] | None = None,
+) -> AsyncIterator[tuple[int, Mapping[str, Any] | Entry]]:
+    """The rows with their row numbers (from 1): all of them, or ``shard``'s share.
+
+    A shard reads every row first, since the partition depends on all of them, and tells
+    ``on_share`` how many rows it has.
+    """
+    if shard is None:
+        row_number = 0
+        async for row in _aiter(rows):
+            row_number += 1
+            yield row_number, row
+        return
+    everything = [row async for row in _aiter(rows)]
+    positions = shard_positions([repository_of(row) for row in everything], shard)
+    if on_share is not None:
+        on_share(len(positions))
+    for position in positions:
+        yield position + 1, everything[position]
+
+
 class Pipeline:
     """One caching run over a cache folder: prepare, run the workers, finish."""
 
@@ -135,8 +171,12 @@ class Pipeline:
         self.source = source
         self.instance_id_fn = instance_id_fn
         self.on_outcome = on_outcome
-        self.cache = CacheDir(options.cache_dir)
-        self.summary = Summary(cache_dir=str(self.cache.root))
+        self.cache = CacheDir(options.cache_dir, options.shard)
+        self.summary = Summary(
+            cache_dir=str(self.cache.root), shard=str(options.shard) if options.shard else ""
+        )
+        #: A shard's run keeps its own index part (index.json is for ``merge``).
+        self.part = PartProgress(options.shard) if options.shard is not None else None
         self.index_min_interval = index_min_interval
         self.records: dict[str, IndexRecord] = {}
         self._index_lock = anyio.Lock()
@@ -152,7 +192,10 @@ class Pipeline:
         stale = self.cache.remove_stale_work()
         if stale:
             self.summary.notes.append(f"removed {stale} unfinished folders of an earlier run")
-        self.records, notes = load_and_repair(self.cache.root)
+        if self.part is not None:
+            self.records, notes = known_records(self.cache.root)
+        else:
+            self.records, notes = load_and_repair(self.cache.root)
         self.summary.notes.extend(notes)
 
     def is_cached(self, entry: Entry) -> bool:
@@ -172,7 +215,9 @@ class Pipeline:
             max(1, self.options.concurrency)
         )
         index_send, index_receive = anyio.create_memory_object_stream[IndexRecord](100)
-        writer = IndexWriter(self.cache.root, self.records, min_interval=self.index_min_interval)
+        writer = self._index_writer()
+        if self.part is not None:
+            await writer.flush(force=True)
         try:
             async with anyio.create_task_group() as releases, anyio.create_task_group() as tg:
                 self._releases = releases
@@ -190,7 +235,28 @@ class Pipeline:
             self.summary.seconds = time.monotonic() - started
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._write_failures)
+        if self.part is not None:
+            # Written last: a part says "done" only once the shard's failures are on disk.
+            self.part.failed = self.summary.failed
+            self.part.stopped = self.summary.stopped
+            self.part.state = (
+                "stopped" if self.summary.stopped else "failed" if self.summary.failed else "done"
+            )
+            with anyio.CancelScope(shield=True):
+                await writer.flush(force=True)
         return self.summary
+
+    def _index_writer(self) -> IndexWriter:
+        if self.part is None:
+            return IndexWriter(self.cache.root, self.records, min_interval=self.index_min_interval)
+        assert self.cache.shard is not None
+        return IndexWriter(
+            self.cache.root,
+            {},
+            min_interval=self.index_min_interval,
+            path=self.cache.shard_path(self.cache.shard, ".json"),
+            render=self.part.render,
+        )
 
     def stop(self, reason: str) -> None:
         """Stop the run: no new entries, in-flight work cancelled and cleaned up."""
@@ -221,11 +287,9 @@ class Pipeline:
         results: ObjectSendStream[Outcome],
     ) -> None:
         async with jobs, results:
-            row_number = 0
-            async for row in _aiter(rows):
+            async for row_number, row in numbered_rows(rows, self.options.shard, self._share):
                 if not self._intake_open:
                     return
-                row_number += 1
                 try:
                     entry = (
                         row
@@ -250,6 +314,10 @@ class Pipeline:
                     )
                     continue
                 await jobs.send(entry)
+
+    def _share(self, rows: int) -> None:
+        if self.part is not None:
+            self.part.rows = rows
 
     async def _worker(
         self, jobs: ObjectReceiveStream[Entry], results: ObjectSendStream[Outcome]
@@ -391,6 +459,11 @@ class Pipeline:
                 if outcome.record is not None:
                     self.records[outcome.instance_id] = outcome.record
                     await index.send(outcome.record)
+                elif self.part is not None and outcome.status == "skipped":
+                    # A shard's part lists every entry of the shard that is cached.
+                    await index.send(self.records[outcome.instance_id])
+                if self.part is not None:
+                    self.part.failed = self.summary.failed
                 if outcome.status == "failed":
                     log.warning("%s failed: %s", outcome.instance_id, outcome.reason)
                     if outcome.disk_full and not self.cache.has_free_space():

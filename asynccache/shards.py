@@ -181,6 +181,12 @@ def partition(groups: Sequence[str], count: int) -> list[list[int]]:
     return shards
 
 
+def shard_size(rows: int, shard: Shard) -> int:
+    """How many of ``rows`` rows the partition gives ``shard`` (known before reading them)."""
+    base, extra = divmod(rows, shard.count)
+    return base + (1 if shard.index < extra else 0)
+
+
 def shard_positions(groups: Sequence[str], shard: Shard) -> list[int]:
     """The positions (ascending) of the rows that belong to ``shard``."""
     return partition(groups, shard.count)[shard.index]

@@ -15,8 +15,16 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"asynccache.api"}),
     frozenset({"asynccache.pipeline"}),
     frozenset({"asynccache.sources", "asynccache.cache"}),
-    frozenset({"asynccache.tree", "asynccache.entries", "asynccache.dataset", "asynccache.shards"}),
-    frozenset({"asynccache._fs", "asynccache._threads", "asynccache.errors", "asynccache.config"}),
+    frozenset({"asynccache.tree", "asynccache.entries", "asynccache.dataset"}),
+    frozenset(
+        {
+            "asynccache._fs",
+            "asynccache._threads",
+            "asynccache.errors",
+            "asynccache.config",
+            "asynccache.shards",
+        }
+    ),
 )
 
 

@@ -15,6 +15,7 @@ from asynccache.shards import (
     partition,
     shard_from_environment,
     shard_positions,
+    shard_size,
 )
 
 # --- --shard K/N ----------------------------------------------------------------------------------
@@ -160,6 +161,9 @@ def test_partition_covers_once_balanced_and_keeps_repositories_together(seed: in
     # Deterministic: every task computes the same partition, and shard_positions agrees.
     assert partition(list(groups), count) == shards
     assert [shard_positions(groups, Shard(k, count)) for k in range(count)] == shards
+    assert [shard_size(len(groups), Shard(k, count)) for k in range(count)] == list(
+        map(len, shards)
+    )
 
 
 def test_partition_cuts_no_repository_when_the_sizes_allow() -> None:

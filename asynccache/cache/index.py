@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,17 @@ def load_and_repair(cache_dir: Path) -> tuple[dict[str, IndexRecord], list[str]]
     return records, notes
 
 
+def write_index(cache_dir: Path, records: Mapping[str, IndexRecord]) -> int:
+    """Replace index.json whole, atomically (``merge``); return the bytes written."""
+    return write_json_atomic(cache_dir / INDEX_NAME, dict(records))
+
+
 class IndexWriter:
-    """The one task that writes index.json: coalesces records, rewrites atomically."""
+    """The one task that writes index.json: coalesces records, rewrites atomically.
+
+    A shard's run points it at the shard's index part instead (``path``), and ``render``
+    wraps the records in what the file holds besides them.
+    """
 
     def __init__(
         self,
@@ -145,8 +154,11 @@ class IndexWriter:
         records: Mapping[str, IndexRecord],
         *,
         min_interval: float = 0.5,
+        path: Path | None = None,
+        render: Callable[[dict[str, IndexRecord]], object] | None = None,
     ) -> None:
-        self.path = cache_dir / INDEX_NAME
+        self.path = path or cache_dir / INDEX_NAME
+        self.render = render
         self.records: dict[str, IndexRecord] = dict(records)
         self.min_interval = min_interval
         self.writes = 0
@@ -179,12 +191,14 @@ class IndexWriter:
         self.records[record["instance_id"]] = record
         self._pending += 1
 
-    async def flush(self) -> None:
-        """Write index.json now if anything is pending."""
-        if not self._pending:
+    async def flush(self, *, force: bool = False) -> None:
+        """Write the file now if anything is pending (or anyway, with ``force``)."""
+        if not self._pending and not force:
             return
         self._pending = 0
-        snapshot = dict(self.records)
+        snapshot: object = dict(self.records)
+        if self.render is not None:
+            snapshot = self.render(dict(self.records))
         self.bytes_written += await anyio.to_thread.run_sync(write_json_atomic, self.path, snapshot)
         self.writes += 1
         self._last_write = time.monotonic()

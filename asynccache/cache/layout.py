@@ -1,4 +1,10 @@
-"""The cache folder's layout: its lock, work-in-progress folders and atomic publishing."""
+"""The cache folder's layout: its lock, work-in-progress folders and atomic publishing.
+
+A run of one shard (``--shard K/N``) shares the folder with the other shards: it holds the
+folder's lock shared and its own shard's lock exclusively, works under ``.tmp/K-of-N/`` and
+keeps its index part and failures under ``.shards/``; a run of the whole split holds the
+folder's lock exclusively, so it never meets a live shard.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,27 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
+import socket
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from asynccache._fs import fsync_dir, remove_tree
-from asynccache.config import FAILURES_NAME, INDEX_NAME, LOCK_NAME, META_DIR_NAME, TMP_DIR_NAME
+from asynccache.config import (
+    FAILURES_NAME,
+    INDEX_NAME,
+    LOCK_NAME,
+    META_DIR_NAME,
+    SHARDS_DIR_NAME,
+    TMP_DIR_NAME,
+)
 from asynccache.entries import validate_instance_id
 from asynccache.errors import CacheLocked, SetupError
+from asynccache.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +40,35 @@ log = logging.getLogger(__name__)
 MIN_FREE_BYTES = 64 * 1024 * 1024
 #: A /testbed with .git and .venv takes this much on disk, roughly, for free-space warnings.
 TYPICAL_INSTANCE_BYTES = 300 * 1024 * 1024
+#: A shard's lock is tried this long before it counts as held: a check of whether the shard
+#: runs (``merge``, ``status``) holds it for an instant.
+SHARD_LOCK_PATIENCE = 2.0
+
+_SHARD_TAG = re.compile(r"^(\d+)-of-(\d+)$")
+
+
+def shard_tag(shard: Shard) -> str:
+    """The name of a shard's files and work folder: ``3-of-16``."""
+    return f"{shard.index}-of-{shard.count}"
+
+
+def parse_shard_tag(name: str) -> Shard | None:
+    """The shard a ``K-of-N`` name stands for, or None."""
+    match = _SHARD_TAG.match(name)
+    if match is None:
+        return None
+    index, count = int(match.group(1)), int(match.group(2))
+    return Shard(index, count) if 0 <= index < count else None
 
 
 class CacheDir:
     """Paths inside one cache folder, and the operations that keep it consistent."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shard: Shard | None = None) -> None:
         self.root = Path(os.path.abspath(os.path.expanduser(root)))
+        self.shard = shard
         self._lock_file: IO[str] | None = None
+        self._shard_lock_file: IO[str] | None = None
 
     @property
     def index_path(self) -> Path:
@@ -39,13 +77,33 @@ class CacheDir:
 
     @property
     def failures_path(self) -> Path:
-        """failures.json: the reason of every failed entry of the last run."""
+        """failures.json: the reason of every failed entry of the last run (or of this shard)."""
+        if self.shard is not None:
+            return self.shard_path(self.shard, ".failures.json")
         return self.root / FAILURES_NAME
 
     @property
     def tmp_dir(self) -> Path:
-        """Where work in progress lives; nothing here is ever complete."""
+        """Where this run's work in progress lives; nothing here is ever complete."""
+        if self.shard is not None:
+            return self.root / TMP_DIR_NAME / shard_tag(self.shard)
         return self.root / TMP_DIR_NAME
+
+    @property
+    def shards_dir(self) -> Path:
+        """Every shard's lock, index part and failures."""
+        return self.root / SHARDS_DIR_NAME
+
+    def make_shards_dir(self) -> None:
+        """Create ``.shards/`` (never through a link planted in its place)."""
+        folder = self.shards_dir
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            folder.unlink()
+        folder.mkdir(exist_ok=True)
+
+    def shard_path(self, shard: Shard, suffix: str) -> Path:
+        """One file of a shard: ``.lock``, ``.json`` (its index part) or ``.failures.json``."""
+        return self.shards_dir / f"{shard_tag(shard)}{suffix}"
 
     @property
     def meta_dir(self) -> Path:
@@ -80,31 +138,117 @@ class CacheDir:
                 "fix its permissions or choose another --cache_dir"
             )
 
-    def lock(self) -> None:
-        """Take the folder's exclusive lock or raise CacheLocked naming the holder."""
+    def lock(self, *, shared: bool = False) -> None:
+        """Take the folder's lock or raise CacheLocked naming the holder.
+
+        Exclusive for a run of the whole split (and repairs); shared for a shard's run, which
+        then also takes its own shard's lock exclusively, and for ``merge``.
+        """
+        shared = shared or self.shard is not None
         path = self.root / LOCK_NAME
         handle = open(_open_lock_file(path), "r+", encoding="utf-8")  # noqa: SIM115
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(
+                handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+            )
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
+            if shared:
+                raise CacheLocked(
+                    f"cache folder {self.root} is in use by process {holder} (a run of the "
+                    "whole split or a repair); wait for it to finish or use another --cache_dir"
+                ) from None
+            running = self.running_shards()
+            if running:
+                names = ", ".join(str(shard) for shard in running)
+                raise CacheLocked(
+                    f"cache folder {self.root} is in use by shards {names}; wait for them to "
+                    "finish or use another --cache_dir"
+                ) from None
             raise CacheLocked(
                 f"cache folder {self.root} is in use by process {holder}; wait for that "
                 "run to finish or use another --cache_dir"
             ) from None
+        if not shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        self._lock_file = handle
+        if self.shard is not None:
+            try:
+                self._shard_lock_file = self._lock_shard(self.shard)
+            except BaseException:
+                self.unlock()
+                raise
+
+    def _lock_shard(self, shard: Shard) -> IO[str]:
+        self.make_shards_dir()
+        handle = open(  # noqa: SIM115
+            _open_lock_file(self.shard_path(shard, ".lock")), "r+", encoding="utf-8"
+        )
+        deadline = time.monotonic() + SHARD_LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheLocked(
+                f"shard {shard} of cache folder {self.root} is already running ({holder}); "
+                "wait for it to finish"
+            )
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        self._lock_file = handle
+        return handle
+
+    def shard_running(self, shard: Shard) -> bool:
+        """True when a live process holds the shard's lock (checked without waiting)."""
+        path = self.shard_path(shard, ".lock")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False
+            raise
+        handle = open(fd, encoding="utf-8")  # noqa: SIM115
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return False
+
+    def running_shards(self) -> list[Shard]:
+        """The shards whose runs are live in this folder, in order."""
+        if not self.shards_dir.is_dir():
+            return []
+        shards = [
+            shard
+            for path in self.shards_dir.glob("*.lock")
+            if (shard := parse_shard_tag(path.name[: -len(".lock")])) is not None
+        ]
+        return sorted(shard for shard in shards if self.shard_running(shard))
 
     def unlock(self) -> None:
-        """Release the lock (the kernel also releases it when the process dies)."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Release the locks (the kernel also releases them when the process dies)."""
+        for handle in (self._shard_lock_file, self._lock_file):
+            if handle is not None:
+                handle.close()
+        self._shard_lock_file = None
+        self._lock_file = None
 
     def free_bytes(self) -> int:
         """Bytes free for this user on the cache folder's filesystem."""
@@ -116,16 +260,18 @@ class CacheDir:
         return self.free_bytes() >= needed
 
     def remove_stale_work(self) -> int:
-        """Delete every leftover work-in-progress folder; return how many went.
+        """Delete this run's leftover work-in-progress folders; return how many went.
 
+        A shard sweeps only its own ``.tmp/K-of-N/``: other shards may be working beside it.
         A folder that cannot be removed (a mount point inside it, a permission the process
         lacks) is reported and skipped: it never stops this run or a later one.
         """
-        if self.tmp_dir.is_symlink() or (self.tmp_dir.exists() and not self.tmp_dir.is_dir()):
-            # Never follow a planted link out of the cache folder.
-            self.tmp_dir.unlink()
+        for folder in dict.fromkeys((self.root / TMP_DIR_NAME, self.tmp_dir)):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                # Never follow a planted link out of the cache folder.
+                folder.unlink()
         if not self.tmp_dir.exists():
-            self.tmp_dir.mkdir()
+            self.tmp_dir.mkdir(parents=True)
             return 0
         removed = 0
         for path in list(self.tmp_dir.iterdir()):

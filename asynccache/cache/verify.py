@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -11,9 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asynccache._fs import write_json_atomic
-from asynccache.cache.index import IndexRecord, meta_path, read_index, size_mb
+from asynccache.cache.index import IndexRecord, meta_path, size_mb
 from asynccache.cache.layout import CacheDir, resolve_instance_path
-from asynccache.config import FAILURES_NAME, INDEX_NAME
+from asynccache.cache.parts import all_failures, cached_records, drop_from_parts
 from asynccache.entries import entry_from_row
 from asynccache.errors import InvalidEntry, SetupError
 from asynccache.tree.digest import (
@@ -130,9 +129,10 @@ def verify_cache(
 ) -> VerifyReport:
     """Check every indexed instance; with repair, drop the bad ones so the next run redoes them.
 
-    Repair takes the cache folder's lock (CacheLocked while a run holds it), removes the bad
-    records from index.json atomically and deletes their .meta files; their folders are left
-    for the next run to replace.
+    The instances are index.json's and every shard's index part's. Repair takes the cache
+    folder's lock (CacheLocked while a run or a shard holds it), removes the bad records from
+    index.json (and the parts) atomically and deletes their .meta files; their folders are
+    left for the next run to replace.
     """
     cache = CacheDir(Path(cache_dir))
     if not cache.root.is_dir():
@@ -141,7 +141,7 @@ def verify_cache(
     if repair:
         cache.lock()
     try:
-        records = read_index(cache.index_path)
+        records = cached_records(cache.root)
         workers = max(1, min(jobs or (os.cpu_count() or 1), 8, len(records) or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             report.checks = list(
@@ -156,6 +156,7 @@ def verify_cache(
             bad = {check.instance_id for check in report.problems}
             kept = {key: record for key, record in records.items() if key not in bad}
             write_json_atomic(cache.index_path, kept)
+            drop_from_parts(cache.root, bad)
             for instance_id in sorted(bad):
                 meta_path(cache.root, instance_id).unlink(missing_ok=True)
                 digest_path(cache.root, instance_id).unlink(missing_ok=True)
@@ -219,14 +220,6 @@ class StatusReport:
     failed_ids: list[str] = field(default_factory=list)
 
 
-def _read_failures(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _record_size(record: IndexRecord) -> int:
     if "size_bytes" in record:
         return int(record["size_bytes"])
@@ -244,8 +237,8 @@ def cache_status(
     root = Path(os.path.abspath(os.path.expanduser(cache_dir)))
     if not root.is_dir():
         raise SetupError(f"cache folder {root} does not exist")
-    records = read_index(root / INDEX_NAME)
-    failures = _read_failures(root / FAILURES_NAME)
+    records = cached_records(root)
+    failures = all_failures(root)
     report = StatusReport(cache_dir=str(root), rows_given=rows is not None)
     repos: dict[str, str] = {}
     if rows is None:

@@ -29,6 +29,7 @@ COMMANDS: tuple[AddCommand, ...] = (
     run_cli.add_parser,
     maintenance_cli.add_verify_parser,
     maintenance_cli.add_status_parser,
+    maintenance_cli.add_merge_parser,
 )
 #: The subcommand run when none is named: ``asynccache --split train`` caches.
 DEFAULT_COMMAND = "run"

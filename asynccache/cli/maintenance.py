@@ -1,4 +1,4 @@
-"""Command line of the maintenance commands: ``verify`` and ``status`` of a cache folder."""
+"""Command line of the maintenance commands: ``verify``, ``status`` and ``merge``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from asynccache import config
+from asynccache.cache.merge import format_merge, merge_cache
 from asynccache.cache.verify import cache_status, format_status, format_verify, verify_cache
 from asynccache.cli.common import (
     EXIT_OK,
@@ -23,16 +25,18 @@ from asynccache.errors import CacheError
 
 __all__ = [
     "COMMANDS",
+    "add_merge_parser",
     "add_status_parser",
     "add_verify_parser",
     "build_parser",
     "main",
+    "run_merge",
     "run_status",
     "run_verify",
 ]
 
 #: The maintenance commands (``python -m asynccache verify ...``).
-COMMANDS = ("verify", "status")
+COMMANDS = ("verify", "status", "merge")
 
 
 def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -82,6 +86,29 @@ def add_status_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def add_merge_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``merge`` command (its handler is ``args.func``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "merge",
+        help="write index.json from every shard's index part; report shards not done "
+        "(exit 1 when one is missing, running or incomplete)",
+        description="Fold every shard's index part (and failures) into index.json and "
+        "failures.json, atomically; safe while shards still run, and idempotent. With --from, "
+        "first gather the instances of cache folders that shards filled on other disks.",
+    )
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="cache folders to gather in first (renamed on one filesystem, copied across)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run_merge)
+    return parser
+
+
 def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args)
@@ -125,6 +152,22 @@ def run_status(args: argparse.Namespace) -> int:
     return _guarded(run, args)
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    """Run ``merge``; 0 every shard done, 1 some shard not done (index written), 2 error."""
+
+    def run(args: argparse.Namespace) -> int:
+        report = merge_cache(cache_dir(args), [Path(source) for source in args.sources])
+        if args.json:
+            data: dict[str, Any] = dataclasses.asdict(report)
+            data["complete"] = report.exit_code == 0
+            print(json.dumps(data, indent=2))
+        else:
+            print(format_merge(report))
+        return report.exit_code
+
+    return _guarded(run, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """A parser of the maintenance commands alone (``python -m asynccache.cli.maintenance``)."""
     parser = Parser(prog="asynccache", description="Maintenance commands of a cache folder.")
@@ -133,13 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="command",
     )
-    for add in (add_verify_parser, add_status_parser):
+    for add in (add_verify_parser, add_status_parser, add_merge_parser):
         add_global_flags(add(subparsers))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``verify ...`` or ``status ...`` and run it; return the exit code."""
+    """Parse ``verify ...``, ``status ...`` or ``merge ...`` and run it; return the exit code."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     return handler(args)

@@ -25,9 +25,13 @@ log = logging.getLogger("asynccache.cli.progress")
 class ProgressReporter:
     """Counts outcomes and shows them: done/total, cached, skipped, failed, rate, ETA."""
 
-    def __init__(self, total: int | None, *, live: bool, log_every: float = 10.0) -> None:
+    def __init__(
+        self, total: int | None, *, live: bool, log_every: float = 10.0, label: str = ""
+    ) -> None:
         self.total = total
         self.live = live
+        #: Names what is cached, e.g. ``shard 3/16`` (a shard's run).
+        self.label = label
         self.log_every = log_every
         self.cached = self.skipped = self.failed = 0
         self.status = ""
@@ -45,7 +49,7 @@ class ProgressReporter:
         self._started = time.monotonic()
         if self.live:
             self._progress = Progress(
-                TextColumn("[bold]caching"),
+                TextColumn(f"[bold]{self.label or 'caching'}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[counts]}"),
@@ -120,6 +124,7 @@ class ProgressReporter:
         if self.total is not None and rate > 0:
             remaining = max(self.total - self.done, 0)
             eta = f", ETA {remaining / rate * 60:.0f} s"
+        prefix = f"{self.label}: " if self.label else "progress: "
         log.info(
-            "progress: %d/%s done (%s), %.1f/min%s", self.done, total, self._counts(), rate, eta
+            "%s%d/%s done (%s), %.1f/min%s", prefix, self.done, total, self._counts(), rate, eta
         )

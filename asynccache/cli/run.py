@@ -16,14 +16,16 @@ from asynccache import config
 from asynccache.api import dataset_split, open_pipeline
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
+from asynccache.cache.parts import known_records
 from asynccache.cli import common
 from asynccache.cli.common import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, Subparsers, flag
 from asynccache.cli.progress import ProgressReporter
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread
-from asynccache.entries import entry_from_row
+from asynccache.entries import Entry, entry_from_row
 from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
-from asynccache.pipeline import Pipeline, Summary
+from asynccache.pipeline import Pipeline, Summary, numbered_rows
+from asynccache.shards import SHARD_COUNT_VAR, Shard, parse_shard, shard_size
 
 log = logging.getLogger("asynccache")
 
@@ -121,6 +123,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         metavar="URL",
         help="with --backend registry: pull Docker Hub images through this pull-through mirror",
     )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N|auto",
+        help="cache only shard K (0-based) of N, beside the other shards' runs on the same "
+        "cache folder; auto: from a Slurm array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed "
+        f"Job (JOB_COMPLETION_INDEX with {SHARD_COUNT_VAR}); then `asynccache merge`",
+    )
     parser.set_defaults(func=run_command)
     return parser
 
@@ -157,21 +167,26 @@ def dataset_line(rows: SplitRows) -> str:
     return f"Dataset {rows.dataset} split {rows.split}{revision}"
 
 
-async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
-    """Print each entry that would be cached and how many are cached already."""
+async def dry_run(args: argparse.Namespace, cache_dir: Path, shard: Shard | None = None) -> int:
+    """Print each entry that would be cached (of the shard) and how many are cached already."""
     split = await open_rows(args)
-    try:
-        records = read_index(CacheDir(cache_dir).index_path)
-    except IndexCorrupt as exc:
-        print(f"note: index.json is damaged ({exc}); a real run would set it aside and rebuild it")
-        records = {}
     cache = CacheDir(cache_dir)
-    todo = cached = invalid = 0
-    row_number = 0
-    async for row in iterate_in_thread(split.rows):
-        row_number += 1
+    if shard is not None:
+        records, notes = known_records(cache.root) if cache.root.is_dir() else ({}, [])
+        for note in notes:
+            print(f"note: {note}")
+    else:
         try:
-            entry = entry_from_row(row, row_number)
+            records = read_index(cache.index_path)
+        except IndexCorrupt as exc:
+            print(
+                f"note: index.json is damaged ({exc}); a real run would set it aside and rebuild it"
+            )
+            records = {}
+    todo = cached = invalid = 0
+    async for row_number, row in numbered_rows(iterate_in_thread(split.rows), shard):
+        try:
+            entry = row if isinstance(row, Entry) else entry_from_row(row, row_number)
         except InvalidEntry as exc:
             invalid += 1
             print(f"invalid  {exc}")
@@ -185,8 +200,9 @@ async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
             continue
         todo += 1
         print(f"would cache  {entry.instance_id}  {entry.docker_image}")
+    scope = f"Dry run, {shard.label}" if shard is not None else "Dry run"
     print(
-        f"Dry run: {todo} to cache, {cached} already cached, {invalid} invalid rows; "
+        f"{scope}: {todo} to cache, {cached} already cached, {invalid} invalid rows; "
         f"cache {cache.root}"
     )
     print(dataset_line(split))
@@ -194,23 +210,30 @@ async def dry_run(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def print_summary(summary: Summary, split: SplitRows | None = None) -> None:
-    """The final lines of a run."""
+    """The final lines of a run (each naming the shard, for a shard's run)."""
+    shard = parse_shard(summary.shard, {}) if summary.shard else None
+    prefix = f"{shard.label}: " if shard is not None else ""
     for note in summary.notes:
-        print(f"note: {note}")
+        print(f"{prefix}note: {note}")
     for outcome in summary.failures:
-        print(f"FAILED {outcome.instance_id}: {outcome.reason}", file=sys.stderr)
-    cache = CacheDir(Path(summary.cache_dir))
+        print(f"{prefix}FAILED {outcome.instance_id}: {outcome.reason}", file=sys.stderr)
+    cache = CacheDir(Path(summary.cache_dir), shard)
+    index = cache.shard_path(shard, ".json") if shard is not None else cache.index_path
     print(
-        f"Done: {summary.cached} cached, {summary.skipped} skipped, {summary.failed} failed "
-        f"in {summary.seconds:.1f} s; index {cache.index_path}; "
+        f"{prefix}Done: {summary.cached} cached, {summary.skipped} skipped, {summary.failed} "
+        f"failed in {summary.seconds:.1f} s; {'index part' if shard else 'index'} {index}; "
         f"{summary.cached_bytes / (1024 * 1024):.1f} MiB extracted"
     )
     if split is not None:
-        print(dataset_line(split))
+        print(f"{prefix}{dataset_line(split)}")
     if summary.failed:
-        print(f"Failure reasons: {cache.failures_path}")
+        print(f"{prefix}Failure reasons: {cache.failures_path}")
     if summary.stopped:
-        print(f"Stopped early: {summary.stopped}; rerun to finish (cached entries are kept)")
+        print(
+            f"{prefix}Stopped early: {summary.stopped}; rerun to finish (cached entries are kept)"
+        )
+    if shard is not None:
+        print(f"{prefix}when every shard is done: asynccache merge --cache_dir {cache.root}")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -218,10 +241,13 @@ async def run(args: argparse.Namespace) -> int:
     _validate(args)
     log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
     cache_dir = common.cache_dir(args)
+    shard = parse_shard(args.shard, os.environ) if args.shard else None
     if args.dry_run:
-        return await dry_run(args, cache_dir)
+        return await dry_run(args, cache_dir, shard)
     split = await open_rows(args)
     total = split.total
+    if total is not None and shard is not None:
+        total = shard_size(total, shard)
     rows = iterate_in_thread(split.rows)
     options = CacheOptions(
         cache_dir=cache_dir,
@@ -238,8 +264,13 @@ async def run(args: argparse.Namespace) -> int:
         registry_mirror=args.registry_mirror,
         dataset=split.dataset,
         dataset_revision=split.revision,
+        shard=shard,
     )
-    reporter = ProgressReporter(total=total, live=sys.stderr.isatty() and not args.quiet)
+    reporter = ProgressReporter(
+        total=total,
+        live=sys.stderr.isatty() and not args.quiet,
+        label=shard.label if shard is not None else "",
+    )
     signalled: list[int] = []
     async with anyio.create_task_group() as tg:
         holder: list[Pipeline] = []

@@ -17,7 +17,7 @@ import aiodocker
 import aiohttp
 import anyio
 
-from asynccache.config import CONTAINER_LABEL
+from asynccache.config import CONTAINER_LABEL, SHARD_LABEL
 from asynccache.entries import Entry
 from asynccache.errors import (
     CacheError,
@@ -110,8 +110,12 @@ class DockerBackend:
         keep_images: bool = False,
         testbed_path: str = "/testbed",
         pull_gate: PullGate | None = None,
+        shard_name: str | None = None,
     ) -> None:
         self.cache_dir = cache_dir
+        #: A shard's run labels its containers with its shard and sweeps only those: the
+        #: other shards of the cache folder may share this daemon.
+        self.shard_name = shard_name
         self.pull_timeout = pull_timeout
         self.skip_pull = skip_pull
         self.keep_images = keep_images
@@ -241,6 +245,7 @@ class DockerBackend:
             "Labels": {
                 CONTAINER_LABEL: str(self.cache_dir),
                 "io.asynccache.instance_id": entry.instance_id,
+                **({SHARD_LABEL: self.shard_name} if self.shard_name else {}),
             },
             "NetworkDisabled": True,
             "HostConfig": {"NetworkMode": "none"},
@@ -284,9 +289,11 @@ class DockerBackend:
 
     async def remove_leaked_containers(self) -> int:
         """Remove containers left by an earlier run on this cache folder; return how many."""
-        label = f"{CONTAINER_LABEL}={self.cache_dir}"
+        labels = [f"{CONTAINER_LABEL}={self.cache_dir}"]
+        if self.shard_name:
+            labels.append(f"{SHARD_LABEL}={self.shard_name}")
         async with self._translate("containers"):
-            leaked = await self.docker.containers.list(all=True, filters={"label": [label]})
+            leaked = await self.docker.containers.list(all=True, filters={"label": labels})
         for container in leaked:
             await self.remove_container(str(container.id))
         return len(leaked)

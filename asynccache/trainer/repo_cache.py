@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,9 +17,10 @@ import anyio
 import anyio.to_thread
 
 from asynccache.api import open_pipeline
-from asynccache.cache.index import IndexRecord, read_index
+from asynccache.cache.index import IndexRecord
 from asynccache.cache.layout import resolve_instance_path
-from asynccache.config import INDEX_NAME, CacheOptions
+from asynccache.cache.parts import cached_records
+from asynccache.config import INDEX_NAME, SHARDS_DIR_NAME, CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, EnsureFailed, IndexCorrupt, MissingInstance
 from asynccache.pipeline import ArchiveSource, Pipeline
@@ -27,6 +29,22 @@ from asynccache.trainer.checkout import MODES, Mode, checkout_tree, overlay_side
 __all__ = ["Checkout", "RepoCache"]
 
 log = logging.getLogger(__name__)
+
+
+_Identity = tuple[int, int, int, int]
+#: index.json's identity (replaced, never rewritten in place) and the shards folder's (a part
+#: replaced in it changes its time).
+_Stamp = tuple[_Identity | None, _Identity | None]
+#: How recent a change of the shards folder must be for its time not to be trusted yet.
+_FRESH_NS = 1_000_000_000
+
+
+def _identity(path: Path) -> _Identity | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
 
 
 class _Flight:
@@ -95,9 +113,10 @@ class RepoCache:
         self._source = source
         self._instance_id_fn = instance_id_fn
         self._index_path = self.root / INDEX_NAME
+        self._shards_dir = self.root / SHARDS_DIR_NAME
         self._records: dict[str, IndexRecord] = {}
         self._ids: list[str] = []
-        self._stamp: tuple[int, int, int, int] | None = None
+        self._stamp: _Stamp | None = None
         self._loaded = False
         self._reload_lock = threading.Lock()
         self._checkouts: dict[Path, str] = {}
@@ -112,7 +131,8 @@ class RepoCache:
     # --- the index -------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Re-read index.json if it changed on disk since the last read; True when re-read."""
+        """Re-read index.json (and shards' index parts) if they changed on disk since the last
+        read; True when re-read."""
         stamp = self._stat_index()
         if self._loaded and stamp == self._stamp:
             return False
@@ -120,7 +140,7 @@ class RepoCache:
             if self._loaded and stamp == self._stamp:
                 return False
             try:
-                records = read_index(self._index_path)
+                records = cached_records(self.root)
             except IndexCorrupt:
                 if not self._loaded:
                     raise
@@ -128,16 +148,15 @@ class RepoCache:
                 return False
             self._records = records
             self._ids = sorted(records)
-            self._stamp = stamp
+            # A part replaced within the clock's tick of the last one leaves the folder's time
+            # unchanged: while the folder is that fresh, the next access reads again.
+            fresh = stamp[1] is not None and time.time_ns() - stamp[1][3] < _FRESH_NS
+            self._stamp = None if fresh else stamp
             self._loaded = True
             return True
 
-    def _stat_index(self) -> tuple[int, int, int, int] | None:
-        try:
-            info = os.stat(self._index_path)
-        except FileNotFoundError:
-            return None
-        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+    def _stat_index(self) -> _Stamp:
+        return _identity(self._index_path), _identity(self._shards_dir)
 
     @property
     def instance_ids(self) -> list[str]:

@@ -21,6 +21,7 @@ from asynccache import pipeline as pipeline_module
 from asynccache.cache import index as index_module
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import CacheDir
+from asynccache.cache.parts import cached_records
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, entry_from_row
 from asynccache.errors import CacheError, EnsureFailed, ImageNotFound, MissingInstance
@@ -67,13 +68,13 @@ def test_lookups(cache_dir: Path) -> None:
 
 def test_entries_added_later_are_seen(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[Path] = []
-    original = read_index
+    original = cached_records
 
     def counting(path: Path) -> dict[str, Any]:
         reads.append(path)
         return original(path)
 
-    monkeypatch.setattr(repo_cache_module, "read_index", counting)
+    monkeypatch.setattr(repo_cache_module, "cached_records", counting)
     cache = RepoCache(cache_dir)
     assert len(cache) == 1
     for _ in range(100):

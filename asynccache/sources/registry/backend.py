@@ -50,6 +50,7 @@ class RegistryBackend:
         credentials: CredentialsLookup | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        work_name: str | None = None,
     ) -> None:
         try:
             self.platform = parse_platform(platform)
@@ -63,7 +64,9 @@ class RegistryBackend:
         self.registry_mirror = registry_mirror
         self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
         folder = Path(cache_root) / LAYERS_DIR_NAME if layer_cache_bytes > 0 else None
-        self.layers = LayerStore(folder, root=self.root, max_bytes=layer_cache_bytes)
+        self.layers = LayerStore(
+            folder, root=self.root, max_bytes=layer_cache_bytes, work_name=work_name
+        )
         self._credentials = credentials
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout, sock_read=read_timeout

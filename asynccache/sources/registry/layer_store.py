@@ -42,9 +42,16 @@ class LayerStore:
     """A run's layers: empty ones remembered, one fetch at a time, a bounded blob cache."""
 
     def __init__(
-        self, folder: Path | None, *, root: str = "testbed", max_bytes: int = DEFAULT_CACHE_BYTES
+        self,
+        folder: Path | None,
+        *,
+        root: str = "testbed",
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+        work_name: str | None = None,
     ) -> None:
         self.folder = folder
+        # Partial downloads of a shard's run live apart: other shards share the folder.
+        self.partial = f"{_PARTIAL_DIR}/{work_name}" if work_name else _PARTIAL_DIR
         self.root = root
         self.max_bytes = max_bytes if folder is not None else 0
         self.untouched: set[str] = set()
@@ -58,7 +65,7 @@ class LayerStore:
         """Sync: create the folder, drop partial downloads, load what earlier runs learnt."""
         if self.folder is None:
             return
-        partial = self.folder / _PARTIAL_DIR
+        partial = self.folder / self.partial
         partial.mkdir(parents=True, exist_ok=True)
         for stale in partial.iterdir():
             with contextlib.suppress(OSError):
@@ -107,7 +114,7 @@ class LayerStore:
         tee_path: Path | None = None
         if self.folder is not None and size <= self.max_bytes:
             tee_path = (
-                self.folder / _PARTIAL_DIR / f"{digest.replace(':', '-')}.{secrets.token_hex(4)}"
+                self.folder / self.partial / f"{digest.replace(':', '-')}.{secrets.token_hex(4)}"
             )
         kept = False
         try:
