@@ -125,6 +125,8 @@ class CacheDir:
                 )
             try:
                 self.root.mkdir()
+            except FileExistsError:
+                pass  # the tasks of an array job start at once: another one made it
             except OSError as exc:
                 raise SetupError(
                     f"cache folder {self.root} cannot be created ({exc.strerror}); "
