@@ -975,17 +975,49 @@ COLUMNS = (
 def table(title: str, rows: list[dict[str, Any]]) -> str:
     """A plain-text table of results."""
     header = [name for name, _, _ in COLUMNS]
-    body = [
-        [
-            trees_cell(row) if key == "trees_cell" else _fmt(row.get(key), digits)
-            for _, key, digits in COLUMNS
-        ]
-        for row in rows
-    ]
+    body = [_cells(row) for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(lines)
+
+
+def _cells(row: dict[str, Any], columns: Sequence[tuple[str, str, int]] = COLUMNS) -> list[str]:
+    return [
+        trees_cell(row) if key == "trees_cell" else _fmt(row.get(key), digits)
+        for _, key, digits in columns
+    ]
+
+
+TRANSFER_COLUMNS = (
+    ("method", "method", 0),
+    ("wall s", "wall_s", 1),
+    ("x tar (speed)", "speed_vs_tar", 2),
+    ("CPU s", "cpu_s", 1),
+    ("stream MiB", "stream_mib", 0),
+    ("bytes x tar", "bytes_vs_tar", 2),
+    ("dest physical MiB", "physical_mib", 0),
+    ("trees", "tree_count", 0),
+    ("=source", "trees_cell", 0),
+    ("ok", "ok", 0),
+)
+
+
+def markdown(output: dict[str, Any]) -> str:
+    """Every scenario's table, comparisons and skipped rows as Markdown (for the README)."""
+    parts: list[str] = []
+    for scenario, result in output["scenarios"].items():
+        parts.append(f"**{scenario}**\n")
+        columns = TRANSFER_COLUMNS if scenario == "transfer" else COLUMNS
+        parts.append("| " + " | ".join(name for name, _, _ in columns) + " |")
+        parts.append("|" + "---|" * len(columns))
+        for row in result["results"]:
+            parts.append("| " + " | ".join(_cells(row, columns)) + " |")
+        parts.append("")
+        parts += [f"- {line}" for line in result.get("comparisons", [])]
+        parts += [f"- skipped {name}: {why}" for name, why in result.get("skipped", {}).items()]
+        parts.append("")
+    return "\n".join(parts)
 
 
 def check_consistency(rows: list[dict[str, Any]]) -> list[str]:
@@ -1041,8 +1073,9 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
             if on:
                 lines.append(
                     f"dedup {on['contender']} vs {name}: wall {_fmt(on['wall_s'])} vs "
-                    f"{_fmt(row['wall_s'])} s ({_ratio(row['wall_s'], on['wall_s'])} faster with "
-                    f"dedup); files created {on['files_created']} vs {row['files_created']}; "
+                    f"{_fmt(row['wall_s'])} s (speed-up with dedup "
+                    f"{_ratio(row['wall_s'], on['wall_s'])}); "
+                    f"files created {on['files_created']} vs {row['files_created']}; "
                     f"physical/logical {_fmt(on['physical_ratio'], 2)} vs "
                     f"{_fmt(row['physical_ratio'], 2)} ({_fmt(on['physical_mib'], 0)} vs "
                     f"{_fmt(row['physical_mib'], 0)} MiB of {_fmt(row['testbed_mib'], 0)})"
@@ -1063,7 +1096,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
             if one:
                 lines.append(
                     f"processes {one['contender']} vs {name}: wall {_fmt(one['wall_s'])} vs "
-                    f"{_fmt(row['wall_s'])} s ({_ratio(one['wall_s'], row['wall_s'])} faster); "
+                    f"{_fmt(row['wall_s'])} s (speed-up {_ratio(one['wall_s'], row['wall_s'])}); "
                     f"CPU/img {_fmt(one['cpu_per_image_s'], 3)} vs "
                     f"{_fmt(row['cpu_per_image_s'], 3)} s"
                 )
@@ -1590,6 +1623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(output, indent=1, default=str)
     (BENCH_DIR / f"results-{stamp}.json").write_text(text, encoding="utf-8")
     (BENCH_DIR / "latest.json").write_text(text, encoding="utf-8")
+    (BENCH_DIR / "latest.md").write_text(markdown(output), encoding="utf-8")
     print(f"results: {BENCH_DIR / f'results-{stamp}.json'} (and {BENCH_DIR / 'latest.json'})")
     ok = all(
         row["ok"] and not sc.get("consistency_problems")

@@ -279,7 +279,26 @@ def test_comparisons_name_each_feature_pair() -> None:
     ]
     lines = bench.comparisons(rows)  # type: ignore[arg-type]
     text = "\n".join(lines)
-    assert "dedup r1 vs r1+nodedup" in text and "1.20x faster with dedup" in text
+    assert "dedup r1 vs r1+nodedup" in text and "speed-up with dedup 1.20x" in text
     assert "leak guard r1 vs r1+keepgit" in text and "guard ~1.0 s" in text
-    assert "processes r4+p1 vs r4+p2" in text and "1.67x faster" in text
+    assert "processes r4+p1 vs r4+p2" in text and "speed-up 1.67x" in text
     assert "r1 vs shell1: 10.0 vs 11.0 s (shell1 takes 1.10x r1's time)" in text
+
+
+def test_markdown_has_every_row_comparison_and_skip() -> None:
+    row = {"contender": "r1", "wall_s": 2.0, "images_per_min": 30.0, "ok": True}
+    transfer = {"method": "rsync -a", "wall_s": 1.5, "tree_count": 3, "ok": True}
+    output = {
+        "scenarios": {
+            "loopback": {
+                "results": [row],
+                "comparisons": ["r1 vs shell1: ..."],
+                "skipped": {"r1+nodedup": "--no_dedup not in the CLI"},
+            },
+            "transfer": {"results": [transfer], "skipped": {}},
+        }
+    }
+    text = bench.markdown(output)
+    assert "| r1 | 2.0 | 30.0 |" in text
+    assert "- r1 vs shell1: ..." in text and "- skipped r1+nodedup: --no_dedup" in text
+    assert "| rsync -a | 1.5 |" in text
