@@ -8,16 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from asynccache.dataset import COLUMNS
-from asynccache.errors import InvalidEntry
+from asynccache.errors import InvalidEntry, InvalidReference
+from asynccache.sources.reference import parse_reference
 
-_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN_COMPONENT = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
-_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-IMAGE_REFERENCE = re.compile(
-    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
-)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}$")
 
 
@@ -49,9 +42,11 @@ def make_instance_id(row: Mapping[str, Any]) -> str:
 
 
 def validate_image_reference(ref: str) -> None:
-    """Raise ValueError when ``ref`` is not a Docker image reference."""
-    if len(ref) > 512 or not IMAGE_REFERENCE.match(ref):
-        raise ValueError(f"malformed image reference {ref!r}")
+    """Raise ValueError when ``ref`` is not a Docker image reference (sources/reference.py)."""
+    try:
+        parse_reference(ref)
+    except InvalidReference as exc:
+        raise ValueError(str(exc)) from None
 
 
 def validate_instance_id(instance_id: str) -> None:

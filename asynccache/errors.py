@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line for a message: its first line, or its type when empty."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 class CacheError(Exception):
     """Base of every error asynccache raises on purpose."""
 
@@ -160,6 +166,18 @@ class InvalidReference(CacheError):
     def __init__(self, image: str, reason: str) -> None:
         self.image = image
         super().__init__(f"malformed image reference {image!r}: {reason}")
+
+
+class CredentialsWithheld(CacheError):
+    """A token service over plain HTTP on a host not trusted for it: credentials are not sent."""
+
+    def __init__(self, image: str, realm: str, host: str) -> None:
+        self.image = image
+        super().__init__(
+            f"pull of {image} stopped: its token service {realm} is plain HTTP, so the "
+            f"registry credentials are not sent to it; pass --insecure_registry {host} if you "
+            "trust that host"
+        )
 
 
 class RegistryError(CacheError):

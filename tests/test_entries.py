@@ -53,7 +53,11 @@ def test_valid_image_references_pass(image: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "image", ["a/UPPER", "a//b", "x:tag with space", "-lead", "a:", "http://x/y", "a@sha256:zz"]
+    "image",
+    [
+        *["a/UPPER", "a//b", "x:tag with space", "-lead", "a:", "http://x/y", "a@sha256:zz"],
+        *["Evil/img", "LOCALHOST/x:1"],
+    ],
 )
 def test_malformed_image_reference_fails_the_row(image: str) -> None:
     with pytest.raises(InvalidEntry, match="malformed image reference"):

@@ -6,19 +6,23 @@ import base64
 import json
 import os
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-DOCKER_HUB = "docker.io"
+from asynccache.sources.reference import DOCKER_HUB, Reference, parse_reference
+
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 
+#: Credentials as the docker config gives them (username/password, or identitytoken).
+Credentials = Mapping[str, str]
+#: Registry host (``docker.io``, ``ghcr.io``, ``127.0.0.1:5000``) -> its credentials, if any.
+CredentialsLookup = Callable[[str], Credentials | None]
 
-def registry_of(image: str) -> str:
+
+def registry_of(image: str | Reference) -> str:
     """The registry host of an image reference, as Docker parses it (Docker Hub by default)."""
-    first, sep, _rest = image.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return "docker.io" if first == "index.docker.io" else first
-    return DOCKER_HUB
+    return (parse_reference(image) if isinstance(image, str) else image).domain
 
 
 def docker_config_path() -> Path:
@@ -68,14 +72,20 @@ def _from_auths(entry: dict[str, Any], server: str) -> dict[str, str] | None:
     return None
 
 
-def credentials_for(image: str, config_path: Path | None = None) -> dict[str, str] | None:
-    """Credentials for the registry of ``image``: credHelpers, then credsStore, then auths."""
+def credentials_for(
+    image: str | Reference, config_path: Path | None = None
+) -> dict[str, str] | None:
+    """Credentials for the registry of ``image`` (never another registry's)."""
+    return registry_credentials(registry_of(image), config_path)
+
+
+def registry_credentials(registry: str, config_path: Path | None = None) -> dict[str, str] | None:
+    """Credentials for ``registry`` (a host): credHelpers, then credsStore, then auths."""
     path = config_path or docker_config_path()
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    registry = registry_of(image)
     keys = _config_keys(registry)
     helpers = config.get("credHelpers") or {}
     for key in keys:
@@ -92,8 +102,8 @@ def credentials_for(image: str, config_path: Path | None = None) -> dict[str, st
     return None
 
 
-def registry_auth_header(image: str, config_path: Path | None = None) -> str | None:
-    """The X-Registry-Auth header value for pulling ``image``, or None when anonymous."""
+def registry_auth_header(image: str | Reference, config_path: Path | None = None) -> str | None:
+    """The X-Registry-Auth value for pulling ``image`` (its own registry's), or None."""
     creds = credentials_for(image, config_path)
     if creds is None:
         return None

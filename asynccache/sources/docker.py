@@ -23,15 +23,18 @@ from asynccache.errors import (
     CacheError,
     DaemonUnavailable,
     ImageNotFound,
+    InvalidReference,
     NoDaemonFound,
     NoTestbed,
     PullFailed,
     RateLimited,
     TransferFailed,
     Unauthorized,
+    one_line,
 )
 from asynccache.sources.credentials import registry_auth_header
 from asynccache.sources.ratelimit import PullGate
+from asynccache.sources.reference import Reference, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,17 @@ def classify_pull_error(image: str, message: str, status: int = 0) -> CacheError
 
 
 def _without_references(message: str, image: str) -> str:
-    repository = split_reference(image)[0]
-    for reference in sorted(
-        {image, repository, repository.split("/", 1)[-1]}, key=len, reverse=True
-    ):
+    names = {image}
+    try:
+        ref = parse_reference(image)
+    except InvalidReference:
+        pass  # a container id or another name that is not an image reference
+    else:
+        written = image.partition("@")[0]
+        if written.rfind(":") > written.rfind("/"):
+            written = written[: written.rfind(":")]
+        names |= {written, ref.name, ref.repository, ref.repository.split("/", 1)[-1]}
+    for reference in sorted(names, key=len, reverse=True):
         message = message.replace(reference, "<image>")
     return message
 
@@ -88,14 +98,9 @@ def container_name(instance_id: str) -> str:
     return f"asynccache-{readable}-{secrets.token_hex(4)}"
 
 
-def split_reference(image: str) -> tuple[str, str | None]:
-    """(repository, tag) for the pull API; a digest stays in the repository part."""
-    if "@" in image:
-        return image, None
-    name, sep, tag = image.rpartition(":")
-    if sep and "/" not in tag:
-        return name, tag
-    return image, "latest"
+def pull_params(ref: Reference) -> dict[str, str]:
+    """The pull API's parameters for ``ref``: its full name, and its digest or tag."""
+    return {"fromImage": ref.name, "tag": ref.digest or ref.tag or "latest"}
 
 
 class DockerBackend:
@@ -124,7 +129,7 @@ class DockerBackend:
         self._docker: aiodocker.Docker | None = None
         self._pulled_by_us: set[str] = set()
         self._hold = RepositoryHold()
-        self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
+        self.pull_gate = pull_gate or PullGate()
 
     async def __aenter__(self) -> DockerBackend:
         await self.connect()
@@ -165,7 +170,7 @@ class DockerBackend:
             with anyio.fail_after(30):
                 await self.docker.version()
         except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise DaemonUnavailable(self.address, _short(exc)) from None
+            raise DaemonUnavailable(self.address, one_line(exc)) from None
 
     async def close(self) -> None:
         """Close the client."""
@@ -179,10 +184,10 @@ class DockerBackend:
             yield
         except aiodocker.DockerError as exc:
             if exc.status == 900:
-                raise DaemonUnavailable(self.address, _short(exc)) from None
+                raise DaemonUnavailable(self.address, one_line(exc)) from None
             raise classify_pull_error(image, str(exc.message), exc.status) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
-            raise DaemonUnavailable(self.address, _short(exc)) from None
+            raise DaemonUnavailable(self.address, one_line(exc)) from None
 
     async def image_present(self, image: str) -> bool:
         """True when the daemon has ``image`` locally."""
@@ -194,12 +199,10 @@ class DockerBackend:
         return True
 
     async def pull(self, image: str) -> None:
-        """Pull ``image`` with credentials from the docker config; errors become domain errors."""
-        repository, tag = split_reference(image)
-        params = {"fromImage": repository}
-        if tag:
-            params["tag"] = tag
-        headers = {"X-Registry-Auth": registry_auth_header(image) or "e30="}
+        """Pull ``image`` with its own registry's credentials; errors become domain errors."""
+        ref = parse_reference(image)
+        params = pull_params(ref)
+        headers = {"X-Registry-Auth": registry_auth_header(ref) or "e30="}
         try:
             with anyio.fail_after(self.pull_timeout):
                 async with (
@@ -225,15 +228,7 @@ class DockerBackend:
             return
         if self.skip_pull:
             raise ImageNotFound(image, "not present locally and --skip_pull is set")
-        while True:
-            await self.pull_gate.wait_open(image)
-            try:
-                await self.pull(image)
-            except RateLimited as exc:
-                self.pull_gate.limited(exc)
-                continue
-            self.pull_gate.succeeded()
-            break
+        await self.pull_gate.through(image, lambda: self.pull(image))
         self._pulled_by_us.add(image)
 
     async def create_container(self, entry: Entry) -> str:
@@ -349,7 +344,7 @@ class RepositoryHold:
 
     def done_with(self, image: str) -> str | None:
         """Hold ``image`` for its repository; return the older image it replaces, if any."""
-        repository = split_reference(image)[0].split("@")[0]
+        repository = parse_reference(image).name
         previous = self._held.get(repository)
         self._held[repository] = image
         return previous if previous != image else None
@@ -366,7 +361,7 @@ async def _iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         async for chunk in response.content.iter_chunked(CHUNK_SIZE):
             yield chunk
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
-        raise TransferFailed(f"archive stream broke: {_short(exc)}") from None
+        raise TransferFailed(f"archive stream broke: {one_line(exc)}") from None
 
 
 def _raise_on_stream_error(image: str, line: bytes) -> None:
@@ -381,8 +376,3 @@ def _raise_on_stream_error(image: str, line: bytes) -> None:
         detail = message.get("errorDetail") or {}
         text = detail.get("message") or message.get("error") or "unknown error"
         raise classify_pull_error(image, str(text), int(detail.get("code") or 0))
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 
+from asynccache import config
 from asynccache.errors import RateLimited, RateLimitExhausted
 
 log = logging.getLogger(__name__)
 
 StatusCallback = Callable[[str], None]
+T = TypeVar("T")
 
 
 class PullGate:
@@ -22,9 +25,9 @@ class PullGate:
     def __init__(
         self,
         *,
-        first_pause: float,
-        max_pause: float,
-        max_wait: float,
+        first_pause: float = config.rate_limit_pause,
+        max_pause: float = config.rate_limit_pause_max,
+        max_wait: float = config.rate_limit_max_wait,
         on_status: StatusCallback | None = None,
     ) -> None:
         self.first_pause = first_pause
@@ -36,6 +39,22 @@ class PullGate:
         self.exhausted = False
         self.pauses = 0
         self._next_pause = first_pause
+
+    async def through(self, image: str, pull: Callable[[], Awaitable[T]]) -> T:
+        """Run ``pull`` once pulls may go on; after a rate-limit answer, wait and run it again.
+
+        Every pull of a run goes through here, so that one answer pauses them all and one
+        success ends the pause for all.
+        """
+        while True:
+            await self.wait_open(image)
+            try:
+                result = await pull()
+            except RateLimited as exc:
+                self.limited(exc)
+                continue
+            self.succeeded()
+            return result
 
     async def wait_open(self, image: str) -> None:
         """Return when pulls may go on; raise RateLimitExhausted once the wait is spent."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from asynccache.errors import InvalidReference
 from asynccache.sources.credentials import credentials_for, registry_auth_header, registry_of
 
 
@@ -86,3 +87,40 @@ def test_cred_helper_wins_over_store_and_auths(
     assert hub is not None
     assert hub["username"] == "store-user"
     assert hub["password"] == "tok-https://index.docker.io/v1/"
+
+
+def _login(user: str, password: str) -> dict[str, str]:
+    return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize("image", ["LOCALHOST/x", "Evil/img:1", "Registry/x"])
+def test_an_upper_case_first_component_gets_no_docker_hub_credentials(
+    tmp_path: Path, image: str
+) -> None:
+    path = _config(tmp_path, {"auths": {"https://index.docker.io/v1/": _login("hub", "pw")}})
+    with pytest.raises(InvalidReference, match="must be lowercase"):
+        credentials_for(image, path)
+    with pytest.raises(InvalidReference, match="must be lowercase"):
+        registry_auth_header(image, path)
+
+
+def test_each_registry_gets_its_own_credentials_and_no_others(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        {
+            "auths": {
+                "https://index.docker.io/v1/": _login("hub", "hub-pw"),
+                "127.0.0.1:5000": _login("local", "local-pw"),
+            }
+        },
+    )
+    local = credentials_for("127.0.0.1:5000/a/b:c", path)
+    assert local == {"username": "local", "password": "local-pw", "serveraddress": "127.0.0.1:5000"}
+    header = registry_auth_header("127.0.0.1:5000/a/b:c", path)
+    assert header is not None
+    assert json.loads(base64.urlsafe_b64decode(header)) == local
+    for elsewhere in ("localhost/a", "127.0.0.1:5001/a", "ghcr.io/o/r", "localhost:5000/a"):
+        assert credentials_for(elsewhere, path) is None
+        assert registry_auth_header(elsewhere, path) is None
+    hub = credentials_for("docker.io/library/ubuntu", path)
+    assert hub is not None and hub["username"] == "hub"

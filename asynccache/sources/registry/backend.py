@@ -13,17 +13,13 @@ import anyio
 import anyio.to_thread
 
 from asynccache.entries import Entry
-from asynccache.errors import NoTestbed, RateLimited, SetupError
+from asynccache.errors import NoTestbed, SetupError
+from asynccache.sources.credentials import CredentialsLookup
 from asynccache.sources.ratelimit import PullGate
-from asynccache.sources.registry.client import (
-    CredentialsLookup,
-    Descriptor,
-    ImageManifest,
-    RegistryClient,
-    parse_platform,
-    parse_reference,
-)
+from asynccache.sources.reference import parse_reference
+from asynccache.sources.registry.client import RegistryClient
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LAYERS_DIR_NAME, LayerStore
+from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.layered import LayerTree
 
@@ -62,7 +58,7 @@ class RegistryBackend:
         self.testbed_path = "/" + self.root
         self.insecure_registries = tuple(insecure_registries)
         self.registry_mirror = registry_mirror
-        self.pull_gate = pull_gate or PullGate(first_pause=60, max_pause=900, max_wait=21600)
+        self.pull_gate = pull_gate or PullGate()
         folder = Path(cache_root) / LAYERS_DIR_NAME if layer_cache_bytes > 0 else None
         self.layers = LayerStore(
             folder, root=self.root, max_bytes=layer_cache_bytes, work_name=work_name
@@ -130,15 +126,9 @@ class RegistryBackend:
             if known is not None:
                 return known
             ref = parse_reference(image)
-            while True:
-                await self.pull_gate.wait_open(image)
-                try:
-                    found = await self.client.resolve(ref, self.platform)
-                except RateLimited as exc:
-                    self.pull_gate.limited(exc)
-                    continue
-                self.pull_gate.succeeded()
-                break
+            found = await self.pull_gate.through(
+                image, lambda: self.client.resolve(ref, self.platform)
+            )
             self._manifests[image] = found
             return found
 
@@ -164,14 +154,9 @@ class RegistryBackend:
         self, image: str, manifest: ImageManifest, layer: Descriptor
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """The chunks of one layer blob (waiting while the registry's rate limit lasts)."""
-        while True:
-            await self.pull_gate.wait_open(image)
-            try:
-                response = await self.client.open_blob(manifest, layer.digest)
-            except RateLimited as exc:
-                self.pull_gate.limited(exc)
-                continue
-            break
+        response = await self.pull_gate.through(
+            image, lambda: self.client.open_blob(manifest, layer.digest)
+        )
         try:
             yield self.client.iter_blob(response)
         finally:
