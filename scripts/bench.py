@@ -1099,6 +1099,12 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
                     f"{_fmt(row['wall_s'])} s (speed-up {_ratio(one['wall_s'], row['wall_s'])}); "
                     f"CPU/img {_fmt(one['cpu_per_image_s'], 3)} vs "
                     f"{_fmt(row['cpu_per_image_s'], 3)} s"
+                    + (
+                        f"; pool start-up {row['pool_startup_s']:.2f} s (one-entry runs against "
+                        "--processes 1)"
+                        if row.get("pool_startup_s") is not None
+                        else ""
+                    )
                 )
     peers = [r for r in rows if r["contender"].startswith(("shell", "skopeo"))]
     ours = [r for r in rows if re.fullmatch(r"r\d+", r["contender"])]
@@ -1238,6 +1244,38 @@ def runnable(contenders: Sequence[str], help_text: str, skipped: dict[str, str])
     return ready
 
 
+def pool_startup(name: str, ctx: RunContext, repeat: int) -> float | None:
+    """What a pool of worker processes adds to a run: one-entry runs of ``name`` (``+pN``,
+    N > 1) against the same with ``+p1``, medians of ``repeat``, each on a fresh tmpfs."""
+    match = re.search(r"\+p(\d+)", name)
+    if not match or match.group(1) == "1":
+        return None
+    walls: dict[str, list[float]] = {name: [], name.replace(match.group(0), "+p1"): []}
+    root = BENCH_DIR / f"startup-{os.getpid()}"
+    _mount_tmpfs(root)
+    try:
+        for number in range(repeat):
+            for which in walls:
+                cache = root / f"cache-{number}-{which}"
+                command = contender_command(
+                    which, ctx.dataset, cache, root / "unused", ["--max_entries", "1"]
+                )
+                started = time.perf_counter()
+                subprocess.run(
+                    command, env=contender_env(which, ctx.code), cwd=ctx.code or ROOT,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                )  # fmt: skip
+                walls[which].append(time.perf_counter() - started)
+                shutil.rmtree(cache)
+    except subprocess.CalledProcessError as exc:
+        print(f"note: pool start-up of {name} not measured: {exc}")
+        return None
+    finally:
+        _umount(root)
+    many, one = (statistics.median(values) for values in walls.values())
+    return many - one
+
+
 def run_table(
     scenario: str,
     names: Sequence[str],
@@ -1309,6 +1347,11 @@ def run_table(
         if proxy:
             proxy.stop()
     rows = [median_result(runs[c.name]) for c in contenders if runs[c.name]]
+    if scenario == "tmpfs":
+        for row in rows:
+            startup = pool_startup(row["contender"], ctx, args.repeat)
+            if startup is not None:
+                row["pool_startup_s"] = startup
     ref = rows[0] if rows else None
     baseline = _row(rows, "baseline")
     for row in rows:

@@ -274,7 +274,7 @@ def test_comparisons_name_each_feature_pair() -> None:
         row("r1+nodedup", 12.0, 9.0),
         row("r1+keepgit", 9.0, 7.0),
         row("r4+p1", 10.0, 8.0),
-        row("r4+p2", 6.0, 9.0),
+        row("r4+p2", 6.0, 9.0, pool_startup_s=0.25),
         row("shell1", 11.0, 5.0),
     ]
     lines = bench.comparisons(rows)  # type: ignore[arg-type]
@@ -282,6 +282,7 @@ def test_comparisons_name_each_feature_pair() -> None:
     assert "dedup r1 vs r1+nodedup" in text and "speed-up with dedup 1.20x" in text
     assert "leak guard r1 vs r1+keepgit" in text and "guard ~1.0 s" in text
     assert "processes r4+p1 vs r4+p2" in text and "speed-up 1.67x" in text
+    assert "pool start-up 0.25 s" in text
     assert "r1 vs shell1: 10.0 vs 11.0 s (shell1 takes 1.10x r1's time)" in text
 
 
