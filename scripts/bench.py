@@ -18,8 +18,9 @@ Contenders (``--contenders``, or each scenario's default list, ``DEFAULT_CONTEND
 * ``cN`` / ``rN``: ``python -m asynccache --concurrency N``, with the docker or the registry
   backend (``rN`` with ``DOCKER_HOST=unix:///nonexistent``, so that it cannot use dockerd), and
   modifiers: ``+pN`` (``--processes N``), ``+nodedup`` (``--no_dedup``), ``+keepgit``
-  (``--keep_git_history``). A contender whose flag is not in ``python -m asynccache --help``
-  of the code under test (a feature not landed yet) is skipped with a printed note;
+  (``--keep_git_history``), ``+keepimages`` (``--keep_images``). A contender whose flag is not
+  in ``python -m asynccache --help`` of the code under test (a feature not landed yet) is
+  skipped with a printed note;
 * ``shellN`` and ``skopeo``: the peers (scripts/bench_peers.py): ``curl | gzip -dc | tar -x``
   of every layer, N images at a time, no whiteouts; ``skopeo copy`` + ``umoci raw unpack``.
 
@@ -499,6 +500,7 @@ def code_env(code: Path | None) -> dict[str, str]:
 MODIFIERS: dict[str, tuple[str, ...]] = {
     "nodedup": ("--no_dedup",),
     "keepgit": ("--keep_git_history",),
+    "keepimages": ("--keep_images",),
 }
 #: Flags that exist only once a feature has landed: detected in ``--help`` before use.
 GUARD_FLAG = "--keep_git_history"
@@ -511,7 +513,8 @@ class Contender:
     ``baseline`` (the original script), ``baseline-rmi`` (the same, removing each image),
     ``cN`` / ``rN`` (asynccache, docker or registry backend, ``--concurrency N``) with modifiers
     after ``+`` (``+pN`` ``--processes N``, ``+nodedup`` ``--no_dedup``, ``+keepgit``
-    ``--keep_git_history``), ``shellN`` and ``skopeo`` (scripts/bench_peers.py).
+    ``--keep_git_history``, ``+keepimages`` ``--keep_images``), ``shellN`` and ``skopeo``
+    (scripts/bench_peers.py).
     """
 
     name: str
@@ -552,7 +555,7 @@ def parse_contender(name: str) -> Contender:
     if not match:
         raise SystemExit(
             f"unknown contender {name!r} (baseline, baseline-rmi, cN or rN with +pN, +nodedup, "
-            "+keepgit, shellN, skopeo)"
+            "+keepgit, +keepimages, shellN, skopeo)"
         )
     backend = "registry" if match.group(1) == "r" else "docker"
     return Contender(name, "asynccache", backend, int(match.group(2)), tuple(flags))
@@ -1222,7 +1225,8 @@ DEFAULT_SCENARIOS = "loopback,tmpfs,transfer"
 #: Contenders per table scenario when --contenders is not given.
 DEFAULT_CONTENDERS = {
     "loopback": (
-        "baseline,baseline-rmi,c4,c4+nodedup,r1,r1+nodedup,r1+keepgit,r4,shell1,shell4,skopeo"
+        "baseline,baseline-rmi,c4,c4+keepimages,c4+nodedup,r1,r1+nodedup,r1+keepgit,r4,shell1,"
+        "shell4,skopeo"
     ),
     "wan": "baseline,baseline-rmi,c4,r1,r4,shell4,skopeo",
     "tmpfs": "r1,r4+p1,r4+p2,shell2",
