@@ -1015,7 +1015,8 @@ def markdown(output: dict[str, Any]) -> str:
         parts.append("| " + " | ".join(name for name, _, _ in columns) + " |")
         parts.append("|" + "---|" * len(columns))
         for row in result["results"]:
-            parts.append("| " + " | ".join(_cells(row, columns)) + " |")
+            cells = [cell.replace("|", "\\|") for cell in _cells(row, columns)]
+            parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
         parts += [f"- {line}" for line in result.get("comparisons", [])]
         parts += [f"- skipped {name}: {why}" for name, why in result.get("skipped", {}).items()]

@@ -303,3 +303,6 @@ def test_markdown_has_every_row_comparison_and_skip() -> None:
     assert "| r1 | 2.0 | 30.0 |" in text
     assert "- r1 vs shell1: ..." in text and "- skipped r1+nodedup: --no_dedup" in text
     assert "| rsync -a | 1.5 |" in text
+    tar = {"method": "tar czf|tar xzf", "wall_s": 9.0, "ok": True}
+    output["scenarios"]["transfer"]["results"].append(tar)
+    assert "| tar czf\\|tar xzf | 9.0 |" in bench.markdown(output)
