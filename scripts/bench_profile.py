@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
     parser.add_argument("--idle", action="store_true", help="py-spy: include idle threads")
     parser.add_argument("--code", choices=("head", "worktree"), default="head")
-    parser.add_argument("--settle", type=float, default=31.0, help="quiet seconds first")
+    parser.add_argument(
+        "--settle", type=float, default=61.0, help="at most this long for cheap file creation"
+    )
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args(argv)
 
@@ -213,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = out_dir / "cache"
     bench.set_aside(cache)
     bench.remove_bench_images()
-    bench.settle(args.settle)
+    create_us = bench.settle(args.settle, out_dir)
+    print(f"file creation before the run: {create_us:.0f} us")
     phases_path = out_dir / f"profile-{stamp}.phases.json"
     speedscope = out_dir / f"profile-{stamp}.speedscope.json"
     command = [
