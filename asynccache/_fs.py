@@ -1,4 +1,4 @@
-"""Filesystem helpers, once each: atomic JSON writes, durable renames, tree removal, umask."""
+"""Filesystem helpers, once each: atomic writes, durable renames, tree removal, umask, paths."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from typing import Any
 def write_json_atomic(path: Path, data: Any) -> int:
     """Write JSON to a temp file beside ``path``, fsync it, rename over ``path``; return bytes."""
     payload = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    write_bytes_atomic(path, payload)
+    return len(payload)
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write bytes to a temp file beside ``path``, fsync it, rename over ``path`` durably."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as tmp:
@@ -28,7 +34,11 @@ def write_json_atomic(path: Path, data: Any) -> int:
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
-    return len(payload)
+
+
+def absolute_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with ``~`` expanded, made absolute without resolving symlinks."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def fsync_dir(path: Path) -> None:

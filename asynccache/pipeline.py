@@ -16,14 +16,15 @@ import stamina
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
 from asynccache._fs import remove_tree, write_json_atomic
-from asynccache.cache.index import IndexRecord, IndexWriter, load_and_repair, size_mb, write_meta
+from asynccache.cache.index import IndexWriter, load_and_repair
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.parts import PartProgress, known_records
+from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
 from asynccache.shards import Shard, shard_positions
-from asynccache.tree.digest import remove_digest, tree_digest, write_digest
+from asynccache.tree.digest import tree_digest
 from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class Pipeline:
         self.part = PartProgress(options.shard) if options.shard is not None else None
         self.index_min_interval = index_min_interval
         self.records: dict[str, IndexRecord] = {}
-        self._index_lock = anyio.Lock()
+        self.index = self._index_writer()
         self._scope: anyio.CancelScope | None = None
         self._releases: TaskGroup | None = None
         self._intake_open = True
@@ -197,6 +198,7 @@ class Pipeline:
         else:
             self.records, notes = load_and_repair(self.cache.root)
         self.summary.notes.extend(notes)
+        self.index = self._index_writer()
 
     def is_cached(self, entry: Entry) -> bool:
         """True when the entry is in the index and its folder exists."""
@@ -215,16 +217,15 @@ class Pipeline:
             max(1, self.options.concurrency)
         )
         index_send, index_receive = anyio.create_memory_object_stream[IndexRecord](100)
-        writer = self._index_writer()
         if self.part is not None:
-            await writer.flush(force=True)
+            await self.index.flush(force=True)
         try:
             async with anyio.create_task_group() as releases, anyio.create_task_group() as tg:
                 self._releases = releases
                 self._scope = tg.cancel_scope
                 if self.summary.stopped:
                     tg.cancel_scope.cancel()
-                tg.start_soon(writer.run, index_receive)
+                tg.start_soon(self.index.run, index_receive)
                 tg.start_soon(self._collect, results_receive, index_send)
                 async with jobs_receive, results_send:
                     for _ in range(max(1, self.options.concurrency)):
@@ -243,7 +244,7 @@ class Pipeline:
                 "stopped" if self.summary.stopped else "failed" if self.summary.failed else "done"
             )
             with anyio.CancelScope(shield=True):
-                await writer.flush(force=True)
+                await self.index.flush(force=True)
         return self.summary
 
     def _index_writer(self) -> IndexWriter:
@@ -270,10 +271,8 @@ class Pipeline:
         """Cache one entry outside run() and write the index at once (for on-demand callers)."""
         outcome = await self.process(entry)
         if outcome.record is not None:
-            async with self._index_lock:
-                self.records[entry.instance_id] = outcome.record
-                snapshot = dict(self.records)
-                await anyio.to_thread.run_sync(write_json_atomic, self.cache.index_path, snapshot)
+            self.records[entry.instance_id] = outcome.record
+            await self.index.put(outcome.record)
         return outcome
 
     def close(self) -> None:

@@ -12,8 +12,9 @@ import anyio
 import pytest
 
 from asynccache import Entry, Outcome, cache_repos
+from asynccache.cache.records import read_digest
 from asynccache.cache.verify import verify_cache
-from asynccache.tree.digest import read_digest, tree_digest
+from asynccache.tree.digest import tree_digest
 
 
 def make_testbed_tar(text: str) -> bytes:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from asynccache._fs import fsync_dir, remove_tree, write_json_atomic
-from asynccache.cache.index import IndexRecord, meta_path, write_meta
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.cache.parts import (
     PART_STATES,
@@ -30,8 +29,15 @@ from asynccache.cache.parts import (
     read_failures,
     read_parts,
 )
+from asynccache.cache.records import (
+    IndexRecord,
+    meta_path,
+    read_digest,
+    remove_digest,
+    write_digest,
+    write_meta,
+)
 from asynccache.errors import SetupError
-from asynccache.tree.digest import read_digest, remove_digest, write_digest
 
 
 @dataclass

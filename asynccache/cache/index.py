@@ -1,57 +1,29 @@
-"""index.json: load, validate, repair, write atomically; the writer task that owns it."""
+"""index.json: load, validate, repair; the only code that writes it (and shards' parts)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream
 
 from asynccache._fs import write_json_atomic
+from asynccache.cache.records import IndexRecord, read_meta_records, validate_record
 from asynccache.config import INDEX_NAME, META_DIR_NAME
-from asynccache.entries import validate_instance_id
 from asynccache.errors import IndexCorrupt
 
-log = logging.getLogger(__name__)
-
-IndexRecord = dict[str, Any]
-
-REQUIRED_FIELDS = (
-    "instance_id",
-    "repo_name",
-    "docker_image",
-    "commit_hash",
-    "cache_path",
-    "file_count",
-    "size_mb",
-)
-
-
-def size_mb(size_bytes: int) -> float:
-    """Bytes as MiB, rounded to two decimals as the original index shows them."""
-    return round(size_bytes / (1024 * 1024), 2)
-
-
-def validate_record(key: str, record: Any) -> IndexRecord:
-    """Return ``record`` when it is a complete index record for ``key``, else raise IndexCorrupt."""
-    try:
-        validate_instance_id(key)
-    except ValueError as exc:
-        raise IndexCorrupt(f"record key: {exc}") from None
-    if not isinstance(record, dict):
-        raise IndexCorrupt(f"record {key!r} is not an object")
-    missing = [name for name in REQUIRED_FIELDS if name not in record]
-    if missing:
-        raise IndexCorrupt(f"record {key!r} lacks {', '.join(missing)}")
-    if record["instance_id"] != key:
-        raise IndexCorrupt(f"record {key!r} has instance_id {record['instance_id']!r}")
-    return record
+__all__ = [
+    "IndexWriter",
+    "load_and_repair",
+    "parse_index",
+    "read_index",
+    "update_index",
+    "write_index",
+]
 
 
 def parse_index(text: str) -> dict[str, IndexRecord]:
@@ -74,36 +46,6 @@ def read_index(path: Path) -> dict[str, IndexRecord]:
     except UnicodeDecodeError as exc:
         raise IndexCorrupt(f"not UTF-8: {exc}") from None
     return parse_index(text)
-
-
-def meta_path(cache_dir: Path, instance_id: str) -> Path:
-    """Where the metadata of one cached folder lives (beside it, never inside it)."""
-    return cache_dir / META_DIR_NAME / f"{instance_id}.json"
-
-
-def write_meta(cache_dir: Path, record: IndexRecord) -> None:
-    """Persist one record beside its folder, before the folder gets its final name."""
-    path = meta_path(cache_dir, record["instance_id"])
-    path.parent.mkdir(exist_ok=True)
-    write_json_atomic(path, record)
-
-
-def read_meta_records(cache_dir: Path) -> dict[str, IndexRecord]:
-    """Records of every complete folder that has valid metadata."""
-    records: dict[str, IndexRecord] = {}
-    meta_dir = cache_dir / META_DIR_NAME
-    if not meta_dir.is_dir():
-        return records
-    for path in meta_dir.glob("*.json"):
-        instance_id = path.stem
-        try:
-            record = validate_record(instance_id, json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, IndexCorrupt) as exc:
-            log.warning("ignoring unreadable metadata %s: %s", path, exc)
-            continue
-        if (cache_dir / instance_id).is_dir():
-            records[instance_id] = record
-    return records
 
 
 def load_and_repair(cache_dir: Path) -> tuple[dict[str, IndexRecord], list[str]]:
@@ -132,20 +74,38 @@ def load_and_repair(cache_dir: Path) -> tuple[dict[str, IndexRecord], list[str]]
         notes.append(f"recovered {len(recovered)} cached folders missing from index.json")
         records.update(recovered)
     if notes:
-        write_json_atomic(path, records)
+        write_index(cache_dir, records)
     return records, notes
 
 
+def update_index(cache_dir: Path, put: Iterable[IndexRecord]) -> dict[str, IndexRecord]:
+    """Read index.json, add the records ``put``, write it back; return the new records.
+
+    For whoever is alone on the cache folder; a run's records go through its IndexWriter.
+    """
+    records = read_index(cache_dir / INDEX_NAME)
+    for record in put:
+        records[record["instance_id"]] = record
+    write_index(cache_dir, records)
+    return records
+
+
 def write_index(cache_dir: Path, records: Mapping[str, IndexRecord]) -> int:
-    """Replace index.json whole, atomically (``merge``); return the bytes written."""
+    """Replace index.json whole, atomically (temp file, fsync, rename); return the bytes.
+
+    The one write of index.json: loading with repair, ``update_index``, ``merge`` and the
+    IndexWriter of a run of the whole split all come here.
+    """
     return write_json_atomic(cache_dir / INDEX_NAME, dict(records))
 
 
 class IndexWriter:
-    """The one task that writes index.json: coalesces records, rewrites atomically.
+    """A run's writer of index.json: coalesces records, rewrites atomically.
 
-    A shard's run points it at the shard's index part instead (``path``), and ``render``
-    wraps the records in what the file holds besides them.
+    ``run`` is the task that consumes a run's records; ``put`` writes one record at once (for
+    entries cached on demand, outside a run). Writes never overlap, and each one holds every
+    record added before it. A shard's run points it at the shard's index part instead
+    (``path``), and ``render`` wraps the records in what the file holds besides them.
     """
 
     def __init__(
@@ -157,6 +117,8 @@ class IndexWriter:
         path: Path | None = None,
         render: Callable[[dict[str, IndexRecord]], object] | None = None,
     ) -> None:
+        self.cache_dir = cache_dir
+        self._part = path
         self.path = path or cache_dir / INDEX_NAME
         self.render = render
         self.records: dict[str, IndexRecord] = dict(records)
@@ -165,6 +127,7 @@ class IndexWriter:
         self.bytes_written = 0
         self._pending = 0
         self._last_write = 0.0
+        self._lock = anyio.Lock()
 
     def interval(self) -> float:
         """Seconds between rewrites; grows with the index so total bytes stay linear."""
@@ -191,14 +154,23 @@ class IndexWriter:
         self.records[record["instance_id"]] = record
         self._pending += 1
 
+    async def put(self, record: IndexRecord) -> None:
+        """Record one cached entry and write the file now."""
+        self.add(record)
+        await self.flush()
+
     async def flush(self, *, force: bool = False) -> None:
         """Write the file now if anything is pending (or anyway, with ``force``)."""
-        if not self._pending and not force:
-            return
-        self._pending = 0
-        snapshot: object = dict(self.records)
-        if self.render is not None:
-            snapshot = self.render(dict(self.records))
-        self.bytes_written += await anyio.to_thread.run_sync(write_json_atomic, self.path, snapshot)
-        self.writes += 1
-        self._last_write = time.monotonic()
+        async with self._lock:
+            if not self._pending and not force:
+                return
+            self._pending = 0
+            records = dict(self.records)
+            if self._part is None:
+                written = await anyio.to_thread.run_sync(write_index, self.cache_dir, records)
+            else:
+                content = records if self.render is None else self.render(records)
+                written = await anyio.to_thread.run_sync(write_json_atomic, self._part, content)
+            self.bytes_written += written
+            self.writes += 1
+            self._last_write = time.monotonic()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from asynccache._fs import fsync_dir, remove_tree
+from asynccache._fs import absolute_path, fsync_dir, remove_tree
 from asynccache.config import (
     FAILURES_NAME,
     INDEX_NAME,
@@ -65,7 +65,7 @@ class CacheDir:
     """Paths inside one cache folder, and the operations that keep it consistent."""
 
     def __init__(self, root: Path, shard: Shard | None = None) -> None:
-        self.root = Path(os.path.abspath(os.path.expanduser(root)))
+        self.root = absolute_path(root)
         self.shard = shard
         self._lock_file: IO[str] | None = None
         self._shard_lock_file: IO[str] | None = None

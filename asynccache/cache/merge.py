@@ -20,9 +20,10 @@ from typing import Literal
 
 from asynccache._fs import write_json_atomic
 from asynccache.cache.gather import gather
-from asynccache.cache.index import IndexRecord, read_index, read_meta_records, write_index
+from asynccache.cache.index import read_index, write_index
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.cache.parts import combine, part_files, read_failures, read_parts
+from asynccache.cache.records import IndexRecord, read_meta_records
 from asynccache.config import INDEX_NAME
 from asynccache.errors import IndexCorrupt, SetupError
 from asynccache.shards import Shard

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asynccache._fs import write_json_atomic
-from asynccache.cache.index import IndexRecord, read_index, read_meta_records, validate_record
+from asynccache.cache.index import read_index
 from asynccache.cache.layout import CacheDir, parse_shard_tag
+from asynccache.cache.records import IndexRecord, read_meta_records, validate_record
 from asynccache.config import FAILURES_NAME
 from asynccache.errors import IndexCorrupt
 from asynccache.shards import Shard

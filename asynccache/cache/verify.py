@@ -9,19 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from asynccache._fs import write_json_atomic
-from asynccache.cache.index import IndexRecord, meta_path, size_mb
+from asynccache._fs import absolute_path
+from asynccache.cache.index import write_index
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.cache.parts import all_failures, cached_records, drop_from_parts
+from asynccache.cache.records import IndexRecord, forget, read_digest, size_mb
 from asynccache.entries import entry_from_row
 from asynccache.errors import InvalidEntry, SetupError
-from asynccache.tree.digest import (
-    digest_path,
-    read_digest,
-    tree_digest,
-    tree_stats,
-    write_digest,
-)
+from asynccache.tree.digest import tree_digest, tree_stats
 
 __all__ = [
     "InstanceCheck",
@@ -30,13 +25,9 @@ __all__ = [
     "VerifyReport",
     "cache_status",
     "check_instance",
-    "digest_path",
     "format_status",
     "format_verify",
-    "read_digest",
-    "tree_digest",
     "verify_cache",
-    "write_digest",
 ]
 
 CheckStatus = Literal["ok", "missing", "damaged"]
@@ -153,14 +144,13 @@ def verify_cache(
             c.instance_id for c in report.checks if c.detail == "no digest recorded"
         ]
         if repair and report.problems:
-            bad = {check.instance_id for check in report.problems}
+            bad = sorted({check.instance_id for check in report.problems})
             kept = {key: record for key, record in records.items() if key not in bad}
-            write_json_atomic(cache.index_path, kept)
+            write_index(cache.root, kept)
             drop_from_parts(cache.root, bad)
-            for instance_id in sorted(bad):
-                meta_path(cache.root, instance_id).unlink(missing_ok=True)
-                digest_path(cache.root, instance_id).unlink(missing_ok=True)
-            report.repaired = sorted(bad)
+            for instance_id in bad:
+                forget(cache.root, instance_id)
+            report.repaired = bad
     finally:
         if repair:
             cache.unlock()
@@ -234,7 +224,7 @@ def cache_status(
     Without rows: every indexed or failed instance (missing = indexed, folder gone). With
     dataset rows: every row's instance (missing = neither cached nor failed yet).
     """
-    root = Path(os.path.abspath(os.path.expanduser(cache_dir)))
+    root = absolute_path(cache_dir)
     if not root.is_dir():
         raise SetupError(f"cache folder {root} does not exist")
     records = cached_records(root)

@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from asynccache._fs import absolute_path
 from asynccache.api import open_pipeline
-from asynccache.cache.index import IndexRecord
 from asynccache.cache.layout import resolve_instance_path
 from asynccache.cache.parts import cached_records
+from asynccache.cache.records import IndexRecord
 from asynccache.config import INDEX_NAME, SHARDS_DIR_NAME, CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, EnsureFailed, IndexCorrupt, MissingInstance
@@ -107,7 +108,7 @@ class RepoCache:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown checkout mode {mode!r}; use one of {', '.join(MODES)}")
-        self.root = Path(os.path.abspath(os.path.expanduser(cache_dir)))
+        self.root = absolute_path(cache_dir)
         self.mode: Mode = mode
         self.options = dataclasses.replace(options or CacheOptions(), cache_dir=self.root)
         self._source = source
@@ -226,7 +227,7 @@ class RepoCache:
         chosen = self.mode if mode is None else mode
         if chosen not in MODES:
             raise ValueError(f"unknown checkout mode {chosen!r}; use one of {', '.join(MODES)}")
-        target = Path(os.path.abspath(os.path.expanduser(dest)))
+        target = absolute_path(dest)
         self._check_outside(target, "check out into")
         return Checkout(self, instance_id, target, chosen)
 
@@ -240,7 +241,7 @@ class RepoCache:
 
     async def release(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
         """Unmount (overlay) and delete a checkout (``force`` for a copy another process made)."""
-        target = Path(os.path.abspath(os.path.expanduser(path)))
+        target = absolute_path(path)
         self._check_outside(target, "release")
         if not force and target not in self._checkouts and not overlay_side_dir(target).is_dir():
             raise ValueError(

@@ -1,4 +1,4 @@
-"""A tree's content: file identities and hashes, counts, its digest and the ``.digest`` file."""
+"""A tree's content: file identities and hashes, counts, and its digest."""
 
 from __future__ import annotations
 
@@ -8,26 +8,18 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from asynccache.config import META_DIR_NAME
-
 __all__ = [
-    "DIGEST_SUFFIX",
     "FileHash",
     "FileIdentity",
     "digest_of_lines",
-    "digest_path",
     "entry_line",
     "identity_of",
-    "read_digest",
-    "remove_digest",
     "sha256_of",
     "tree_digest",
     "tree_stats",
     "walk",
-    "write_digest",
 ]
 
-DIGEST_SUFFIX = ".digest"
 _BLOCK = 1 << 20
 
 #: (st_ino, st_size, st_mtime_ns) of a file as written: its content hash holds while they do.
@@ -156,31 +148,3 @@ def _file_sha256(path: bytes) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
-
-
-def digest_path(cache_dir: Path, instance_id: str) -> Path:
-    """Where the digest of one cached tree is kept: ``cache_dir/.meta/<id>.digest``."""
-    return Path(cache_dir) / META_DIR_NAME / f"{instance_id}{DIGEST_SUFFIX}"
-
-
-def write_digest(cache_dir: Path, instance_id: str, digest: str) -> None:
-    """Record a tree's digest (atomically), beside its metadata."""
-    path = digest_path(cache_dir, instance_id)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{digest}\n", encoding="ascii")
-    os.replace(tmp, path)
-
-
-def remove_digest(cache_dir: Path, instance_id: str) -> None:
-    """Forget a tree's digest (its folder is about to be replaced)."""
-    digest_path(cache_dir, instance_id).unlink(missing_ok=True)
-
-
-def read_digest(cache_dir: Path, instance_id: str) -> str | None:
-    """The recorded digest of a tree, or None when none was recorded."""
-    try:
-        text = digest_path(cache_dir, instance_id).read_text(encoding="ascii").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    return text or None

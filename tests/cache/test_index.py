@@ -10,13 +10,13 @@ import pytest
 
 from asynccache._fs import write_json_atomic
 from asynccache.cache.index import (
-    IndexRecord,
     IndexWriter,
     load_and_repair,
     parse_index,
     read_index,
-    write_meta,
+    update_index,
 )
+from asynccache.cache.records import IndexRecord, write_meta
 from asynccache.errors import IndexCorrupt
 
 
@@ -73,7 +73,7 @@ def test_damaged_index_is_kept_aside_and_rebuilt_from_complete_folders(tmp_path:
 
 
 def test_complete_folder_missing_from_index_is_recovered(tmp_path: Path) -> None:
-    write_json_atomic(tmp_path / "index.json", {"a__1": record("a__1", tmp_path)})
+    update_index(tmp_path, put=[record("a__1", tmp_path)])
     (tmp_path / "a__1").mkdir()
     write_meta(tmp_path, record("b__2", tmp_path))
     (tmp_path / "b__2").mkdir()

@@ -12,20 +12,14 @@ from pathlib import Path
 import pytest
 
 from asynccache._fs import write_json_atomic
-from asynccache.cache.index import load_and_repair, meta_path, read_index
+from asynccache.cache.index import load_and_repair, read_index, update_index
 from asynccache.cache.layout import CacheDir
-from asynccache.cache.verify import (
-    cache_status,
-    digest_path,
-    format_status,
-    format_verify,
-    read_digest,
-    tree_digest,
-    verify_cache,
-)
+from asynccache.cache.records import digest_path, meta_path, read_digest
+from asynccache.cache.verify import cache_status, format_status, format_verify, verify_cache
 from asynccache.cli import maintenance as maintenance_cli
 from asynccache.errors import CacheLocked
 from asynccache.trainer.repo_cache import RepoCache
+from asynccache.tree.digest import tree_digest
 from tests.support.cache_trees import build_sample_tree, cache_instance
 from tests.support.cli_runner import run_cli
 from tests.support.fixtures import row_for
@@ -132,7 +126,7 @@ def test_size_mb_is_used_when_size_bytes_is_absent(cache_dir: Path) -> None:
     index = read_index(cache_dir / "index.json")
     for record in index.values():
         del record["size_bytes"]
-    write_json_atomic(cache_dir / "index.json", index)
+    update_index(cache_dir, put=index.values())
     assert verify_cache(cache_dir).healthy
     (cache_dir / ALPHA / "pkg" / "data" / "blob.bin").write_bytes(b"")
     report = verify_cache(cache_dir)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asynccache._fs import write_json_atomic
-from asynccache.cache.index import read_index, size_mb, write_meta
+from asynccache.cache.index import update_index
+from asynccache.cache.records import size_mb, write_digest, write_meta
 from asynccache.entries import make_instance_id
-from asynccache.tree.digest import tree_digest, tree_stats, write_digest
+from asynccache.tree.digest import tree_digest, tree_stats
 
 TreeBuilder = Callable[[Path], None]
 
@@ -145,7 +145,5 @@ def cache_instance(
     if digest:
         write_digest(cache_dir, instance_id, tree_digest(folder))
     write_meta(cache_dir, record)
-    index = read_index(cache_dir / "index.json")
-    index[instance_id] = record
-    write_json_atomic(cache_dir / "index.json", index)
+    update_index(cache_dir, put=[record])
     return record

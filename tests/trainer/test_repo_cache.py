@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import pytest
 
-from asynccache import pipeline as pipeline_module
 from asynccache.cache import index as index_module
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import CacheDir
@@ -458,7 +457,7 @@ async def test_docker_concurrent_ensures_extract_once(
             writes.append(path)
         return original_write(path, data)
 
-    monkeypatch.setattr(pipeline_module, "write_json_atomic", counting_write)
+    monkeypatch.setattr(index_module, "write_json_atomic", counting_write)
     options = CacheOptions(cache_dir=root, cp_timeout=300)
     async with RepoCache(root, options=options) as cache:
         paths = await _gather(20, lambda: cache.ensure(entry))
