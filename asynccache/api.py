@@ -15,20 +15,16 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asynccache import config
-from asynccache.cache.layout import shard_tag
+from asynccache.cache.index import load_and_repair
+from asynccache.cache.layout import CacheDir, shard_tag
+from asynccache.cache.parts import known_records
+from asynccache.cache.records import IndexRecord
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread, open_split
 from asynccache.entries import Entry, InstanceIdFn, make_instance_id
-from asynccache.pipeline import (
-    ArchiveSource,
-    Outcome,
-    OutcomeCallback,
-    Pipeline,
-    RowSource,
-    Summary,
-    TreeSource,
-)
+from asynccache.pipeline import Outcome, OutcomeCallback, Pipeline, RowSource, Summary
 from asynccache.shards import parse_shard
+from asynccache.sources.base import Source
 from asynccache.sources.docker import DockerBackend
 from asynccache.sources.ratelimit import PullGate, StatusCallback
 
@@ -94,7 +90,7 @@ async def cache_repos(
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
     on_status: StatusCallback | None = None,
-    source: ArchiveSource | TreeSource | None = None,
+    source: Source | None = None,
     **options: Any,
 ) -> Summary:
     """Cache every entry (rows, Entry objects, or a dataset split); return the summary.
@@ -166,68 +162,98 @@ async def open_pipeline(
     instance_id_fn: InstanceIdFn = make_instance_id,
     on_outcome: OutcomeCallback | None = None,
     on_status: StatusCallback | None = None,
-    source: ArchiveSource | TreeSource | None = None,
+    source: Source | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """A prepared pipeline (folder locked, index loaded, source connected) until exit."""
-    pipeline = Pipeline(options, _NoSource(), instance_id_fn=instance_id_fn, on_outcome=on_outcome)
-    work_name = shard_tag(options.shard) if options.shard is not None else None
-    await anyio.to_thread.run_sync(pipeline.prepare)
+    """A ready pipeline until exit: the folder locked and its index loaded, then the source open.
+
+    ``source`` is used as given (already open); without one, the backend ``options`` name is
+    opened here and closed on exit.
+    """
+    cache = CacheDir(options.cache_dir, options.shard)
+    await anyio.to_thread.run_sync(cache.check_usable)
+    await anyio.to_thread.run_sync(cache.lock)
     try:
-        if source is not None:
-            pipeline.source = source
-            yield pipeline
-            return
-        gate = PullGate(
-            first_pause=options.rate_limit_pause,
-            max_pause=config.rate_limit_pause_max,
-            max_wait=options.rate_limit_max_wait,
-            on_status=on_status,
-        )
-        if options.backend == "registry":
-            from asynccache.sources.registry.backend import RegistryBackend
-
-            async with RegistryBackend(
-                pipeline.cache.root,
-                platform=options.platform,
-                insecure_registries=options.insecure_registries,
-                registry_mirror=options.registry_mirror,
-                pull_gate=gate,
-                testbed_path=options.testbed_path,
-                work_name=work_name,
-            ) as registry:
-                pipeline.source = registry
-                yield pipeline
-            return
-        backend = DockerBackend(
-            pipeline.cache.root,
-            pull_timeout=options.pull_timeout,
-            skip_pull=options.skip_pull,
-            keep_images=options.keep_images,
-            testbed_path=options.testbed_path,
-            pull_gate=gate,
-            shard_name=work_name,
-        )
-        async with backend:
-            leaked = await backend.remove_leaked_containers()
-            if leaked:
-                pipeline.summary.notes.append(f"removed {leaked} containers of an earlier run")
-            pipeline.source = backend
-            yield pipeline
-            # A create that a killed earlier run had sent can land after the first sweep.
-            late = await backend.remove_leaked_containers()
-            if late:
-                log.info("removed %d containers of an earlier run that appeared late", late)
+        records, notes = await anyio.to_thread.run_sync(_load, cache)
+        async with _open_source(options, cache, notes, on_status, source) as opened:
+            yield Pipeline(
+                options,
+                opened,
+                cache,
+                records,
+                notes=notes,
+                instance_id_fn=instance_id_fn,
+                on_outcome=on_outcome,
+            )
     finally:
-        pipeline.close()
+        cache.unlock()
 
 
-class _NoSource:
-    """Placeholder source until the real one is connected."""
+def _load(cache: CacheDir) -> tuple[dict[str, IndexRecord], list[str]]:
+    """Sweep an earlier run's unfinished work, then load (and repair) the index.
 
-    @asynccontextmanager
-    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
-        raise RuntimeError("the pipeline's source is not connected")
-        yield  # pragma: no cover
+    A shard's run repairs nothing (other shards run beside it): it reads what the folder
+    holds, index.json, every shard's part and every complete folder's record.
+    """
+    notes: list[str] = []
+    stale = cache.remove_stale_work()
+    if stale:
+        notes.append(f"removed {stale} unfinished folders of an earlier run")
+    if cache.shard is not None:
+        records, found = known_records(cache.root)
+    else:
+        records, found = load_and_repair(cache.root)
+    return records, notes + found
 
-    async def after_extraction(self, entry: Entry) -> None:
-        """Nothing to release."""
+
+@asynccontextmanager
+async def _open_source(
+    options: CacheOptions,
+    cache: CacheDir,
+    notes: list[str],
+    on_status: StatusCallback | None,
+    given: Source | None,
+) -> AsyncIterator[Source]:
+    """The given source, or the backend options name, open until exit (notes what it swept)."""
+    if given is not None:
+        yield given
+        return
+    work_name = shard_tag(cache.shard) if cache.shard is not None else None
+    gate = PullGate(
+        first_pause=options.rate_limit_pause,
+        max_pause=config.rate_limit_pause_max,
+        max_wait=options.rate_limit_max_wait,
+        on_status=on_status,
+    )
+    if options.backend == "registry":
+        from asynccache.sources.registry.backend import RegistryBackend
+
+        async with RegistryBackend(
+            cache.root,
+            platform=options.platform,
+            insecure_registries=options.insecure_registries,
+            registry_mirror=options.registry_mirror,
+            pull_gate=gate,
+            testbed_path=options.testbed_path,
+            work_name=work_name,
+        ) as registry:
+            yield registry
+        return
+    backend = DockerBackend(
+        cache.root,
+        pull_timeout=options.pull_timeout,
+        cp_timeout=options.cp_timeout,
+        skip_pull=options.skip_pull,
+        keep_images=options.keep_images,
+        testbed_path=options.testbed_path,
+        pull_gate=gate,
+        shard_name=work_name,
+    )
+    async with backend:
+        leaked = await backend.remove_leaked_containers()
+        if leaked:
+            notes.append(f"removed {leaked} containers of an earlier run")
+        yield backend
+        # A create that a killed earlier run had sent can land after the first sweep.
+        late = await backend.remove_leaked_containers()
+        if late:
+            log.info("removed %d containers of an earlier run that appeared late", late)

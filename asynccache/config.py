@@ -18,11 +18,22 @@ extract_slots = max(2, 2 * (os.cpu_count() or 1))
 pull_timeout = 600.0
 cp_timeout = 120.0
 testbed_path = "/testbed"
+#: Where /testbed is read from: "docker" (a daemon) or "registry" (image layers, no daemon).
+backend = "docker"
+#: The image picked from multi-platform images.
+platform = "linux/amd64"
 #: Longest total pause for a registry rate limit before the remaining pulls fail.
 rate_limit_max_wait = 6 * 3600.0
 #: First pause after a rate limit answer (doubles up to rate_limit_pause_max).
 rate_limit_pause = float(os.environ.get("ASYNCCACHE_RATE_LIMIT_PAUSE", "60"))
 rate_limit_pause_max = 900.0
+#: Tries per entry for transient errors, and their time budget and waits (stamina's).
+retry_attempts = 6
+retry_timeout = 600.0
+retry_wait_initial = 0.5
+retry_wait_max = 10.0
+#: Shortest pause between two rewrites of index.json during a run.
+index_min_interval = 0.5
 
 #: Label put on every container we create; its value is the absolute cache folder.
 CONTAINER_LABEL = "io.asynccache.cache_dir"
@@ -60,16 +71,16 @@ class CacheOptions:
     pull_timeout: float = pull_timeout
     cp_timeout: float = cp_timeout
     testbed_path: str = testbed_path
-    backend: str = "docker"
-    platform: str = "linux/amd64"
+    backend: str = backend
+    platform: str = platform
     insecure_registries: tuple[str, ...] = ()
     registry_mirror: str | None = None
     rate_limit_max_wait: float = rate_limit_max_wait
     rate_limit_pause: float = rate_limit_pause
-    retry_attempts: int = 6
-    retry_timeout: float = 600.0
-    retry_wait_initial: float = 0.5
-    retry_wait_max: float = 10.0
+    retry_attempts: int = retry_attempts
+    retry_timeout: float = retry_timeout
+    retry_wait_initial: float = retry_wait_initial
+    retry_wait_max: float = retry_wait_max
     #: Where the rows come from, recorded in every index record (None: not recorded).
     dataset: str | None = None
     #: The Hub commit of the dataset the rows come from (None for rows of no known revision).

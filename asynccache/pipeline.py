@@ -6,55 +6,31 @@ import errno
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import anyio
 import stamina
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
+from asynccache import config
 from asynccache._fs import remove_tree, write_json_atomic
-from asynccache.cache.index import IndexWriter, load_and_repair
+from asynccache.cache.index import IndexWriter
 from asynccache.cache.layout import CacheDir
-from asynccache.cache.parts import PartProgress, known_records
+from asynccache.cache.parts import PartProgress
 from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
-from asynccache.errors import CacheError, DiskFull, InvalidEntry, TransferFailed
+from asynccache.errors import CacheError, DiskFull, InvalidEntry
 from asynccache.shards import Shard, shard_positions
+from asynccache.sources.base import Source
 from asynccache.tree.digest import tree_digest
-from asynccache.tree.extract import ExtractResult, extract_stream
+from asynccache.tree.extract import ExtractResult
 
 log = logging.getLogger(__name__)
 
 Status = Literal["cached", "skipped", "failed"]
-
-
-class ArchiveSource(Protocol):
-    """Where tar bytes of /testbed come from (a Docker daemon today, a registry later)."""
-
-    def testbed_archive(self, entry: Entry) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Yield the tar stream of the entry's /testbed; clean up on exit."""
-        ...
-
-    async def after_extraction(self, entry: Entry) -> None:
-        """Release what the entry needed once it is done, cached or failed."""
-        ...
-
-
-@runtime_checkable
-class TreeSource(Protocol):
-    """A source that writes the /testbed tree itself (e.g. by applying image layers)."""
-
-    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
-        """Write the entry's /testbed into the empty folder ``dest``."""
-        ...
-
-    async def after_extraction(self, entry: Entry) -> None:
-        """Release what the entry needed once it is done, cached or failed."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -157,48 +133,39 @@ async def numbered_rows(
 
 
 class Pipeline:
-    """One caching run over a cache folder: prepare, run the workers, finish."""
+    """Caching runs over a locked cache folder: producer, workers, collector, retries."""
 
     def __init__(
         self,
         options: CacheOptions,
-        source: ArchiveSource | TreeSource,
+        source: Source,
+        cache: CacheDir,
+        records: Mapping[str, IndexRecord],
         *,
+        notes: Iterable[str] = (),
         instance_id_fn: InstanceIdFn = make_instance_id,
         on_outcome: OutcomeCallback | None = None,
-        index_min_interval: float = 0.5,
+        index_min_interval: float = config.index_min_interval,
     ) -> None:
+        """A run over ``cache``, whose lock the caller holds, with ``records`` its index."""
         self.options = options
         self.source = source
         self.instance_id_fn = instance_id_fn
         self.on_outcome = on_outcome
-        self.cache = CacheDir(options.cache_dir, options.shard)
+        self.cache = cache
+        shard = cache.shard
         self.summary = Summary(
-            cache_dir=str(self.cache.root), shard=str(options.shard) if options.shard else ""
+            cache_dir=str(cache.root), shard=str(shard) if shard else "", notes=list(notes)
         )
         #: A shard's run keeps its own index part (index.json is for ``merge``).
-        self.part = PartProgress(options.shard) if options.shard is not None else None
+        self.part = PartProgress(shard) if shard is not None else None
         self.index_min_interval = index_min_interval
-        self.records: dict[str, IndexRecord] = {}
+        self.records: dict[str, IndexRecord] = dict(records)
         self.index = self._index_writer()
         self._scope: anyio.CancelScope | None = None
         self._releases: TaskGroup | None = None
         self._intake_open = True
         self._extract_slots = anyio.Semaphore(max(1, options.extract_slots))
-
-    def prepare(self) -> None:
-        """Check and lock the folder, sweep stale work, load (and repair) the index."""
-        self.cache.check_usable()
-        self.cache.lock()
-        stale = self.cache.remove_stale_work()
-        if stale:
-            self.summary.notes.append(f"removed {stale} unfinished folders of an earlier run")
-        if self.part is not None:
-            self.records, notes = known_records(self.cache.root)
-        else:
-            self.records, notes = load_and_repair(self.cache.root)
-        self.summary.notes.extend(notes)
-        self.index = self._index_writer()
 
     def is_cached(self, entry: Entry) -> bool:
         """True when the entry is in the index and its folder exists."""
@@ -274,10 +241,6 @@ class Pipeline:
             self.records[entry.instance_id] = outcome.record
             await self.index.put(outcome.record)
         return outcome
-
-    def close(self) -> None:
-        """Release the cache folder's lock."""
-        self.cache.unlock()
 
     async def _produce(
         self,
@@ -416,23 +379,10 @@ class Pipeline:
         return record, result.warnings
 
     async def _extract(self, entry: Entry, work_dir: Path) -> ExtractResult:
-        source = self.source
-        if isinstance(source, TreeSource):
-            async with self._extract_slots:
-                return await source.extract_into(entry, work_dir)
-        prepare = getattr(source, "prepare", None)
-        if prepare is not None:
-            await prepare(entry)
+        await self.source.prepare(entry)
         # Pulls overlap freely; extractions are CPU work, so only a few run at once.
-        async with self._extract_slots, source.testbed_archive(entry) as chunks:
-            try:
-                with anyio.fail_after(self.options.cp_timeout):
-                    return await extract_stream(chunks, work_dir, keep_hashes=True)
-            except TimeoutError:
-                raise TransferFailed(
-                    f"copying /testbed of {entry.docker_image} took longer than "
-                    f"{self.options.cp_timeout:.0f} s; raise --cp_timeout"
-                ) from None
+        async with self._extract_slots:
+            return await self.source.extract_into(entry, work_dir)
 
     async def _record_digest(self, instance_id: str, result: ExtractResult) -> None:
         """Record the tree's digest: the extraction's own when it knows it, else read back."""

@@ -102,7 +102,7 @@ def child_main(argv: list[str]) -> int:
     _wrap_async(backend, "create_container", "docker: create container", totals)
     _wrap_async(backend, "remove_container", "docker: remove container", totals)
     _wrap_async(backend, "remove_image", "docker: remove image", totals)
-    _wrap_async(pipeline, "extract_stream", "archive: stream + extract (until done)", totals)
+    _wrap_async(docker, "extract_stream", "archive: stream + extract (until done)", totals)
     _wrap_sync(extract, "_extract", "thread: tar parse + write (whole member loop)", totals)
     _wrap_sync(_threads._ChunkPipe, "_next_chunk", "thread: waiting for the next chunk", totals)
     _wrap_sync(extract.Extractor, "add_file", "thread: regular files (open/write/utime)", totals)

@@ -1,11 +1,10 @@
-"""The pipeline with an in-memory archive source: releases run beside the workers."""
+"""The pipeline with an in-memory source: releases run beside the workers."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -15,6 +14,7 @@ from asynccache import Entry, Outcome, cache_repos
 from asynccache.cache.records import read_digest
 from asynccache.cache.verify import verify_cache
 from asynccache.tree.digest import tree_digest
+from asynccache.tree.extract import ExtractResult, extract_stream
 
 
 def make_testbed_tar(text: str) -> bytes:
@@ -38,12 +38,14 @@ class SlowReleaseSource:
         self.allow_release = anyio.Event()
         self.released: list[str] = []
 
-    @asynccontextmanager
-    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def prepare(self, entry: Entry) -> None:
+        """Nothing to fetch."""
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         async def chunks() -> AsyncIterator[bytes]:
             yield make_testbed_tar(entry.instance_id)
 
-        yield chunks()
+        return await extract_stream(chunks(), dest, keep_hashes=True)
 
     async def after_extraction(self, entry: Entry) -> None:
         await self.allow_release.wait()
@@ -83,12 +85,10 @@ async def test_slow_image_release_does_not_stall_the_workers(tmp_path: Path) -> 
 class BrokenSource(SlowReleaseSource):
     """Raises an error no layer translates for one entry."""
 
-    @asynccontextmanager
-    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         if entry.instance_id.endswith("1"):
             raise ValueError("something nobody planned for")
-        async with super().testbed_archive(entry) as chunks:
-            yield chunks
+        return await super().extract_into(entry, dest)
 
 
 @pytest.mark.anyio

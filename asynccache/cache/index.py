@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import ObjectReceiveStream
 
+from asynccache import config
 from asynccache._fs import write_json_atomic
 from asynccache.cache.records import IndexRecord, read_meta_records, validate_record
 from asynccache.config import INDEX_NAME, META_DIR_NAME
@@ -113,7 +114,7 @@ class IndexWriter:
         cache_dir: Path,
         records: Mapping[str, IndexRecord],
         *,
-        min_interval: float = 0.5,
+        min_interval: float = config.index_min_interval,
         path: Path | None = None,
         render: Callable[[dict[str, IndexRecord]], object] | None = None,
     ) -> None:

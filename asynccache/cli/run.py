@@ -100,13 +100,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend",
         choices=("docker", "registry"),
-        default="docker",
+        default=config.backend,
         help="docker: through a Docker daemon (default); registry: read image "
         "layers straight from the registry, no daemon needed",
     )
     parser.add_argument(
         "--platform",
-        default="linux/amd64",
+        default=config.platform,
         help="with --backend registry: platform to pick from multi-platform images",
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""The only module that talks to Docker: pull, create, stream /testbed, remove."""
+"""The only module that talks to Docker: pull, create, stream /testbed into a tree, remove."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import aiodocker
 import aiohttp
 import anyio
 
+from asynccache import config
 from asynccache.config import CONTAINER_LABEL, SHARD_LABEL
 from asynccache.entries import Entry
 from asynccache.errors import (
@@ -35,6 +36,7 @@ from asynccache.errors import (
 from asynccache.sources.credentials import registry_auth_header
 from asynccache.sources.ratelimit import PullGate
 from asynccache.sources.reference import Reference, parse_reference
+from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +106,17 @@ def pull_params(ref: Reference) -> dict[str, str]:
 
 
 class DockerBackend:
-    """Reads /testbed archives out of images through a Docker daemon."""
+    """A Source that streams /testbed out of images through a Docker daemon into a tree."""
 
     def __init__(
         self,
         cache_dir: Path,
         *,
-        pull_timeout: float = 600.0,
+        pull_timeout: float = config.pull_timeout,
+        cp_timeout: float = config.cp_timeout,
         skip_pull: bool = False,
         keep_images: bool = False,
-        testbed_path: str = "/testbed",
+        testbed_path: str = config.testbed_path,
         pull_gate: PullGate | None = None,
         shard_name: str | None = None,
     ) -> None:
@@ -122,6 +125,7 @@ class DockerBackend:
         #: other shards of the cache folder may share this daemon.
         self.shard_name = shard_name
         self.pull_timeout = pull_timeout
+        self.cp_timeout = cp_timeout
         self.skip_pull = skip_pull
         self.keep_images = keep_images
         self.testbed_path = testbed_path
@@ -233,7 +237,7 @@ class DockerBackend:
 
     async def create_container(self, entry: Entry) -> str:
         """Create (never start) a labelled container of the entry's image; return its id."""
-        config: dict[str, Any] = {
+        settings: dict[str, Any] = {
             "Image": entry.docker_image,
             "Cmd": ["/testbed-never-started"],
             "Entrypoint": [],
@@ -251,7 +255,7 @@ class DockerBackend:
             # after we gave up on it, leaving a container nobody knows the id of.
             with anyio.CancelScope(shield=True), anyio.fail_after(CREATE_TIMEOUT):
                 async with self._translate(entry.docker_image):
-                    container = await self.docker.containers.create(config, name=name)
+                    container = await self.docker.containers.create(settings, name=name)
         except BaseException:
             await self.remove_container(name)
             raise
@@ -320,6 +324,18 @@ class DockerBackend:
                 response.close()
         finally:
             await self.remove_container(container_id)
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
+        """Stream the image's /testbed into the empty folder dest, within ``cp_timeout``."""
+        async with self.testbed_archive(entry) as chunks:
+            try:
+                with anyio.fail_after(self.cp_timeout):
+                    return await extract_stream(chunks, dest, keep_hashes=True)
+            except TimeoutError:
+                raise TransferFailed(
+                    f"copying /testbed of {entry.docker_image} took longer than "
+                    f"{self.cp_timeout:.0f} s; raise --cp_timeout"
+                ) from None
 
     async def after_extraction(self, entry: Entry) -> None:
         """Release the entry's image when this run pulled it (see RepositoryHold)."""

@@ -24,7 +24,8 @@ from asynccache.cache.records import IndexRecord
 from asynccache.config import INDEX_NAME, SHARDS_DIR_NAME, CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, EnsureFailed, IndexCorrupt, MissingInstance
-from asynccache.pipeline import ArchiveSource, Pipeline
+from asynccache.pipeline import Pipeline
+from asynccache.sources.base import Source
 from asynccache.trainer.checkout import MODES, Mode, checkout_tree, overlay_side_dir, release_tree
 
 __all__ = ["Checkout", "RepoCache"]
@@ -103,7 +104,7 @@ class RepoCache:
         *,
         mode: Mode = "auto",
         options: CacheOptions | None = None,
-        source: ArchiveSource | None = None,
+        source: Source | None = None,
         instance_id_fn: InstanceIdFn = make_instance_id,
     ) -> None:
         if mode not in MODES:

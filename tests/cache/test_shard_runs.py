@@ -14,7 +14,6 @@ import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from asynccache.entries import Entry
 from asynccache.errors import CacheLocked, ImageNotFound
 from asynccache.pipeline import Summary
 from asynccache.shards import Shard, shard_positions
+from asynccache.tree.extract import ExtractResult, extract_stream
 from tests.support.cache_trees import build_sample_tree, cache_instance
 from tests.support.fixtures import snapshot_tree
 
@@ -88,8 +88,10 @@ class MemorySource:
         self.missing = missing
         self.gate: anyio.Event | None = None
 
-    @asynccontextmanager
-    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def prepare(self, entry: Entry) -> None:
+        """Nothing to fetch."""
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         self.fetched[entry.docker_image] += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -99,7 +101,7 @@ class MemorySource:
         async def chunks() -> AsyncIterator[bytes]:
             yield make_testbed_tar(entry.instance_id)
 
-        yield chunks()
+        return await extract_stream(chunks(), dest, keep_hashes=True)
 
     async def after_extraction(self, entry: Entry) -> None:
         """Nothing to release."""

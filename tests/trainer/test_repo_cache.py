@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from asynccache.pipeline import Outcome, Pipeline
 from asynccache.trainer import repo_cache as repo_cache_module
 from asynccache.trainer.checkout import overlay_probe, overlay_side_dir
 from asynccache.trainer.repo_cache import RepoCache
+from asynccache.tree.extract import ExtractResult, extract_stream
 from tests.support.cache_trees import build_generated_tree, build_sample_tree, cache_instance
 from tests.support.fixtures import FixtureImage, as_copied, row_for, snapshot_tree
 
@@ -269,7 +269,7 @@ def _tar_of_tree(tree: Path) -> bytes:
 
 
 class FakeSource:
-    """An archive source that serves one tree for every entry, slowly, and counts calls."""
+    """A source that extracts one archive for every entry, slowly, and counts calls."""
 
     def __init__(self, payload: bytes, *, missing: bool = False, delay: float = 0.3) -> None:
         self.payload = payload
@@ -277,13 +277,15 @@ class FakeSource:
         self.delay = delay
         self.calls: list[str] = []
 
-    @asynccontextmanager
-    async def testbed_archive(self, entry: Entry) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def prepare(self, entry: Entry) -> None:
+        """Nothing to fetch."""
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         self.calls.append(entry.instance_id)
         await anyio.sleep(self.delay)
         if self.missing:
             raise ImageNotFound(entry.docker_image, "manifest unknown")
-        yield self._chunks()
+        return await extract_stream(self._chunks(), dest, keep_hashes=True)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         for start in range(0, len(self.payload), 65536):

@@ -12,6 +12,7 @@ import aiohttp
 import anyio
 import anyio.to_thread
 
+from asynccache import config
 from asynccache.entries import Entry
 from asynccache.errors import NoTestbed, SetupError
 from asynccache.sources.credentials import CredentialsLookup
@@ -31,17 +32,17 @@ READ_TIMEOUT = 120.0
 
 
 class RegistryBackend:
-    """A TreeSource that applies an image's layers, fetched from its registry, into a folder."""
+    """A Source that applies an image's layers, fetched from its registry, into a folder."""
 
     def __init__(
         self,
         cache_root: Path,
         *,
-        platform: str = "linux/amd64",
+        platform: str = config.platform,
         insecure_registries: Iterable[str] = (),
         registry_mirror: str | None = None,
         pull_gate: PullGate | None = None,
-        testbed_path: str = "/testbed",
+        testbed_path: str = config.testbed_path,
         layer_cache_bytes: int = DEFAULT_CACHE_BYTES,
         credentials: CredentialsLookup | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
@@ -131,6 +132,9 @@ class RegistryBackend:
             )
             self._manifests[image] = found
             return found
+
+    async def prepare(self, entry: Entry) -> None:
+        """Nothing to fetch ahead: manifests and layers are fetched while extracting."""
 
     async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         """Apply the image's layers in order into the empty folder dest; keep only /testbed."""
