@@ -1,4 +1,4 @@
-"""Wires producer, workers and the index writer; retries; per-entry outcomes."""
+"""Wires producer, workers, collector and the index writer; retries; per-entry outcomes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -15,18 +14,16 @@ import stamina
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
 from asynccache import config
-from asynccache._fs import remove_tree, write_json_atomic
 from asynccache.cache.index import IndexWriter
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.parts import PartProgress
-from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
+from asynccache.cache.publish import Publisher
+from asynccache.cache.records import IndexRecord
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DiskFull, InvalidEntry
 from asynccache.shards import Shard, shard_positions
 from asynccache.sources.base import Source
-from asynccache.tree.digest import tree_digest
-from asynccache.tree.extract import ExtractResult
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +159,7 @@ class Pipeline:
         self.index_min_interval = index_min_interval
         self.records: dict[str, IndexRecord] = dict(records)
         self.index = self._index_writer()
+        self.publisher = Publisher(cache, options.record_fields())
         self._scope: anyio.CancelScope | None = None
         self._releases: TaskGroup | None = None
         self._intake_open = True
@@ -347,57 +345,21 @@ class Pipeline:
         )
 
     async def cache_entry(self, entry: Entry) -> tuple[IndexRecord, tuple[str, ...]]:
-        """Extract one entry into a work folder, record it, publish it under its final name."""
+        """Extract one entry into a work folder and publish it under its final name."""
         started = time.monotonic()
-        work_dir = self.cache.new_work_dir(entry.instance_id)
-        try:
-            result = await self._extract(entry, work_dir)
-            final = self.cache.instance_path(entry.instance_id)
-            record: IndexRecord = {
-                "instance_id": entry.instance_id,
-                "repo_name": entry.repo_name,
-                "docker_image": entry.docker_image,
-                "commit_hash": entry.commit_hash,
-                "cache_path": str(final),
-                "file_count": result.file_count,
-                "size_mb": size_mb(result.size_bytes),
-                "size_bytes": result.size_bytes,
-                "seconds": round(time.monotonic() - started, 3),
-                "cached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **self.options.record_fields(),
-            }
-            await anyio.to_thread.run_sync(self._publish, work_dir, record)
+        async with self.publisher.work_dir(entry.instance_id) as work_dir:
+            await self.source.prepare(entry)
+            # Pulls overlap freely; extractions are CPU work, so only a few run at once.
+            async with self._extract_slots:
+                result = await self.source.extract_into(entry, work_dir)
+            seconds = time.monotonic() - started
+            record = await self.publisher.publish(entry, work_dir, result, seconds)
             if self._releases is not None:
                 # The content digest (for `verify --deep`) is read back beside the workers.
-                self._releases.start_soon(self._record_digest, entry.instance_id, result)
+                self._releases.start_soon(self.publisher.record_digest, entry.instance_id, result)
             else:
-                await self._record_digest(entry.instance_id, result)
-        finally:
-            with anyio.CancelScope(shield=True):
-                if work_dir.exists():
-                    await anyio.to_thread.run_sync(remove_tree, work_dir)
+                await self.publisher.record_digest(entry.instance_id, result)
         return record, result.warnings
-
-    async def _extract(self, entry: Entry, work_dir: Path) -> ExtractResult:
-        await self.source.prepare(entry)
-        # Pulls overlap freely; extractions are CPU work, so only a few run at once.
-        async with self._extract_slots:
-            return await self.source.extract_into(entry, work_dir)
-
-    async def _record_digest(self, instance_id: str, result: ExtractResult) -> None:
-        """Record the tree's digest: the extraction's own when it knows it, else read back."""
-        with anyio.CancelScope(shield=True):
-            digest = result.digest
-            if digest is None:
-                folder = self.cache.instance_path(instance_id)
-                known = result.file_hashes
-                digest = await anyio.to_thread.run_sync(tree_digest, folder, known)
-            await anyio.to_thread.run_sync(write_digest, self.cache.root, instance_id, digest)
-
-    def _publish(self, work_dir: Path, record: IndexRecord) -> None:
-        remove_digest(self.cache.root, record["instance_id"])
-        write_meta(self.cache.root, record)
-        self.cache.publish(work_dir, record["instance_id"])
 
     async def _collect(
         self, results: ObjectReceiveStream[Outcome], index: ObjectSendStream[IndexRecord]
@@ -423,9 +385,6 @@ class Pipeline:
                         await maybe
 
     def _write_failures(self) -> None:
-        failures = {
-            o.instance_id: {"docker_image": o.docker_image, "reason": o.reason}
-            for o in self.summary.failures
-        }
-        if failures or self.cache.failures_path.exists():
-            write_json_atomic(self.cache.failures_path, failures)
+        self.publisher.write_failures(
+            (o.instance_id, o.docker_image, o.reason) for o in self.summary.failures
+        )

@@ -90,8 +90,8 @@ def child_main(argv: list[str]) -> int:
     if code:
         sys.path.insert(0, code)
 
-    from asynccache import _threads, cli, pipeline
-    from asynccache.cache import index
+    from asynccache import _threads, cli
+    from asynccache.cache import index, publish
     from asynccache.sources import docker
     from asynccache.tree import extract
 
@@ -107,9 +107,9 @@ def child_main(argv: list[str]) -> int:
     _wrap_sync(_threads._ChunkPipe, "_next_chunk", "thread: waiting for the next chunk", totals)
     _wrap_sync(extract.Extractor, "add_file", "thread: regular files (open/write/utime)", totals)
     _wrap_sync(extract.Extractor, "finish", "thread: folder modes/mtimes (finish)", totals)
-    _wrap_sync(pipeline.Pipeline, "_publish", "publish: meta + rename", totals)
+    _wrap_sync(publish.Publisher, "_publish", "publish: meta + rename", totals)
     _wrap_async(index.IndexWriter, "flush", "index: IndexWriter.flush", totals)
-    _wrap_sync(pipeline, "remove_tree", "cleanup: remove_tree", totals)
+    _wrap_sync(publish, "remove_tree", "cleanup: remove_tree", totals)
 
     original_do_query = docker.aiodocker.Docker._do_query
 

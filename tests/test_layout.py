@@ -140,6 +140,14 @@ def test_sources_and_cache_do_not_lean_on_each_other() -> None:
     assert offenders == []
 
 
+def test_the_pipeline_reaches_trees_only_through_sources_and_cache() -> None:
+    """Where bytes come from and how a tree is written stay behind the Source seam."""
+    offenders = sorted(
+        target for target in graph()["asynccache.pipeline"] if role(target) == "asynccache.tree"
+    )
+    assert offenders == []
+
+
 def test_no_import_cycles() -> None:
     edges = graph()
     state: dict[str, int] = {}

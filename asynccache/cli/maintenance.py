@@ -12,7 +12,8 @@ from typing import Any
 
 from asynccache import config
 from asynccache.cache.merge import format_merge, merge_cache
-from asynccache.cache.verify import cache_status, format_status, format_verify, verify_cache
+from asynccache.cache.status import cache_status, format_status
+from asynccache.cache.verify import format_verify, verify_cache
 from asynccache.cli.common import (
     EXIT_OK,
     EXIT_USAGE,

@@ -23,7 +23,8 @@ import pytest
 from asynccache import RepoCache, cache_repos
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.merge import merge_cache
-from asynccache.cache.verify import cache_status, verify_cache
+from asynccache.cache.status import cache_status
+from asynccache.cache.verify import verify_cache
 from asynccache.entries import Entry
 from asynccache.errors import CacheLocked, ImageNotFound
 from asynccache.pipeline import Summary
