@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from asynccache.cache.records import (
-    IndexRecord,
     digest_path,
     forget,
     meta_path,
@@ -20,18 +19,7 @@ from asynccache.cache.records import (
     write_meta,
 )
 from asynccache.errors import IndexCorrupt
-
-
-def record(instance_id: str, cache_dir: Path) -> IndexRecord:
-    return {
-        "instance_id": instance_id,
-        "repo_name": instance_id.split("__")[0],
-        "docker_image": f"namanjain12/{instance_id}:x",
-        "commit_hash": "c" * 40,
-        "cache_path": str(cache_dir / instance_id),
-        "file_count": 3,
-        "size_mb": 0.01,
-    }
+from tests.support.cache_trees import minimal_record as record
 
 
 def test_size_mb_rounds_to_two_decimals() -> None:

@@ -111,6 +111,19 @@ def _sizes(files: int, total_bytes: int) -> list[int]:
     return [big if number % 200 == 199 else small for number in range(files)]
 
 
+def minimal_record(instance_id: str, cache_dir: Path) -> dict[str, Any]:
+    """A record with only the fields an index record needs, for an id like ``repo__n``."""
+    return {
+        "instance_id": instance_id,
+        "repo_name": instance_id.split("__")[0],
+        "docker_image": f"namanjain12/{instance_id}:x",
+        "commit_hash": "c" * 40,
+        "cache_path": str(cache_dir / instance_id),
+        "file_count": 3,
+        "size_mb": 0.01,
+    }
+
+
 def cache_instance(
     cache_dir: Path,
     repo_name: str,
