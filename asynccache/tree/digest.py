@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
     "FileHash",
     "FileIdentity",
     "digest_of_lines",
+    "entries_under",
     "entry_line",
     "identity_of",
     "sha256_of",
@@ -41,6 +42,22 @@ def sha256_of(pieces: list[bytes]) -> str:
     return content.hexdigest()
 
 
+def entries_under(top: bytes) -> Iterator[tuple[bytes, os.DirEntry[bytes]]]:
+    """Every entry under ``top`` (not top itself) with its path relative to top, depth first.
+
+    The one tree walk: symlinks are never followed, one folder is open at a time.
+    """
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(top, rel) if rel else top) as entries:
+            for entry in entries:
+                name = os.path.join(rel, entry.name) if rel else entry.name
+                yield name, entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(name)
+
+
 def walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[bytes]]:
     """Regular files and their total size under top, and every folder (top included).
 
@@ -48,19 +65,15 @@ def walk(top: bytes, paths: list[bytes] | None = None) -> tuple[int, int, list[b
     """
     files = size = 0
     folders = [top]
-    stack = [top]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
-                    stack.append(entry.path)
-                else:
-                    if entry.is_file(follow_symlinks=False):
-                        files += 1
-                        size += entry.stat(follow_symlinks=False).st_size
-                    if paths is not None:
-                        paths.append(entry.path)
+    for _, entry in entries_under(top):
+        if entry.is_dir(follow_symlinks=False):
+            folders.append(entry.path)
+            continue
+        if entry.is_file(follow_symlinks=False):
+            files += 1
+            size += entry.stat(follow_symlinks=False).st_size
+        if paths is not None:
+            paths.append(entry.path)
     return files, size, folders
 
 
@@ -85,28 +98,16 @@ def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> st
     mtime are still those it was taken with, else the file is read.
     """
     known = known or {}
-    top = os.fsencode(path)
     lines: list[bytes] = []
-    stack = [b""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(top, rel) if rel else top) as entries:
-            for entry in entries:
-                name = os.path.join(rel, entry.name) if rel else entry.name
-                info = entry.stat(follow_symlinks=False)
-                hashed = known.get(name)
-                if (
-                    hashed is not None
-                    and stat.S_ISREG(info.st_mode)
-                    and hashed[0] == identity_of(info)
-                ):
-                    kind, detail = b"f", hashed[1].encode()
-                else:
-                    kind, detail = _describe(entry.path, info)
-                mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
-                lines.append(entry_line(name, kind, mode, detail))
-                if kind == b"d":
-                    stack.append(name)
+    for name, entry in entries_under(os.fsencode(path)):
+        info = entry.stat(follow_symlinks=False)
+        hashed = known.get(name)
+        if hashed is not None and stat.S_ISREG(info.st_mode) and hashed[0] == identity_of(info):
+            kind, detail = b"f", hashed[1].encode()
+        else:
+            kind, detail = _describe(entry.path, info)
+        mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
+        lines.append(entry_line(name, kind, mode, detail))
     return digest_of_lines(lines)
 
 
