@@ -272,6 +272,10 @@ class CacheDir:
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 # Never follow a planted link out of the cache folder.
                 folder.unlink()
+        if self.shard is not None and self.shards_dir.is_dir():
+            # The shard's own index part or failures half-written by a killed run.
+            for stale in self.shards_dir.glob(f".{shard_tag(self.shard)}.*.tmp"):
+                stale.unlink(missing_ok=True)
         if not self.tmp_dir.exists():
             self.tmp_dir.mkdir(parents=True)
             return 0

@@ -277,10 +277,15 @@ async def test_start_up_cleanup_leaves_other_shards_work_alone(tmp_path: Path) -
     for folder in (others, mine):
         folder.mkdir(parents=True)
         (folder / "half-written").write_text("x")
+    (cache_dir / ".shards").mkdir()
+    others_part = cache_dir / ".shards" / ".1-of-2.json.a1b2c3.tmp"
+    my_part = cache_dir / ".shards" / ".0-of-2.json.d4e5f6.tmp"
+    for half_written in (others_part, my_part):
+        half_written.write_text("{")
     summary = await cache_repos(rows(4), cache_dir=cache_dir, source=MemorySource(), shard="0/2")
     assert summary.notes == ["removed 1 unfinished folders of an earlier run"]
-    assert (others / "half-written").exists()
-    assert not mine.exists()
+    assert (others / "half-written").exists() and others_part.exists()
+    assert not mine.exists() and not my_part.exists()
 
 
 @pytest.mark.anyio

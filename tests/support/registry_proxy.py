@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,10 +45,21 @@ class ProxyFaults:
     #: Bytes per second for response bodies (0: unthrottled).
     bytes_per_second: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    #: Every request served, by (method, path): how often each image's manifest was fetched.
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def count(self, key: str) -> None:
         """Count one event."""
         self.counts[key] = self.counts.get(key, 0) + 1
+
+    def manifest_gets(self) -> Counter[str]:
+        """GETs of manifests by ``name:reference`` (what a pull counts against a quota)."""
+        gets: Counter[str] = Counter()
+        for (method, path), times in self.requests.items():
+            name, sep, reference = path.removeprefix("/v2/").partition("/manifests/")
+            if method == "GET" and sep:
+                gets[f"{name}:{reference}"] += times
+        return gets
 
 
 class RegistryProxy:
@@ -102,6 +114,7 @@ class RegistryProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         faults = self.faults
         path = request.path
+        faults.requests[(request.method, path)] += 1
         is_manifest = "/manifests/" in path
         if is_manifest:
             faults.count("manifest")
