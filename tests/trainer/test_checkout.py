@@ -25,25 +25,10 @@ from asynccache.trainer.checkout import (
     resolve_mode,
 )
 from tests.support.cache_trees import HARDLINKED, build_sample_tree
+from tests.support.checkouts import MODES, OVERLAY_OK
 from tests.support.fixtures import as_copied, diff_snapshots, snapshot_tree
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAY_OK = overlay_probe().available
-MODES = [
-    pytest.param(
-        "overlay",
-        marks=pytest.mark.skipif(not OVERLAY_OK, reason="this process may not mount overlays"),
-    ),
-    "copy",
-]
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
-    """A cached tree with every shape a /testbed has."""
-    tree = tmp_path / "cache" / "sample__0123456789ab"
-    build_sample_tree(tree)
-    return tree
 
 
 def fingerprint(root: Path) -> dict[str, Any]:

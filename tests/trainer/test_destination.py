@@ -13,24 +13,8 @@ from asynccache.errors import CheckoutError
 from asynccache.trainer import copy as copy_module
 from asynccache.trainer import destination
 from asynccache.trainer import overlay as overlay_module
-from asynccache.trainer.checkout import checkout_tree, overlay_probe, release_tree
-from tests.support.cache_trees import build_sample_tree
-
-OVERLAY_OK = overlay_probe().available
-MODES = [
-    pytest.param(
-        "overlay",
-        marks=pytest.mark.skipif(not OVERLAY_OK, reason="this process may not mount overlays"),
-    ),
-    "copy",
-]
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
-    tree = tmp_path / "cache" / "sample__0123456789ab"
-    build_sample_tree(tree)
-    return tree
+from asynccache.trainer.checkout import checkout_tree, release_tree
+from tests.support.checkouts import MODES, OVERLAY_OK
 
 
 def swap_after(monkeypatch: pytest.MonkeyPatch, module: object, swap: Callable[[], None]) -> None:

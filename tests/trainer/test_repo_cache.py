@@ -25,20 +25,13 @@ from asynccache.entries import Entry, entry_from_row
 from asynccache.errors import CacheError, EnsureFailed, ImageNotFound, MissingInstance
 from asynccache.pipeline import Outcome, Pipeline
 from asynccache.trainer import repo_cache as repo_cache_module
-from asynccache.trainer.checkout import overlay_probe, overlay_side_dir
+from asynccache.trainer.checkout import overlay_side_dir
 from asynccache.trainer.repo_cache import RepoCache
 from asynccache.tree.extract import ExtractResult, extract_stream
 from tests.support.cache_trees import build_generated_tree, build_sample_tree, cache_instance
+from tests.support.checkouts import MODES, OVERLAY_OK
 from tests.support.fixtures import FixtureImage, as_copied, row_for, snapshot_tree
 
-OVERLAY_OK = overlay_probe().available
-MODES = [
-    pytest.param(
-        "overlay",
-        marks=pytest.mark.skipif(not OVERLAY_OK, reason="this process may not mount overlays"),
-    ),
-    "copy",
-]
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
