@@ -1507,6 +1507,17 @@ def run_transfer(
     return {"results": rows, "runs": runs, "sources": usage, "skipped": skipped}
 
 
+def save_results(output: dict[str, Any], stamp: str, final: bool) -> None:
+    """Write results-<stamp>.json, latest.json and latest.md (``finished`` only when final)."""
+    if final:
+        output["finished"] = time.strftime("%Y%m%dT%H%M%S")
+        output["host"]["loadavg_after"] = os.getloadavg()
+    text = json.dumps(output, indent=1, default=str)
+    (BENCH_DIR / f"results-{stamp}.json").write_text(text, encoding="utf-8")
+    (BENCH_DIR / "latest.json").write_text(text, encoding="utf-8")
+    (BENCH_DIR / "latest.md").write_text(markdown(output), encoding="utf-8")
+
+
 def take_daemon_turn() -> Any:
     """Hold the machine-wide Docker lock that test sessions take (tests/conftest.py).
 
@@ -1645,6 +1656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     output["scenarios"][scenario] = run_table(
                         scenario, names[scenario], args, base, images
                     )
+                # a run stopped later keeps the scenarios it finished
+                save_results(output, stamp, final=False)
         finally:
             remove_bench_images()
             empty_trash()
@@ -1666,12 +1679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"~{original['seconds_estimated']:.1f}s, {original['us_per_update']:.0f} us/update"
         )
 
-    output["finished"] = time.strftime("%Y%m%dT%H%M%S")
-    output["host"]["loadavg_after"] = os.getloadavg()
-    text = json.dumps(output, indent=1, default=str)
-    (BENCH_DIR / f"results-{stamp}.json").write_text(text, encoding="utf-8")
-    (BENCH_DIR / "latest.json").write_text(text, encoding="utf-8")
-    (BENCH_DIR / "latest.md").write_text(markdown(output), encoding="utf-8")
+    save_results(output, stamp, final=True)
     print(f"results: {BENCH_DIR / f'results-{stamp}.json'} (and {BENCH_DIR / 'latest.json'})")
     ok = all(
         row["ok"] and not sc.get("consistency_problems")

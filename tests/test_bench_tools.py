@@ -306,3 +306,15 @@ def test_markdown_has_every_row_comparison_and_skip() -> None:
     tar = {"method": "tar czf|tar xzf", "wall_s": 9.0, "ok": True}
     output["scenarios"]["transfer"]["results"].append(tar)
     assert "| tar czf\\|tar xzf | 9.0 |" in bench.markdown(output)
+
+
+def test_results_are_saved_with_finished_only_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
+    output: dict[str, object] = {"host": {}, "scenarios": {}}
+    bench.save_results(output, "T1", final=False)
+    assert "finished" not in (tmp_path / "results-T1.json").read_text()
+    assert (tmp_path / "latest.md").is_file()
+    bench.save_results(output, "T1", final=True)
+    assert "finished" in (tmp_path / "latest.json").read_text()
