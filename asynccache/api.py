@@ -26,7 +26,9 @@ from asynccache.pipeline import Outcome, OutcomeCallback, Pipeline, RowSource, S
 from asynccache.shards import parse_shard
 from asynccache.sources.base import Source
 from asynccache.sources.docker import DockerBackend
-from asynccache.sources.ratelimit import PullGate, StatusCallback
+from asynccache.sources.factory import make_backend, pull_gate
+from asynccache.sources.pool import ProcessPoolSource
+from asynccache.sources.ratelimit import StatusCallback
 
 log = logging.getLogger(__name__)
 
@@ -218,36 +220,16 @@ async def _open_source(
         yield given
         return
     work_name = shard_tag(cache.shard) if cache.shard is not None else None
-    gate = PullGate(
-        first_pause=options.rate_limit_pause,
-        max_pause=config.rate_limit_pause_max,
-        max_wait=options.rate_limit_max_wait,
-        on_status=on_status,
-    )
-    if options.backend == "registry":
-        from asynccache.sources.registry.backend import RegistryBackend
-
-        async with RegistryBackend(
-            cache.root,
-            platform=options.platform,
-            insecure_registries=options.insecure_registries,
-            registry_mirror=options.registry_mirror,
-            pull_gate=gate,
-            testbed_path=options.testbed_path,
-            work_name=work_name,
-        ) as registry:
+    if options.processes > 1:
+        async with _open_pool(options, cache, notes, on_status, work_name) as pool:
+            yield pool
+        return
+    gate = pull_gate(options, on_status)
+    backend = make_backend(options, cache.root, gate, work_name)
+    if not isinstance(backend, DockerBackend):
+        async with backend as registry:
             yield registry
         return
-    backend = DockerBackend(
-        cache.root,
-        pull_timeout=options.pull_timeout,
-        cp_timeout=options.cp_timeout,
-        skip_pull=options.skip_pull,
-        keep_images=options.keep_images,
-        testbed_path=options.testbed_path,
-        pull_gate=gate,
-        shard_name=work_name,
-    )
     async with backend:
         leaked = await backend.remove_leaked_containers()
         if leaked:
@@ -255,5 +237,32 @@ async def _open_source(
         yield backend
         # A create that a killed earlier run had sent can land after the first sweep.
         late = await backend.remove_leaked_containers()
+        if late:
+            log.info("removed %d containers of an earlier run that appeared late", late)
+
+
+@asynccontextmanager
+async def _open_pool(
+    options: CacheOptions,
+    cache: CacheDir,
+    notes: list[str],
+    on_status: StatusCallback | None,
+    work_name: str | None,
+) -> AsyncIterator[Source]:
+    """Worker processes running the backend; with Docker, the container sweeps stay here."""
+    pool = ProcessPoolSource(options, cache.root, work_name=work_name, on_status=on_status)
+    if options.backend != "docker":
+        async with pool:
+            yield pool
+        return
+    sweeper = make_backend(options, cache.root, pull_gate(options, None), work_name)
+    assert isinstance(sweeper, DockerBackend)
+    async with sweeper:
+        leaked = await sweeper.remove_leaked_containers()
+        if leaked:
+            notes.append(f"removed {leaked} containers of an earlier run")
+        async with pool:
+            yield pool
+        late = await sweeper.remove_leaked_containers()
         if late:
             log.info("removed %d containers of an earlier run that appeared late", late)

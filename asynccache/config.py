@@ -13,6 +13,18 @@ repo_cache_dir = os.environ.get("ASYNCCACHE_CACHE_DIR", "/data/repo-cache")
 dataset_name = os.environ.get("ASYNCCACHE_DATASET", "R2E-Gym/R2E-Gym-Lite")
 dataset_split = "train"
 concurrency = 16
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+#: Worker processes that do the per-entry work (1: all in the main process).
+processes = usable_cores()
 #: Extractions running at once (CPU-bound); pulls are not limited by this.
 extract_slots = max(2, 2 * (os.cpu_count() or 1))
 pull_timeout = 600.0
@@ -64,6 +76,7 @@ class CacheOptions:
 
     cache_dir: Path = field(default_factory=default_cache_dir)
     concurrency: int = concurrency
+    processes: int = processes
     extract_slots: int = extract_slots
     skip_existing: bool = True
     skip_pull: bool = False

@@ -57,7 +57,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         *flag("max_entries"), type=int, default=None, help="take the first N rows only"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=config.concurrency, help="parallel workers"
+        "--concurrency", type=int, default=config.concurrency, help="entries in flight at once"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=config.processes,
+        help="worker processes sharing those entries (default: the usable cores, here "
+        f"{config.processes}; 1 does everything in this process)",
     )
     parser.add_argument(
         *flag("skip_existing"),
@@ -138,6 +145,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     if args.concurrency < 1:
         raise SetupError(f"{_named(args, 'concurrency')} must be at least 1")
+    if args.processes < 1:
+        raise SetupError(f"{_named(args, 'processes')} must be at least 1")
     if args.max_entries is not None and args.max_entries < 0:
         raise SetupError(f"{_named(args, 'max_entries')} must not be negative")
     if args.cp_timeout <= 0 or args.pull_timeout <= 0:
@@ -252,6 +261,7 @@ async def run(args: argparse.Namespace) -> int:
     options = CacheOptions(
         cache_dir=cache_dir,
         concurrency=args.concurrency,
+        processes=args.processes,
         skip_existing=args.skip_existing,
         skip_pull=args.skip_pull,
         keep_images=args.keep_images,

@@ -1,12 +1,14 @@
-"""One pause for every pull while a registry's rate limit lasts."""
+"""One pause for every pull while a registry's rate limit lasts, across worker processes too."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import anyio
 
@@ -19,6 +21,71 @@ StatusCallback = Callable[[str], None]
 T = TypeVar("T")
 
 
+class GateState:
+    """A gate's changing state, for one process."""
+
+    def __init__(self, first_pause: float) -> None:
+        self.resume_at = 0.0
+        self.limited_since: float | None = None
+        self.exhausted = False
+        self.pauses = 0
+        self.next_pause = first_pause
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state still while it is read and changed (one process: nothing to do)."""
+        yield
+
+
+class SharedGateState(GateState):
+    """A gate's state in shared memory, so that worker processes pause together.
+
+    ``time.monotonic`` is the system-wide CLOCK_MONOTONIC on Linux, so the times compare
+    across the processes of one machine.
+    """
+
+    _FIELDS = ("resume_at", "limited_since", "exhausted", "pauses", "next_pause")
+
+    def __init__(self, values: Any) -> None:
+        object.__setattr__(self, "_values", values)
+
+    @classmethod
+    def create(cls, context: Any, first_pause: float) -> SharedGateState:
+        """New shared state from a multiprocessing context (pass ``.values`` to workers)."""
+        return cls(context.Array("d", [0.0, math.nan, 0.0, 0.0, first_pause]))
+
+    @property
+    def values(self) -> Any:
+        """The shared array, to hand to a worker process."""
+        return object.__getattribute__(self, "_values")
+
+    def __getattribute__(self, name: str) -> Any:
+        fields = SharedGateState._FIELDS
+        if name in fields:
+            value = object.__getattribute__(self, "_values")[fields.index(name)]
+            if name == "limited_since":
+                return None if math.isnan(value) else value
+            if name == "exhausted":
+                return bool(value)
+            if name == "pauses":
+                return int(value)
+            return value
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = SharedGateState._FIELDS
+        if name not in fields:
+            raise AttributeError(name)
+        number = math.nan if value is None else float(value)
+        object.__getattribute__(self, "_values")[fields.index(name)] = number
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the shared state still across processes."""
+        with self.values.get_lock():
+            yield
+
+
 class PullGate:
     """Pauses all pulls together after a rate-limit answer; gives up after ``max_wait``."""
 
@@ -29,16 +96,33 @@ class PullGate:
         max_pause: float = config.rate_limit_pause_max,
         max_wait: float = config.rate_limit_max_wait,
         on_status: StatusCallback | None = None,
+        state: GateState | None = None,
     ) -> None:
         self.first_pause = first_pause
         self.max_pause = max_pause
         self.max_wait = max_wait
         self.on_status = on_status
-        self.resume_at = 0.0
-        self.limited_since: float | None = None
-        self.exhausted = False
-        self.pauses = 0
-        self._next_pause = first_pause
+        self.state = state if state is not None else GateState(first_pause)
+
+    @property
+    def resume_at(self) -> float:
+        """When pulls may go on again (``time.monotonic``)."""
+        return self.state.resume_at
+
+    @property
+    def limited_since(self) -> float | None:
+        """When the current rate limit was first met, or None."""
+        return self.state.limited_since
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the whole wait was spent: every later pull fails."""
+        return self.state.exhausted
+
+    @property
+    def pauses(self) -> int:
+        """How many pauses the run made."""
+        return self.state.pauses
 
     async def through(self, image: str, pull: Callable[[], Awaitable[T]]) -> T:
         """Run ``pull`` once pulls may go on; after a rate-limit answer, wait and run it again.
@@ -68,30 +152,40 @@ class PullGate:
 
     def limited(self, exc: RateLimited) -> None:
         """Record a rate-limit answer: pause every pull (once, however many workers hit it)."""
-        now = time.monotonic()
-        if self.limited_since is None:
-            self.limited_since = now
-        if now - self.limited_since >= self.max_wait:
-            self.exhausted = True
+        state = self.state
+        with state.locked():
+            now = time.monotonic()
+            if state.limited_since is None:
+                state.limited_since = now
+            since = state.limited_since
+            if now - since >= self.max_wait:
+                state.exhausted = True
+                exhausted = True
+            else:
+                exhausted = False
+                if now < state.resume_at:
+                    return
+                pause = exc.retry_after if exc.retry_after else state.next_pause
+                pause = min(pause * random.uniform(1.0, 1.2), self.max_pause)
+                pause = min(pause, since + self.max_wait - now)
+                state.next_pause = min(state.next_pause * 2, self.max_pause)
+                state.resume_at = now + pause
+                state.pauses += 1
+        if exhausted:
             self._status("")
             raise RateLimitExhausted(exc.image, self._waited()) from exc
-        if now < self.resume_at:
-            return
-        pause = exc.retry_after if exc.retry_after else self._next_pause
-        pause = min(pause * random.uniform(1.0, 1.2), self.max_pause)
-        pause = min(pause, self.limited_since + self.max_wait - now)
-        self._next_pause = min(self._next_pause * 2, self.max_pause)
-        self.resume_at = now + pause
-        self.pauses += 1
         when = time.strftime("%H:%M:%S", time.localtime(time.time() + pause))
         self._status(f"registry rate limit: pulls paused, retrying at {when} ({pause:.0f} s)")
 
     def succeeded(self) -> None:
         """A pull went through: the limit is over."""
-        if self.limited_since is not None:
-            self.limited_since = None
-            self._next_pause = self.first_pause
-            self._status("")
+        state = self.state
+        with state.locked():
+            if state.limited_since is None:
+                return
+            state.limited_since = None
+            state.next_pause = self.first_pause
+        self._status("")
 
     def _waited(self) -> float:
         return 0.0 if self.limited_since is None else time.monotonic() - self.limited_since

@@ -111,7 +111,10 @@ class RepoCache:
             raise ValueError(f"unknown checkout mode {mode!r}; use one of {', '.join(MODES)}")
         self.root = absolute_path(cache_dir)
         self.mode: Mode = mode
-        self.options = dataclasses.replace(options or CacheOptions(), cache_dir=self.root)
+        # One entry at a time on demand: in this process unless the caller's options say more.
+        self.options = dataclasses.replace(
+            options or CacheOptions(processes=1), cache_dir=self.root
+        )
         self._source = source
         self._instance_id_fn = instance_id_fn
         self._index_path = self.root / INDEX_NAME

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
 
 from asynccache import config
 from asynccache.errors import RateLimited, RateLimitExhausted
-from asynccache.sources.ratelimit import PullGate
+from asynccache.sources.ratelimit import PullGate, SharedGateState
 from tests.support.fake_registry import (
     FakeRegistry,
     backend,
@@ -64,4 +66,31 @@ async def test_a_blob_that_gets_through_ends_the_pause_for_every_pull(tmp_path: 
     async with fake_registry(registry) as host, backend(tmp_path, pull_gate=gate) as source:
         await extract(source, f"{host}/proj/app:v1", tmp_path / "d")
     assert gate.pauses == 1
+    assert gate.limited_since is None
+
+
+def _limit_in_child(values: object, image: str) -> None:
+    """A worker process meeting a rate limit, on the gate state it shares."""
+    gate = PullGate(first_pause=30, max_pause=30, max_wait=600, state=SharedGateState(values))
+    gate.limited(RateLimited(image, "toomanyrequests"))
+
+
+def test_a_pause_one_process_meets_pauses_every_process() -> None:
+    context = multiprocessing.get_context("spawn")
+    state = SharedGateState.create(context, first_pause=30)
+    gate = PullGate(first_pause=30, max_pause=30, max_wait=600, state=state)
+    assert gate.resume_at <= time.monotonic()
+    child = context.Process(target=_limit_in_child, args=(state.values, "a/b:1"))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    # The main process's gate sees the pause the child met, on the same clock.
+    assert gate.pauses == 1 and gate.limited_since is not None
+    assert gate.resume_at - time.monotonic() > 20
+    second = context.Process(target=_limit_in_child, args=(state.values, "a/c:1"))
+    second.start()
+    second.join(60)
+    # A second process meeting the limit while paused does not pause again.
+    assert gate.pauses == 1
+    gate.succeeded()
     assert gate.limited_since is None

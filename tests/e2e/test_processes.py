@@ -1,0 +1,149 @@
+"""Worker processes: the same trees, a shared rate-limit gate, a killed worker replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_reliability import (
+    assert_cache_consistent,
+    dataset_through,
+    extracting,
+    wait_for,
+)
+from tests.support.cli_runner import run_cli, start_cli
+from tests.support.fixtures import FixtureImage, ReferenceTrees
+from tests.support.registry_proxy import registry_proxy
+
+
+@pytest.fixture
+def images(fixture_images: list[FixtureImage]) -> list[FixtureImage]:
+    return fixture_images
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of the run ``pid`` (not multiprocessing's resource tracker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in command:
+                found.append(int(child))
+    return found
+
+
+@pytest.mark.parametrize("backend", ["docker", "registry"])
+def test_two_processes_give_the_trees_docker_cp_gives(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+    backend: str,
+) -> None:
+    dataset = dataset_through(tmp_path, images, None)
+    cache_dir = tmp_path / "cache"
+    args = ["--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2"]
+    args += ["--backend", backend]
+    if backend == "registry":
+        args += ["--insecure_registry", docker_services]
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
+def test_a_worker_killed_mid_entry_is_replaced_and_the_run_goes_on(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    cache_dir = tmp_path / "cache"
+    with registry_proxy(docker_services) as proxy:
+        dataset = dataset_through(tmp_path, images, proxy)
+        proxy.faults.bytes_per_second = 200_000
+        run = start_cli(
+            "--dataset",
+            dataset,
+            "--cache_dir",
+            cache_dir,
+            "--backend",
+            "registry",
+            "--insecure_registry",
+            proxy.address,
+            "--processes",
+            "2",
+            "--concurrency",
+            "4",
+        )
+        try:
+            wait_for(
+                lambda: extracting(cache_dir) or run.poll() is not None,
+                timeout=120,
+                what="an extraction under way",
+            )
+            assert run.poll() is None, "the run ended before a worker could be killed"
+            workers = workers_of(run.pid)
+            assert len(workers) >= 2, workers
+            os.kill(workers[0], signal.SIGKILL)
+            proxy.faults.bytes_per_second = 0
+            _stdout, stderr = run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+    assert run.returncode == 0, stderr
+    assert "ended (exit code -9); starting another" in stderr
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
+def test_sigint_with_two_processes_leaves_no_work_folders_or_processes(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    cache_dir = tmp_path / "cache"
+    with registry_proxy(docker_services) as proxy:
+        dataset = dataset_through(tmp_path, images, proxy)
+        proxy.faults.bytes_per_second = 100_000
+        run = start_cli(
+            "--dataset",
+            dataset,
+            "--cache_dir",
+            cache_dir,
+            "--backend",
+            "registry",
+            "--insecure_registry",
+            proxy.address,
+            "--processes",
+            "2",
+            "--concurrency",
+            "4",
+        )
+        wait_for(
+            lambda: extracting(cache_dir) or run.poll() is not None,
+            timeout=120,
+            what="an extraction under way",
+        )
+        workers = workers_of(run.pid)
+        run.send_signal(signal.SIGINT)
+        _stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "a worker outlived the run"
+    assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
