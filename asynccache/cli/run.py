@@ -63,8 +63,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=config.processes,
-        help="worker processes sharing those entries (default: the usable cores, here "
-        f"{config.processes}; 1 does everything in this process)",
+        help="worker processes sharing those entries (default 1: everything in this "
+        f"process; this machine has {config.usable_cores()} usable cores)",
     )
     parser.add_argument(
         *flag("skip_existing"),
