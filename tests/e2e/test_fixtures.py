@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from asynccache.tree.git_guard import check_tree
 from tests.support import fixtures as fx
 from tests.support.fixtures import (
     CACHE_DIR_LABEL,
@@ -27,6 +28,7 @@ from tests.support.fixtures import (
     snapshot_tree,
     write_dataset,
 )
+from tests.support.leaky_repo import git, git_env
 
 EXPECTED_COLUMNS = [
     ("repo_name", pa.string()),
@@ -186,6 +188,35 @@ def test_every_image_matches_its_spec(
     image = images_by_name[spec.name]
     assert fx.check_expectations(spec, reference_trees.path(image.ref)) == []
     assert len(reference_trees[image.ref]) >= spec.min_entries
+
+
+@pytest.mark.parametrize(
+    "spec", [s for s in DEFAULT_SET if s.history], ids=[s.name for s in DEFAULT_SET if s.history]
+)
+def test_every_image_leaks_history_past_head_as_r2e_images_do(
+    spec: fx.FixtureSpec,
+    images_by_name: dict[str, FixtureImage],
+    reference_trees: ReferenceTrees,
+) -> None:
+    root = reference_trees.path(images_by_name[spec.name].ref)
+    problems = "\n".join(check_tree(root))
+    for leak in (
+        ".git: FETCH_HEAD is present",
+        ".git: ORIG_HEAD is present",
+        ".git: remote origin is configured",
+        "HEAD's reflog has",
+    ):
+        assert leak in problems, leak
+    env = {**git_env(), "GIT_OPTIONAL_LOCKS": "0"}  # git status must not rewrite the index
+    refs = set(git(root, "for-each-ref", "--format=%(refname)", env=env).split())
+    for ref in ("refs/stash", "refs/notes/commits", "refs/remotes/origin/main", "refs/tags/v1.0"):
+        assert ref in refs, ref
+    assert len(git(root, "rev-list", "--all", env=env).split()) > len(
+        git(root, "rev-list", "HEAD", env=env).split()
+    )
+    assert "HEAD detached at" in git(root, "status", env=env)
+    if spec.history and spec.history.submodule:
+        assert ".git/modules/vendor/lib: remote origin is configured" in problems
 
 
 def test_trees_differ_between_commits(

@@ -31,7 +31,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tests.support.leaky_repo import History, add_leaky_git
 
 #: Registry used when none is given.
 DEFAULT_REGISTRY = os.environ.get("ASYNCCACHE_REGISTRY", "127.0.0.1:5000")
@@ -54,7 +55,7 @@ REFERENCE_LABEL = "io.asynccache.fixture.reference"
 #: Label the code under test puts on its containers (value: absolute cache folder).
 CACHE_DIR_LABEL = "io.asynccache.cache_dir"
 #: Bumped whenever the way images are built changes, so that old pushes are rebuilt.
-FIXTURE_VERSION = "3"
+FIXTURE_VERSION = "4"
 #: Where the testbed lives in every fixture image.
 TESTBED = "/testbed"
 
@@ -127,6 +128,8 @@ class FixtureSpec:
     replaced_dirs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     contents: tuple[tuple[str, bytes], ...] = ()
     min_entries: int = 0
+    #: The history of the clone in ``repo/``: a ``.git`` that reaches past HEAD, as R2E's does.
+    history: History | None = None
 
     @property
     def commit_hash(self) -> str:
@@ -153,6 +156,7 @@ class FixtureSpec:
         digest = hashlib.sha256()
         digest.update(f"fixture-version {FIXTURE_VERSION}\n".encode())
         digest.update(self.dockerfile().encode())
+        digest.update(f"history {self.history}\n".encode())
         for item in sorted(self.files, key=lambda f: f.path):
             digest.update(f"{item.path}\0{item.mode:o}\0{len(item.data)}\0".encode())
             digest.update(item.data)
@@ -178,52 +182,27 @@ class FixtureImage:
         return self.spec.commit_hash
 
 
-def _git_object(kind: str, body: bytes) -> tuple[str, bytes]:
-    raw = f"{kind} {len(body)}\0".encode() + body
-    return hashlib.sha1(raw).hexdigest(), zlib.compress(raw)
-
-
 def _repo_files(
     tree: dict[str, str | bytes],
     *,
     executables: Iterable[str] = (),
     modes: dict[str, int] | None = None,
     prefix: str = "repo",
-    message: str = "initial import",
 ) -> tuple[ContextFile, ...]:
-    """A cloned-repository context: the files plus a ``.git`` with loose objects."""
+    """The files of a clone at its checked-out commit (``write_context`` adds its ``.git``)."""
     exec_set = set(executables)
     explicit = modes or {}
     out: list[ContextFile] = []
-    entries: list[str] = []
     for path, content in sorted(tree.items()):
         data = content.encode() if isinstance(content, str) else content
         mode = explicit.get(path, 0o755 if path in exec_set else 0o644)
         out.append(ContextFile(f"{prefix}/{path}", data, mode))
-        sha, blob = _git_object("blob", data)
-        out.append(ContextFile(f"{prefix}/.git/objects/{sha[:2]}/{sha[2:]}", blob, 0o444))
-        entries.append(f"{mode:o} blob {sha}\t{path}")
-    tree_sha, tree_obj = _git_object("tree", "\n".join(entries).encode())
-    out.append(ContextFile(f"{prefix}/.git/objects/{tree_sha[:2]}/{tree_sha[2:]}", tree_obj, 0o444))
-    commit_body = (
-        f"tree {tree_sha}\nauthor Fixture <fixture@example.com> 1700000000 +0000\n"
-        f"committer Fixture <fixture@example.com> 1700000000 +0000\n\n{message}\n"
-    ).encode()
-    commit_sha, commit_obj = _git_object("commit", commit_body)
-    out.append(
-        ContextFile(f"{prefix}/.git/objects/{commit_sha[:2]}/{commit_sha[2:]}", commit_obj, 0o444)
-    )
-    out.append(ContextFile(f"{prefix}/.git/HEAD", b"ref: refs/heads/main\n"))
-    out.append(ContextFile(f"{prefix}/.git/refs/heads/main", f"{commit_sha}\n".encode()))
-    out.append(
-        ContextFile(
-            f"{prefix}/.git/config",
-            b"[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n",
-        )
-    )
-    out.append(ContextFile(f"{prefix}/.git/description", b"Unnamed repository.\n"))
-    out.append(ContextFile(f"{prefix}/.git/packed-refs", b"# pack-refs with: peeled\n"))
     return tuple(out)
+
+
+#: The clone's history: HEAD 8 commits before the upstream tip, everything past it leaking.
+_HISTORY = History(commits=24, head_back=8, submodule=False)
+_HISTORY_WITH_SUBMODULE = History(commits=24, head_back=8, submodule=True)
 
 
 def _scripts(repo: str, marker: str) -> tuple[ContextFile, ...]:
@@ -327,13 +306,13 @@ def _sampleproj_1() -> FixtureSpec:
             _venv_step("sampleproj"),
             "COPY install.sh run_tests.sh /testbed/",
         ),
-        files=_repo_files(tree, executables=["bin/tool"], message=name)
-        + _scripts("sampleproj", name),
+        files=_repo_files(tree, executables=["bin/tool"]) + _scripts("sampleproj", name),
         covers=(
             "several layers writing /testbed: WORKDIR, COPY clone, RUN checkout, RUN install, COPY",
             "checkout deletes files (whiteouts) and replaces a whole directory (opaque dir)",
             ".venv with absolute and relative symlinks",
-            ".git with zlib loose objects (read-only 0444 files)",
+            "a clone's .git reaching past HEAD (origin refs, tags and branches at later commits,"
+            " reflog, FETCH_HEAD, ORIG_HEAD, a stash, notes) and a submodule under .git/modules",
             "hard link, executables, empty directories, empty file",
             "names with spaces and non-ASCII characters",
             'CMD ["/bin/sh"]',
@@ -357,6 +336,7 @@ def _sampleproj_1() -> FixtureSpec:
             ("données/été/température.txt", b"chaud\n"),
             ("src/sampleproj/__init__.py", b""),
         ),
+        history=_HISTORY_WITH_SUBMODULE,
         min_entries=30,
     )
 
@@ -402,7 +382,7 @@ def _sampleproj_2() -> FixtureSpec:
             _venv_step("sampleproj"),
             "COPY install.sh run_tests.sh /testbed/",
         ),
-        files=_repo_files(tree, message=name) + _scripts("sampleproj", name),
+        files=_repo_files(tree) + _scripts("sampleproj", name),
         covers=(
             "second commit of the same repo with a different tree",
             "a file replaced by a directory, a directory replaced by a symlink",
@@ -426,6 +406,7 @@ def _sampleproj_2() -> FixtureSpec:
             ("config/settings.ini", b"[main]\nkey = value\n"),
             ("notes/meeting notes 2024.txt", b"agenda\n"),
         ),
+        history=_HISTORY,
         min_entries=30,
     )
 
@@ -462,7 +443,7 @@ def _toolkit_1() -> FixtureSpec:
             _venv_step("toolkit"),
             "COPY install.sh run_tests.sh /testbed/",
         ),
-        files=_repo_files(tree, executables=["scripts/run-all"], modes=modes, message=name)
+        files=_repo_files(tree, executables=["scripts/run-all"], modes=modes)
         + _scripts("toolkit", name),
         cmd=False,
         covers=(
@@ -480,6 +461,7 @@ def _toolkit_1() -> FixtureSpec:
         ),
         empty_dirs=("tmp/empty",),
         contents=(("toolkit/empty.txt", b""), ("VERSION", f"{name}\n".encode())),
+        history=_HISTORY,
         min_entries=20,
     )
 
@@ -515,7 +497,7 @@ def _toolkit_big() -> FixtureSpec:
             _venv_step("toolkit"),
             "COPY install.sh run_tests.sh /testbed/",
         ),
-        files=_repo_files(tree, message=name) + _scripts("toolkit", name),
+        files=_repo_files(tree) + _scripts("toolkit", name),
         covers=(
             "about 3000 files made by one RUN shell loop",
             "a later layer deleting 10 of them and replacing a 100-file directory",
@@ -527,6 +509,7 @@ def _toolkit_big() -> FixtureSpec:
         empty_dirs=("gen/pkg09/empty",),
         replaced_dirs=(("gen/pkg08", ("__init__.py",)),),
         contents=(("gen/pkg29/mod_99.py", b'VALUE = "29-99"\n'),),
+        history=_HISTORY,
         min_entries=2900,
     )
 
@@ -572,7 +555,7 @@ def _aiohttp(name: str, fix: str) -> FixtureSpec:
             _venv_step("aiohttp"),
             "COPY install.sh run_tests.sh /testbed/",
         ),
-        files=_repo_files(_aiohttp_tree(name), message=name) + _scripts("aiohttp", name),
+        files=_repo_files(_aiohttp_tree(name)) + _scripts("aiohttp", name),
         covers=(
             "paths and names longer than 100 bytes (tar long-name headers)",
             "names with a leading dash, a quote, a tab, non-ASCII; a non-ASCII symlink target",
@@ -589,6 +572,7 @@ def _aiohttp(name: str, fix: str) -> FixtureSpec:
             ("vendor/llhttp/src/api.c", f"/* {fix} */\n".encode()),
             ("odd/tab\tname.txt", b"tab\n"),
         ),
+        history=_HISTORY,
         min_entries=25,
     )
 
@@ -863,6 +847,8 @@ def write_context(spec: FixtureSpec, directory: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(item.data)
         target.chmod(item.mode)
+    if spec.history is not None:
+        add_leaky_git(directory / "repo", spec.history)
     return directory
 
 
