@@ -22,6 +22,7 @@ from asynccache.cache.records import IndexRecord
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread, open_split
 from asynccache.entries import Entry, InstanceIdFn, make_instance_id
+from asynccache.errors import SetupError
 from asynccache.pipeline import Outcome, OutcomeCallback, Pipeline, RowSource, Summary
 from asynccache.shards import parse_shard
 from asynccache.sources.base import Source
@@ -29,6 +30,7 @@ from asynccache.sources.docker import DockerBackend
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.pool import ProcessPoolSource
 from asynccache.sources.ratelimit import StatusCallback
+from asynccache.tree.git_guard import git_executable
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,8 @@ async def cache_repos(
 
     ``options`` are CacheOptions fields, named like the CLI's flags: ``cache_dir``,
     ``concurrency``, ``skip_existing``, ``skip_pull``, ``keep_images``, ``cp_timeout``,
-    ``pull_timeout``, ``backend``, ``shard`` (``"3/16"`` or ``"auto"``: cache only that
-    shard of the rows, beside the other shards' runs), ...
+    ``pull_timeout``, ``backend``, ``keep_git_history``, ``shard`` (``"3/16"`` or ``"auto"``:
+    cache only that shard of the rows, beside the other shards' runs), ...
     """
     rows, settings = await _entries(
         entries, dataset, split, max_entries, revision, make_options(**options)
@@ -171,6 +173,12 @@ async def open_pipeline(
     ``source`` is used as given (already open); without one, the backend ``options`` name is
     opened here and closed on exit.
     """
+    if not options.keep_git_history and git_executable() is None:
+        raise SetupError(
+            "git is not installed: it removes each repository's history past HEAD before the "
+            "tree is published; install git (Debian: apt-get install git) or pass "
+            "--keep_git_history"
+        )
     cache = CacheDir(options.cache_dir, options.shard)
     await anyio.to_thread.run_sync(cache.check_usable)
     await anyio.to_thread.run_sync(cache.lock)

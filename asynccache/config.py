@@ -55,8 +55,9 @@ CONTAINER_LABEL = "io.asynccache.cache_dir"
 SHARD_LABEL = "io.asynccache.shard"
 
 #: The version of the index record format, recorded in each record as ``schema_version``:
-#: 1 is the original script's; 2 adds it, the dataset and its revision, and the byte count.
-INDEX_SCHEMA_VERSION = 2
+#: 1 is the original script's; 2 adds it, the dataset and its revision, and the byte count;
+#: 3 adds ``git_history`` ("head": nothing past HEAD was kept; "full": .git as the image has it).
+INDEX_SCHEMA_VERSION = 3
 
 INDEX_NAME = "index.json"
 FAILURES_NAME = "failures.json"
@@ -102,10 +103,16 @@ class CacheOptions:
     dataset_revision: str | None = None
     #: Cache only this shard of the rows (an array job's task), beside the other shards.
     shard: Shard | None = None
+    #: Keep each repository's .git as the image has it; by default every ref, reflog and object
+    #: past HEAD is removed before the tree is published (the fix is reachable otherwise).
+    keep_git_history: bool = False
 
     def record_fields(self) -> dict[str, object]:
         """Fields every index record of this run carries besides the entry's own."""
-        fields: dict[str, object] = {"schema_version": INDEX_SCHEMA_VERSION}
+        fields: dict[str, object] = {
+            "schema_version": INDEX_SCHEMA_VERSION,
+            "git_history": "full" if self.keep_git_history else "head",
+        }
         if self.dataset is not None:
             fields["dataset"] = self.dataset
         if self.dataset_revision is not None:

@@ -159,7 +159,9 @@ class Pipeline:
         self.index_min_interval = index_min_interval
         self.records: dict[str, IndexRecord] = dict(records)
         self.index = self._index_writer()
-        self.publisher = Publisher(cache, options.record_fields())
+        self.publisher = Publisher(
+            cache, options.record_fields(), keep_git_history=options.keep_git_history
+        )
         self._scope: anyio.CancelScope | None = None
         self._releases: TaskGroup | None = None
         self._intake_open = True
@@ -352,6 +354,8 @@ class Pipeline:
             # Pulls overlap freely; extractions are CPU work, so only a few run at once.
             async with self._extract_slots:
                 result = await self.source.extract_into(entry, work_dir)
+                # Before the tree has a name: no ref or object past HEAD may be published.
+                result = await self.publisher.close_history(work_dir, result)
             seconds = time.monotonic() - started
             record = await self.publisher.publish(entry, work_dir, result, seconds)
             if self._releases is not None:

@@ -31,6 +31,7 @@ from tests.support.fixtures import (  # noqa: E402
     rows_for,
     write_dataset,
 )
+from tests.support.leaky_repo import LeakyRepo, build_leaky_repo  # noqa: E402
 
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
 REGISTRY_PORT = os.environ.get("ASYNCCACHE_REGISTRY_PORT", "5000")
@@ -226,3 +227,9 @@ def slurm_cluster() -> str:
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def leaky_repo(tmp_path_factory: pytest.TempPathFactory) -> LeakyRepo:
+    """A testbed-like clone whose .git reaches past HEAD as R2E images' do (copy, then change)."""
+    return build_leaky_repo(tmp_path_factory.mktemp("leaky-repo"))

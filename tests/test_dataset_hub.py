@@ -149,6 +149,6 @@ def test_a_run_records_the_hub_revision_in_every_index_record(
     for record in index.values():
         assert record["dataset"] == REPO_ID
         assert record["dataset_revision"] == OLD
-        assert record["schema_version"] == 2
+        assert record["schema_version"] == 3
         meta = json.loads((cache_dir / ".meta" / f"{record['instance_id']}.json").read_text())
         assert meta["dataset_revision"] == OLD

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,10 +12,14 @@ import anyio
 import pytest
 
 from asynccache import Entry, Outcome, cache_repos
+from asynccache.cache.index import read_index
 from asynccache.cache.records import read_digest
 from asynccache.cache.verify import verify_cache
-from asynccache.tree.digest import tree_digest
+from asynccache.errors import SetupError
+from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult, extract_stream
+from asynccache.tree.git_guard import check_tree
+from tests.support.leaky_repo import LeakyRepo, copy_repo, git
 
 
 def make_testbed_tar(text: str) -> bytes:
@@ -125,3 +130,93 @@ async def test_content_digests_are_recorded_for_verify_deep(tmp_path: Path) -> N
     assert [p.instance_id for p in verify_cache(cache_dir, deep=True).problems] == [
         entries[0].instance_id
     ]
+
+
+class RepositorySource(SlowReleaseSource):
+    """Streams one repository folder as /testbed, as an image would; counts extractions."""
+
+    def __init__(self, repo: Path) -> None:
+        super().__init__()
+        self.allow_release.set()
+        self.repo = repo
+        self.extractions = 0
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
+        self.extractions += 1
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(self.repo, arcname="testbed")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield buffer.getvalue()
+
+        return await extract_stream(chunks(), dest, keep_hashes=True)
+
+
+ENTRY = Entry("repo__000000000001", "repo", "namanjain12/repo_final:" + "1" * 40, "1" * 40)
+
+
+@pytest.mark.anyio
+async def test_a_cached_repository_reaches_nothing_past_head(
+    tmp_path: Path, leaky_repo: LeakyRepo
+) -> None:
+    cache_dir = tmp_path / "cache"
+    summary = await cache_repos(
+        [ENTRY], cache_dir=cache_dir, source=RepositorySource(leaky_repo.path)
+    )
+    assert summary.cached == 1
+    final = cache_dir / ENTRY.instance_id
+    assert check_tree(final) == []
+    assert git(final, "rev-parse", "HEAD").strip() == leaky_repo.head
+    record = read_index(cache_dir / "index.json")[ENTRY.instance_id]
+    assert record["git_history"] == "head"
+    assert (record["file_count"], record["size_bytes"]) == tree_stats(final)
+    assert read_digest(cache_dir, ENTRY.instance_id) == tree_digest(final)
+    assert verify_cache(cache_dir, deep=True).healthy
+
+
+@pytest.mark.anyio
+async def test_keep_git_history_caches_git_as_the_image_has_it(
+    tmp_path: Path, leaky_repo: LeakyRepo
+) -> None:
+    cache_dir = tmp_path / "cache"
+    source = RepositorySource(leaky_repo.path)
+    await cache_repos([ENTRY], cache_dir=cache_dir, source=source, keep_git_history=True)
+    final = cache_dir / ENTRY.instance_id
+    assert tree_digest(final) == tree_digest(leaky_repo.path)
+    assert check_tree(final) != []
+    assert read_index(cache_dir / "index.json")[ENTRY.instance_id]["git_history"] == "full"
+    assert verify_cache(cache_dir, deep=True).healthy
+
+
+@pytest.mark.anyio
+async def test_a_repository_the_guard_cannot_clean_fails_its_entry_once(
+    tmp_path: Path, leaky_repo: LeakyRepo
+) -> None:
+    broken = copy_repo(leaky_repo.path, tmp_path / "broken")
+    (broken / ".git/HEAD").write_text("0" * 39 + "1\n")
+    source = RepositorySource(broken)
+    cache_dir = tmp_path / "cache"
+    summary = await cache_repos([ENTRY], cache_dir=cache_dir, source=source)
+    assert (summary.cached, summary.failed) == (0, 1)
+    assert summary.failures[0].reason == (
+        "cannot remove the git history past HEAD from .git: HEAD does not name a commit of "
+        "the repository; --keep_git_history keeps .git as the image has it"
+    )
+    assert source.extractions == 1  # not transient: never retried
+    assert not (cache_dir / ENTRY.instance_id).exists()
+    assert list((cache_dir / ".tmp").iterdir()) == []
+    assert ENTRY.instance_id in json.loads((cache_dir / "failures.json").read_text())
+
+
+@pytest.mark.anyio
+async def test_without_git_the_guard_is_a_setup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no git in it
+    with pytest.raises(SetupError, match=r"git is not installed.*--keep_git_history"):
+        await cache_repos([], cache_dir=tmp_path / "cache", source=SlowReleaseSource())
+    summary = await cache_repos(
+        [], cache_dir=tmp_path / "cache", source=SlowReleaseSource(), keep_git_history=True
+    )
+    assert summary.cached == 0

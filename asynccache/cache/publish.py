@@ -1,7 +1,8 @@
-"""Work folder -> .meta record -> final name -> digest; failures.json."""
+"""Work folder -> history past HEAD removed -> .meta record -> final name -> digest; failures."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -13,10 +14,11 @@ from asynccache._fs import remove_tree, write_json_atomic
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
 from asynccache.entries import Entry
-from asynccache.tree.digest import tree_digest
+from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult
+from asynccache.tree.git_guard import guard_tree
 
-__all__ = ["Failure", "Publisher", "make_record"]
+__all__ = ["Failure", "Publisher", "close_history", "make_record"]
 
 #: One failed entry of a run: (instance_id, docker_image, reason).
 Failure = tuple[str, str, str]
@@ -48,6 +50,24 @@ def make_record(
     }
 
 
+def close_history(tree: Path, result: ExtractResult, scratch: Path) -> ExtractResult:
+    """Remove the git history past HEAD from an extracted tree (git_guard); return its result
+    with .git's files and bytes counted anew and no digest (the tree is read back for it)."""
+    dotgit = tree / ".git"
+    if not dotgit.is_dir() or dotgit.is_symlink():
+        guard_tree(tree, scratch=scratch)  # nothing to do, or the error naming what is wrong
+        return result
+    files, size = tree_stats(dotgit)
+    guard_tree(tree, scratch=scratch)
+    files_now, size_now = tree_stats(dotgit)
+    return dataclasses.replace(
+        result,
+        file_count=result.file_count - files + files_now,
+        size_bytes=result.size_bytes - size + size_now,
+        digest=None,
+    )
+
+
 class Publisher:
     """Puts extracted trees into a locked cache folder; nothing partial ever has a final name.
 
@@ -56,9 +76,16 @@ class Publisher:
     from ``.meta`` by the next run); its content digest is recorded last.
     """
 
-    def __init__(self, cache: CacheDir, record_fields: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        cache: CacheDir,
+        record_fields: Mapping[str, object] | None = None,
+        *,
+        keep_git_history: bool = False,
+    ) -> None:
         self.cache = cache
         self.record_fields = dict(record_fields or {})
+        self.keep_git_history = keep_git_history
 
     @asynccontextmanager
     async def work_dir(self, instance_id: str) -> AsyncIterator[Path]:
@@ -70,6 +97,12 @@ class Publisher:
             with anyio.CancelScope(shield=True):
                 if path.exists():
                     await anyio.to_thread.run_sync(remove_tree, path)
+
+    async def close_history(self, work_dir: Path, result: ExtractResult) -> ExtractResult:
+        """Unless the run keeps git history: remove what reaches past HEAD (in a thread)."""
+        if self.keep_git_history:
+            return result
+        return await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
 
     async def publish(
         self, entry: Entry, work_dir: Path, result: ExtractResult, seconds: float

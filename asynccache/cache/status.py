@@ -39,6 +39,9 @@ class StatusReport:
     size_bytes: int = 0
     invalid_rows: int = 0
     not_in_rows: int = 0
+    #: Cached instances whose .git keeps the image's whole history (--keep_git_history, or
+    #: cached before the guard existed): it can reach the fix.
+    full_history: int = 0
     per_repo: dict[str, RepoStatus] = field(default_factory=dict)
     missing_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)
@@ -89,6 +92,8 @@ def cache_status(
             size = _record_size(record)
             report.cached += 1
             report.size_bytes += size
+            if record.get("git_history") != "head":
+                report.full_history += 1
             counts.cached += 1
             counts.size_bytes += size
         elif instance_id in failures:
@@ -120,6 +125,11 @@ def format_status(report: StatusReport) -> str:
         f"cache {report.cache_dir} ({scope}): {report.cached} cached ({_human(report.size_bytes)}),"
         f" {report.missing} missing, {report.failed} failed"
     ]
+    if report.cached:
+        lines.append(
+            f"git history: {report.cached - report.full_history} up to HEAD only, "
+            f"{report.full_history} full (as the image has it: may reach the fix)"
+        )
     if report.invalid_rows:
         lines.append(f"{report.invalid_rows} invalid rows skipped")
     if report.not_in_rows:

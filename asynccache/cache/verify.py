@@ -15,6 +15,7 @@ from asynccache.cache.parts import cached_records, drop_from_parts
 from asynccache.cache.records import forget, read_digest, size_mb
 from asynccache.errors import SetupError
 from asynccache.tree.digest import tree_digest, tree_stats
+from asynccache.tree.git_guard import check_tree
 
 __all__ = ["InstanceCheck", "VerifyReport", "check_instance", "format_verify", "verify_cache"]
 
@@ -64,7 +65,10 @@ class VerifyReport:
 
 
 def check_instance(cache_dir: Path, record: Mapping[str, Any], deep: bool = False) -> InstanceCheck:
-    """Check one instance's folder against its record (and, with deep, its digest)."""
+    """Check one instance's folder against its record (and, with deep, its digest).
+
+    A tree recorded with ``"git_history": "head"`` must hold no ref or object past HEAD.
+    """
     instance_id = str(record["instance_id"])
     path = resolve_instance_path(cache_dir, record)
     if not path.is_dir():
@@ -81,6 +85,12 @@ def check_instance(cache_dir: Path, record: Mapping[str, Any], deep: bool = Fals
         problems.append(f"{size_mb(size)} MiB, {record['size_mb']} recorded")
     if problems:
         return InstanceCheck(instance_id, str(path), "damaged", "; ".join(problems))
+    if record.get("git_history") == "head":
+        leaks = check_tree(path)
+        if leaks:
+            more = f"; and {len(leaks) - 3} more" if len(leaks) > 3 else ""
+            detail = f"git history past HEAD: {'; '.join(leaks[:3])}{more}"
+            return InstanceCheck(instance_id, str(path), "damaged", detail)
     if not deep:
         return InstanceCheck(instance_id, str(path), "ok")
     recorded = read_digest(cache_dir, instance_id)

@@ -138,6 +138,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "cache folder; auto: from a Slurm array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed "
         f"Job (JOB_COMPLETION_INDEX with {SHARD_COUNT_VAR}); then `asynccache merge`",
     )
+    parser.add_argument(
+        *flag("keep_git_history"),
+        action="store_true",
+        help="keep each repository's .git exactly as the image has it (default: remove every "
+        "ref, reflog and object past HEAD, where the fix is, before the tree is published)",
+    )
     parser.set_defaults(func=run_command)
     return parser
 
@@ -275,6 +281,7 @@ async def run(args: argparse.Namespace) -> int:
         dataset=split.dataset,
         dataset_revision=split.revision,
         shard=shard,
+        keep_git_history=args.keep_git_history,
     )
     reporter = ProgressReporter(
         total=total,

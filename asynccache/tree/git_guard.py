@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asynccache.errors import DiskFull, GitGuardFailed
-from asynccache.tree.safe_git import ShadowGit, find_special_files, sections
+from asynccache.tree.safe_git import ShadowGit, find_special_files, git_executable, sections
+
+__all__ = ["DEFAULT_TIMEOUT", "GuardResult", "check_tree", "git_executable", "guard_tree"]
 
 #: Seconds the guard may take for one tree, submodules included.
 DEFAULT_TIMEOUT = 600.0

@@ -71,3 +71,16 @@ def test_status_command(cache_dir: Path, tmp_path: Path) -> None:
     as_json = run("status", "--cache_dir", cache_dir, "--json")
     assert json.loads(as_json.stdout)["cached"] == 3
     assert maintenance_cli.main(["verify", "--cache_dir", str(cache_dir), "--json"]) == 0
+
+
+def test_status_counts_the_trees_that_keep_full_git_history(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache_instance(cache, "alpha", "a" * 40, extra={"git_history": "head"})
+    cache_instance(cache, "alpha", "b" * 40, extra={"git_history": "head"})
+    cache_instance(cache, "beta", "c" * 40, extra={"git_history": "full"})
+    cache_instance(cache, "beta", "d" * 40)  # cached before the guard: history as the image had
+    report = cache_status(cache)
+    assert (report.cached, report.full_history) == (4, 2)
+    assert "git history: 2 up to HEAD only, 2 full" in format_status(report)
+    as_json = run("status", "--cache_dir", cache, "--json")
+    assert json.loads(as_json.stdout)["full_history"] == 2

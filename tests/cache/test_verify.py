@@ -17,8 +17,10 @@ from asynccache.cache.verify import format_verify, verify_cache
 from asynccache.errors import CacheLocked
 from asynccache.trainer.repo_cache import RepoCache
 from asynccache.tree.digest import tree_digest
-from tests.support.cache_trees import build_sample_tree
+from asynccache.tree.git_guard import guard_tree
+from tests.support.cache_trees import build_sample_tree, cache_instance
 from tests.support.cli_runner import run_cli
+from tests.support.leaky_repo import LeakyRepo, copy_repo
 
 ALPHA, BETA, GAMMA = "alpha__aaaaaaaaaaaa", "beta__bbbbbbbbbbbb", "gamma__cccccccccccc"
 
@@ -163,3 +165,32 @@ def test_tree_digest_sees_content_mode_and_links_but_not_times(tmp_path: Path) -
         assert tree_digest(two) == reference
         change()
         assert tree_digest(two) != reference
+
+
+def test_a_repository_recorded_up_to_head_must_reach_nothing_past_it(
+    tmp_path: Path, leaky_repo: LeakyRepo
+) -> None:
+    cache = tmp_path / "cache"
+
+    def guarded(folder: Path) -> None:
+        guard_tree(copy_repo(leaky_repo.path, folder))
+
+    def as_extracted(folder: Path) -> None:
+        copy_repo(leaky_repo.path, folder)
+
+    clean = cache_instance(cache, "clean", "d" * 40, guarded, extra={"git_history": "head"})
+    leaky = cache_instance(cache, "leaky", "e" * 40, as_extracted, extra={"git_history": "head"})
+    full = cache_instance(cache, "full", "f" * 40, as_extracted, extra={"git_history": "full"})
+    old = cache_instance(cache, "old", "a" * 40, as_extracted)  # cached before the guard
+    report = verify_cache(cache)
+    assert [(c.instance_id, c.status) for c in report.problems] == [
+        (leaky["instance_id"], "damaged")
+    ]
+    assert report.problems[0].detail.startswith("git history past HEAD: .git: FETCH_HEAD is")
+    assert report.ok == 3
+    assert {clean["instance_id"], full["instance_id"], old["instance_id"]} == {
+        c.instance_id for c in report.checks if c.status == "ok"
+    }
+    done = run("verify", "--cache_dir", cache)
+    assert done.returncode == 1
+    assert "git history past HEAD" in done.stdout

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asynccache.tree.git_guard import guard_tree
 from tests.support.leaky_repo import History, add_leaky_git
 
 #: Registry used when none is given.
@@ -1087,12 +1088,15 @@ class ReferenceTrees:
     """Lazily extracted ``docker cp`` references, one per image reference.
 
     ``trees[ref]`` is the :func:`snapshot_tree` of ``/testbed`` as ``docker cp`` gives it;
-    ``trees.path(ref)`` is the extracted folder itself (do not modify it).
+    ``trees.path(ref)`` is the extracted folder itself (do not modify it). ``trees.guarded(ref)``
+    is the snapshot of that tree after the git guard (what a run publishes by default): the
+    same working tree, and a ``.git`` that reaches nothing past HEAD.
     """
 
     root: Path
     _paths: dict[str, Path] = field(default_factory=dict)
     _snapshots: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    _guarded: dict[str, dict[str, Entry]] = field(default_factory=dict)
 
     def path(self, ref: str) -> Path:
         """The folder holding the reference extraction of ``ref``."""
@@ -1109,6 +1113,21 @@ class ReferenceTrees:
 
     def __contains__(self, ref: object) -> bool:
         return ref in self._snapshots
+
+    def guarded(self, ref: str) -> dict[str, Entry]:
+        """The snapshot of a copy of the reference with the history past HEAD removed."""
+        if ref not in self._guarded:
+            copy = Path(tempfile.mkdtemp(prefix="guarded-", dir=self.root)) / "testbed"
+            # cp -a keeps hard links, modes and symlinks as they are.
+            subprocess.run(["cp", "-a", str(self.path(ref)), str(copy)], check=True)
+            guard_tree(copy)
+            self._guarded[ref] = snapshot_tree(copy)
+        return self._guarded[ref]
+
+
+def without_git(snapshot: dict[str, Entry]) -> dict[str, Entry]:
+    """A snapshot's working tree: every entry but ``.git`` and what is under it."""
+    return {rel: e for rel, e in snapshot.items() if rel != ".git" and not rel.startswith(".git/")}
 
 
 def leftover_containers(cache_dir: Path | str) -> list[str]:

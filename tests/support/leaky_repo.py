@@ -259,3 +259,11 @@ def add_leaky_git(repo_dir: Path, history: History) -> None:
         if history.submodule:
             shutil.copy2(repo.path / ".gitmodules", repo_dir / ".gitmodules")
             shutil.copytree(repo.path / "vendor/lib", repo_dir / "vendor/lib", symlinks=True)
+
+
+def copy_repo(repo: Path, dest: Path) -> Path:
+    """Copy a repository folder's content into ``dest`` (made if missing), hard links, modes and
+    symlinks kept."""
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", f"{repo}/.", str(dest)], check=True)
+    return dest
