@@ -98,6 +98,7 @@ ensure_packages() {
     fi
     have docker-registry || missing+=(docker-registry)
     static_busybox || missing+=(busybox-static)
+    have git || missing+=(git)
     have socat || missing+=(socat)
     have pv || missing+=(pv)
     # the benchmark's peers and transfers: skopeo copy + umoci raw unpack, rsync -a
@@ -114,6 +115,7 @@ ensure_packages() {
         have docker || essential+=(docker.io)
         have docker-registry || essential+=(docker-registry)
         static_busybox || essential+=(busybox-static)
+        have git || essential+=(git)
         have openssl || essential+=(openssl)
         if [ "${#essential[@]}" -gt 0 ]; then
             die "missing ${essential[*]} and cannot install them (need root and apt-get)"
