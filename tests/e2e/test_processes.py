@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.e2e.test_reliability import (
 )
 from tests.support.cli_runner import run_cli, start_cli
 from tests.support.fixtures import FixtureImage, ReferenceTrees
-from tests.support.registry_proxy import registry_proxy
+from tests.support.registry_proxy import RegistryProxy, registry_proxy
 
 
 @pytest.fixture
@@ -38,6 +39,39 @@ def workers_of(pid: int) -> list[int]:
             if b"spawn_main" in command:
                 found.append(int(child))
     return found
+
+
+def start_pool_run(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    proxy: RegistryProxy,
+    cache_dir: Path,
+    *,
+    bytes_per_second: int,
+) -> subprocess.Popen[str]:
+    """A two-process registry run through a throttled proxy, returned once it is extracting."""
+    dataset = dataset_through(tmp_path, images, proxy)
+    proxy.faults.bytes_per_second = bytes_per_second
+    run = start_cli(
+        "--dataset",
+        dataset,
+        "--cache_dir",
+        cache_dir,
+        "--backend",
+        "registry",
+        "--insecure_registry",
+        proxy.address,
+        "--processes",
+        "2",
+        "--concurrency",
+        "4",
+    )
+    wait_for(
+        lambda: extracting(cache_dir) or run.poll() is not None,
+        timeout=120,
+        what="an extraction under way",
+    )
+    return run
 
 
 @pytest.mark.parametrize("backend", ["docker", "registry"])
@@ -70,28 +104,8 @@ def test_a_worker_killed_mid_entry_is_replaced_and_the_run_goes_on(
 ) -> None:
     cache_dir = tmp_path / "cache"
     with registry_proxy(docker_services) as proxy:
-        dataset = dataset_through(tmp_path, images, proxy)
-        proxy.faults.bytes_per_second = 200_000
-        run = start_cli(
-            "--dataset",
-            dataset,
-            "--cache_dir",
-            cache_dir,
-            "--backend",
-            "registry",
-            "--insecure_registry",
-            proxy.address,
-            "--processes",
-            "2",
-            "--concurrency",
-            "4",
-        )
+        run = start_pool_run(tmp_path, images, proxy, cache_dir, bytes_per_second=200_000)
         try:
-            wait_for(
-                lambda: extracting(cache_dir) or run.poll() is not None,
-                timeout=120,
-                what="an extraction under way",
-            )
             assert run.poll() is None, "the run ended before a worker could be killed"
             workers = workers_of(run.pid)
             assert len(workers) >= 2, workers
@@ -117,27 +131,7 @@ def test_sigint_with_two_processes_leaves_no_work_folders_or_processes(
 ) -> None:
     cache_dir = tmp_path / "cache"
     with registry_proxy(docker_services) as proxy:
-        dataset = dataset_through(tmp_path, images, proxy)
-        proxy.faults.bytes_per_second = 100_000
-        run = start_cli(
-            "--dataset",
-            dataset,
-            "--cache_dir",
-            cache_dir,
-            "--backend",
-            "registry",
-            "--insecure_registry",
-            proxy.address,
-            "--processes",
-            "2",
-            "--concurrency",
-            "4",
-        )
-        wait_for(
-            lambda: extracting(cache_dir) or run.poll() is not None,
-            timeout=120,
-            what="an extraction under way",
-        )
+        run = start_pool_run(tmp_path, images, proxy, cache_dir, bytes_per_second=100_000)
         workers = workers_of(run.pid)
         run.send_signal(signal.SIGINT)
         _stdout, stderr = run.communicate(timeout=120)
