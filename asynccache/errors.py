@@ -16,6 +16,9 @@ class CacheError(Exception):
 
     #: True when retrying the same operation later may succeed.
     transient: bool = False
+    #: True when the run's conditions, not the entry, failed it for good in this run (a rate
+    #: limit that did not lift, the daemon gone, a full disk): a later run may cache it.
+    retry_later: bool = False
 
 
 class SetupError(CacheError):
@@ -43,6 +46,7 @@ class DaemonUnavailable(SetupError):
     """The Docker daemon cannot be reached."""
 
     transient = True
+    retry_later = True
 
     def __init__(self, address: str, detail: str) -> None:
         self.address = address
@@ -143,6 +147,8 @@ class TruncatedArchive(CacheError):
 class DiskFull(CacheError):
     """No space left on the cache folder's filesystem."""
 
+    retry_later = True
+
 
 class IndexCorrupt(CacheError):
     """index.json cannot be read as an index."""
@@ -150,6 +156,8 @@ class IndexCorrupt(CacheError):
 
 class RateLimitExhausted(CacheError):
     """The registry's rate limit did not lift within the allowed wait."""
+
+    retry_later = True
 
     def __init__(self, image: str, waited: float) -> None:
         self.image = image

@@ -42,6 +42,8 @@ class Outcome:
     seconds: float = 0.0
     warnings: tuple[str, ...] = ()
     disk_full: bool = False
+    #: The run's conditions failed it (see CacheError.retry_later): a later run may cache it.
+    retry_later: bool = False
 
 
 @dataclass
@@ -316,7 +318,10 @@ class Pipeline:
                 with attempt:
                     record, warnings = await self.cache_entry(entry)
         except CacheError as exc:
-            return self._failed(entry, str(exc), started, disk_full=isinstance(exc, DiskFull))
+            disk_full = isinstance(exc, DiskFull)
+            return self._failed(
+                entry, str(exc), started, disk_full=disk_full, retry_later=exc.retry_later
+            )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 reason = f"no space left in {self.cache.root}: {exc}"
@@ -336,7 +341,14 @@ class Pipeline:
         )
 
     @staticmethod
-    def _failed(entry: Entry, reason: str, started: float, *, disk_full: bool = False) -> Outcome:
+    def _failed(
+        entry: Entry,
+        reason: str,
+        started: float,
+        *,
+        disk_full: bool = False,
+        retry_later: bool = False,
+    ) -> Outcome:
         return Outcome(
             entry.instance_id,
             "failed",
@@ -344,6 +356,7 @@ class Pipeline:
             reason,
             seconds=time.monotonic() - started,
             disk_full=disk_full,
+            retry_later=retry_later or disk_full,
         )
 
     async def cache_entry(self, entry: Entry) -> tuple[IndexRecord, tuple[str, ...]]:

@@ -71,6 +71,14 @@ class LineHandler(logging.Handler):
             self.handleError(record)
 
 
+def current_handler() -> LineHandler | None:
+    """The handler :func:`configure` installed, if any."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LineHandler):
+            return handler
+    return None
+
+
 def level_of(verbosity: int) -> int:
     """-q -q: errors; -q: warnings; none: info; -v: debug."""
     if verbosity <= -2:

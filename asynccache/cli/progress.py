@@ -1,4 +1,4 @@
-"""Progress display: a live bar on a terminal, periodic log lines elsewhere."""
+"""Progress display: a live bar on a terminal (log lines print above it), or periodic lines."""
 
 from __future__ import annotations
 
@@ -17,28 +17,51 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from asynccache.cli.logs import LineHandler
 from asynccache.pipeline import Outcome
 
 log = logging.getLogger("asynccache.cli.progress")
+
+#: ``--progress``: auto (a bar on a terminal, else lines), bar, plain (lines), none.
+MODES = ("auto", "bar", "plain", "none")
+
+
+def resolve_mode(mode: str, *, terminal: bool, quiet: bool) -> str:
+    """The display ``auto`` stands for: a bar on a terminal unless -q, else plain lines."""
+    if mode != "auto":
+        return mode
+    return "bar" if terminal and not quiet else "plain"
 
 
 class ProgressReporter:
     """Counts outcomes and shows them: done/total, cached, skipped, failed, rate, ETA."""
 
     def __init__(
-        self, total: int | None, *, live: bool, log_every: float = 10.0, label: str = ""
+        self,
+        total: int | None,
+        *,
+        mode: str = "plain",
+        log_every: float = 10.0,
+        handler: LineHandler | None = None,
+        label: str = "",
     ) -> None:
         self.total = total
-        self.live = live
+        self.mode = mode
         #: Names what is cached, e.g. ``shard 3/16`` (a shard's run).
         self.label = label
         self.log_every = log_every
+        self.handler = handler
         self.cached = self.skipped = self.failed = 0
         self.status = ""
         self._started = time.monotonic()
         self._last_log = self._started
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+
+    @property
+    def live(self) -> bool:
+        """True when a live bar is shown."""
+        return self.mode == "bar"
 
     @property
     def done(self) -> int:
@@ -48,6 +71,7 @@ class ProgressReporter:
     def __enter__(self) -> ProgressReporter:
         self._started = time.monotonic()
         if self.live:
+            console = Console(stderr=True, force_terminal=True)
             self._progress = Progress(
                 TextColumn(f"[bold]{self.label or 'caching'}"),
                 BarColumn(),
@@ -58,13 +82,16 @@ class ProgressReporter:
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"),
-                console=Console(stderr=True),
+                console=console,
                 transient=False,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(
                 "cache", total=self.total, counts=self._counts(), rate="", status=""
             )
+            if self.handler is not None:
+                # Log lines go through the live display, which prints them above the bar.
+                self.handler.sink = self._print_above
         return self
 
     def __exit__(
@@ -75,10 +102,16 @@ class ProgressReporter:
     ) -> None:
         if self._progress is not None:
             self._refresh()
+            if self.handler is not None:
+                self.handler.sink = None
             self._progress.__exit__(exc_type, exc, tb)
             self._progress = None
-        elif exc_type is None:
+        elif exc_type is None and self.mode == "plain":
             self._log_line()
+
+    def _print_above(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.out(line, highlight=False)
 
     def _counts(self) -> str:
         return f"{self.cached} cached, {self.skipped} skipped, {self.failed} failed"
@@ -100,7 +133,7 @@ class ProgressReporter:
     def set_status(self, status: str) -> None:
         """Show a passing state (e.g. a rate-limit pause) beside the counts."""
         self.status = status
-        if self._progress is None and status:
+        if self._progress is None and status and self.mode == "plain":
             log.warning("%s", status)
         self._refresh()
 
@@ -113,7 +146,7 @@ class ProgressReporter:
                 rate=f"{self._rate():.1f}/min",
                 status=self.status,
             )
-        elif time.monotonic() - self._last_log >= self.log_every:
+        elif self.mode == "plain" and time.monotonic() - self._last_log >= self.log_every:
             self._log_line()
 
     def _log_line(self) -> None:

@@ -17,9 +17,18 @@ from asynccache.api import dataset_split, open_pipeline
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
 from asynccache.cache.parts import known_records
-from asynccache.cli import common
-from asynccache.cli.common import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, Subparsers, flag
-from asynccache.cli.progress import ProgressReporter
+from asynccache.cli import common, logs
+from asynccache.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, Subparsers, flag
+from asynccache.cli.progress import MODES, ProgressReporter, resolve_mode
+from asynccache.cli.report import (
+    Output,
+    dataset_line,
+    dry_run_json,
+    exit_code,
+    summary_json,
+    summary_lines,
+    summary_prefix,
+)
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread
 from asynccache.entries import Entry, entry_from_row
@@ -144,6 +153,19 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="keep each repository's .git exactly as the image has it (default: remove every "
         "ref, reflog and object past HEAD, where the fix is, before the tree is published)",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout at the end (counts, bytes, seconds, dataset "
+        "and revision, every failure, why the run stopped); the lines go to stderr",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="auto: a live bar on a terminal, else progress lines every 10 s; bar; plain "
+        "(lines); none",
+    )
     parser.set_defaults(func=run_command)
     return parser
 
@@ -176,35 +198,33 @@ async def open_rows(args: argparse.Namespace) -> SplitRows:
     )
 
 
-def dataset_line(rows: SplitRows) -> str:
-    """``Dataset NAME split S at revision SHA`` (no revision for a local copy)."""
-    revision = f" at revision {rows.revision}" if rows.revision else ""
-    return f"Dataset {rows.dataset} split {rows.split}{revision}"
-
-
-async def dry_run(args: argparse.Namespace, cache_dir: Path, shard: Shard | None = None) -> int:
-    """Print each entry that would be cached (of the shard) and how many are cached already."""
+async def dry_run(
+    args: argparse.Namespace, cache_dir: Path, output: Output, shard: Shard | None = None
+) -> int:
+    """List each entry that would be cached (of the shard) and count those cached already."""
     split = await open_rows(args)
     cache = CacheDir(cache_dir)
     if shard is not None:
         records, notes = known_records(cache.root) if cache.root.is_dir() else ({}, [])
         for note in notes:
-            print(f"note: {note}")
+            _say(args, output, f"note: {note}")
     else:
         try:
             records = read_index(cache.index_path)
         except IndexCorrupt as exc:
-            print(
-                f"note: index.json is damaged ({exc}); a real run would set it aside and rebuild it"
-            )
+            note = f"index.json is damaged ({exc}); a real run would set it aside and rebuild it"
+            _say(args, output, f"note: {note}")
             records = {}
-    todo = cached = invalid = 0
+    todo: list[tuple[str, str]] = []
+    invalid: list[str] = []
+    cached = 0
     async for row_number, row in numbered_rows(iterate_in_thread(split.rows), shard):
         try:
             entry = row if isinstance(row, Entry) else entry_from_row(row, row_number)
         except InvalidEntry as exc:
-            invalid += 1
-            print(f"invalid  {exc}")
+            invalid.append(str(exc))
+            if not _say(args, output, f"invalid  {exc}"):
+                return EXIT_PIPE
             continue
         if (
             args.skip_existing
@@ -213,52 +233,72 @@ async def dry_run(args: argparse.Namespace, cache_dir: Path, shard: Shard | None
         ):
             cached += 1
             continue
-        todo += 1
-        print(f"would cache  {entry.instance_id}  {entry.docker_image}")
+        todo.append((entry.instance_id, entry.docker_image))
+        if not _say(args, output, f"would cache  {entry.instance_id}  {entry.docker_image}"):
+            return EXIT_PIPE
     scope = f"Dry run, {shard.label}" if shard is not None else "Dry run"
-    print(
-        f"{scope}: {todo} to cache, {cached} already cached, {invalid} invalid rows; "
+    counts = (
+        f"{scope}: {len(todo)} to cache, {cached} already cached, {len(invalid)} invalid rows; "
         f"cache {cache.root}"
     )
-    print(dataset_line(split))
+    for line in (counts, dataset_line(split)):
+        if not _say(args, output, line):
+            return EXIT_PIPE
+    if args.json:
+        output.json(dry_run_json(split, cache.root, todo, cached, invalid, shard=shard))
     return EXIT_OK
 
 
-def print_summary(summary: Summary, split: SplitRows | None = None) -> None:
-    """The final lines of a run (each naming the shard, for a shard's run)."""
-    shard = parse_shard(summary.shard, {}) if summary.shard else None
-    prefix = f"{shard.label}: " if shard is not None else ""
-    for note in summary.notes:
-        print(f"{prefix}note: {note}")
+def _say(args: argparse.Namespace, output: Output, line: str) -> bool:
+    """A result line: on stdout, or on stderr when stdout carries the JSON object."""
+    if args.json:
+        print(line, file=sys.stderr)
+        return True
+    return output.line(line)
+
+
+def report(
+    args: argparse.Namespace, output: Output, summary: Summary, split: SplitRows, code: int
+) -> None:
+    """The end of a run: failures on stderr; the summary lines, or them on stderr and JSON."""
+    prefix = summary_prefix(summary)
     for outcome in summary.failures:
         print(f"{prefix}FAILED {outcome.instance_id}: {outcome.reason}", file=sys.stderr)
-    cache = CacheDir(Path(summary.cache_dir), shard)
-    index = cache.shard_path(shard, ".json") if shard is not None else cache.index_path
-    print(
-        f"{prefix}Done: {summary.cached} cached, {summary.skipped} skipped, {summary.failed} "
-        f"failed in {summary.seconds:.1f} s; {'index part' if shard else 'index'} {index}; "
-        f"{summary.cached_bytes / (1024 * 1024):.1f} MiB extracted"
-    )
-    if split is not None:
-        print(f"{prefix}{dataset_line(split)}")
-    if summary.failed:
-        print(f"{prefix}Failure reasons: {cache.failures_path}")
-    if summary.stopped:
-        print(
-            f"{prefix}Stopped early: {summary.stopped}; rerun to finish (cached entries are kept)"
-        )
-    if shard is not None:
-        print(f"{prefix}when every shard is done: asynccache merge --cache_dir {cache.root}")
+    for line in summary_lines(summary, split):
+        _say(args, output, line)
+    if args.json:
+        output.json(summary_json(summary, split, code))
 
 
-async def run(args: argparse.Namespace) -> int:
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given (on the command line or by variable) that the chosen backend ignores."""
+    if args.backend == "registry":
+        given = {
+            "--skip_pull": args.skip_pull,
+            "--keep_images": args.keep_images,
+            "--pull_timeout": args.pull_timeout != config.pull_timeout,
+            "--cp_timeout": args.cp_timeout != config.cp_timeout,
+        }
+    else:
+        given = {
+            "--platform": args.platform != config.platform,
+            "--insecure_registry": bool(args.insecure_registry),
+            "--registry_mirror": args.registry_mirror is not None,
+        }
+    return [name for name, on in given.items() if on]
+
+
+async def run(args: argparse.Namespace, output: Output) -> int:
     """Run the caching job for parsed arguments; return the exit code."""
     _validate(args)
     log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
     cache_dir = common.cache_dir(args)
+    ignored = ignored_flags(args)
+    if ignored:
+        log.warning("%s: ignored with --backend %s", ", ".join(ignored), args.backend)
     shard = parse_shard(args.shard, os.environ) if args.shard else None
     if args.dry_run:
-        return await dry_run(args, cache_dir, shard)
+        return await dry_run(args, cache_dir, output, shard)
     split = await open_rows(args)
     total = split.total
     if total is not None and shard is not None:
@@ -283,9 +323,11 @@ async def run(args: argparse.Namespace) -> int:
         shard=shard,
         keep_git_history=args.keep_git_history,
     )
+    mode = resolve_mode(args.progress, terminal=sys.stderr.isatty(), quiet=args.quiet > 0)
     reporter = ProgressReporter(
         total=total,
-        live=sys.stderr.isatty() and not args.quiet,
+        mode=mode,
+        handler=logs.current_handler(),
         label=shard.label if shard is not None else "",
     )
     signalled: list[int] = []
@@ -301,13 +343,12 @@ async def run(args: argparse.Namespace) -> int:
                     pipeline.stop(f"stopped by {signal.Signals(signalled[0]).name}")
                 _warn_if_disk_small(pipeline, total)
                 summary = await pipeline.run(rows)
-        print_summary(summary, split)
+        code = 128 + signalled[0] if signalled else exit_code(summary)
+        report(args, output, summary, split, code)
         tg.cancel_scope.cancel()
     # Removing the loop's handler may leave SIGINT at SIG_DFL; make it an exception again.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signalled:
-        return 128 + signalled[0]
-    return EXIT_FAILURES if summary.failed else EXIT_OK
+    return code
 
 
 async def _watch_signals(
@@ -354,8 +395,9 @@ def _backend_options() -> dict[str, object]:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the caching job (or the dry run) for parsed arguments; return the exit code."""
+    output = Output()
     try:
-        code = anyio.run(run, args, backend="asyncio", backend_options=_backend_options())
+        code = anyio.run(run, args, output, backend="asyncio", backend_options=_backend_options())
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except (CacheError, BaseExceptionGroup) as exc:
@@ -363,6 +405,8 @@ def run_command(args: argparse.Namespace) -> int:
         if error is None:
             raise
         print(f"asynccache: error: {error}", file=sys.stderr)
+        if args.json:
+            output.json({"command": "run", "exit_code": EXIT_USAGE, "error": str(error)})
         return EXIT_USAGE
     if code > 128:
         # Stopped by a signal: everything is written; skip the interpreter's slow teardown,

@@ -468,13 +468,19 @@ def test_rate_limit_that_never_lifts_fails_remaining_entries_with_advice(
             "3",
             "--rate_limit_max_wait",
             "3",
+            "--json",
             ASYNCCACHE_RATE_LIMIT_PAUSE="1",
         )
-    assert done.returncode == 1
+    # A later run can cache them: EX_TEMPFAIL, not "some entries failed for good".
+    assert done.returncode == 75
     failures = json.loads((cache_dir / "failures.json").read_text())
     assert len(failures) == 3
     for failure in failures.values():
         assert "docker login" in failure["reason"] and "mirror" in failure["reason"]
+    report = json.loads(done.stdout)
+    assert report["exit_code"] == 75 and report["retry_later"] is True
+    assert len(report["failures"]) == 3
+    assert all(failure["retry_later"] for failure in report["failures"])
     assert leftover_containers(cache_dir) == []
 
 
@@ -543,7 +549,7 @@ def test_full_disk_fails_cleanly_and_stops_the_run(
     dataset = dataset_through(tmp_path, big + others, None)
     cache_dir = small_disk / "cache"
     done = run_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "1")
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 75, done.stderr  # EX_TEMPFAIL: free space, and a rerun finishes
     failures = json.loads((cache_dir / "failures.json").read_text())
     assert instance_id(big[0]) in failures
     assert "space" in failures[instance_id(big[0])]["reason"]
