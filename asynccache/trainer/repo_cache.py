@@ -11,22 +11,23 @@ from collections.abc import Generator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from asynccache._fs import absolute_path
-from asynccache.api import open_pipeline
 from asynccache.cache.layout import resolve_instance_path
 from asynccache.cache.parts import cached_records
 from asynccache.cache.records import IndexRecord
 from asynccache.config import INDEX_NAME, SHARDS_DIR_NAME, CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, EnsureFailed, IndexCorrupt, MissingInstance
-from asynccache.pipeline import Pipeline
-from asynccache.sources.base import Source
 from asynccache.trainer.checkout import MODES, Mode, checkout_tree, overlay_side_dir, release_tree
+
+if TYPE_CHECKING:
+    from asynccache.pipeline import Pipeline
+    from asynccache.sources.base import Source
 
 __all__ = ["Checkout", "RepoCache"]
 
@@ -329,6 +330,9 @@ class RepoCache:
         return path
 
     async def _open_pipeline(self) -> Pipeline:
+        # Loaded here: a trainer that only reads the cache never loads the Docker client.
+        from asynccache.api import open_pipeline
+
         async with self._pipeline_lock:
             if self._pipeline is None:
                 stack = AsyncExitStack()
