@@ -271,21 +271,26 @@ def report(
 
 
 def ignored_flags(args: argparse.Namespace) -> list[str]:
-    """The flags given (on the command line or by variable) that the chosen backend ignores."""
+    """The flags given on the command line that the chosen backend ignores.
+
+    A value from an ASYNCCACHE_<OPTION> variable is a standing setting (a cluster profile's,
+    say) that applies when it can: it gets no warning.
+    """
     if args.backend == "registry":
         given = {
-            "--skip_pull": args.skip_pull,
-            "--keep_images": args.keep_images,
-            "--pull_timeout": args.pull_timeout != config.pull_timeout,
-            "--cp_timeout": args.cp_timeout != config.cp_timeout,
+            "skip_pull": args.skip_pull,
+            "keep_images": args.keep_images,
+            "pull_timeout": args.pull_timeout != config.pull_timeout,
+            "cp_timeout": args.cp_timeout != config.cp_timeout,
         }
     else:
         given = {
-            "--platform": args.platform != config.platform,
-            "--insecure_registry": bool(args.insecure_registry),
-            "--registry_mirror": args.registry_mirror is not None,
+            "platform": args.platform != config.platform,
+            "insecure_registry": bool(args.insecure_registry),
+            "registry_mirror": args.registry_mirror is not None,
         }
-    return [name for name, on in given.items() if on]
+    from_env = getattr(args, "from_env", {})
+    return [f"--{dest}" for dest, on in given.items() if on and dest not in from_env]
 
 
 async def run(args: argparse.Namespace, output: Output) -> int:

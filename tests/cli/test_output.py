@@ -234,6 +234,11 @@ def test_flags_the_backend_ignores_get_one_line(
     plain = run_cli("--dry_run", "--dataset", big_dataset, "--max_entries", "1",
                     "--cache_dir", tmp_path, timeout=60)  # fmt: skip
     assert "ignored with" not in plain.stderr
+    # A variable is a standing setting: it applies where it can, without a warning.
+    profile = run_cli("--dry_run", "--dataset", big_dataset, "--max_entries", "1",
+                      "--cache_dir", tmp_path, "--backend", "registry", timeout=60,
+                      ASYNCCACHE_SKIP_PULL="1", ASYNCCACHE_KEEP_IMAGES="yes")  # fmt: skip
+    assert profile.returncode == 0 and "ignored with" not in profile.stderr
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path: Path, big_dataset: Path) -> None:
