@@ -73,6 +73,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ASYNCCACHE_CACHE_DIR", repo_cache_dir))
 
 
+def default_layer_cache_dir() -> Path:
+    """The registry backend's blob cache: ASYNCCACHE_LAYER_CACHE_DIR, else under the user's
+    cache home (``$XDG_CACHE_HOME/asynccache/layers``, ``~/.cache/asynccache/layers``), outside
+    any cache folder, so that copying a cache to training nodes takes no blobs along."""
+    given = os.environ.get("ASYNCCACHE_LAYER_CACHE_DIR")
+    if given:
+        return Path(given).expanduser()
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "asynccache" / "layers"
+
+
 @dataclass(frozen=True)
 class CacheOptions:
     """Everything a caching run needs besides its entries."""
@@ -91,6 +102,8 @@ class CacheOptions:
     platform: str = platform
     insecure_registries: tuple[str, ...] = ()
     registry_mirror: str | None = None
+    #: The registry backend's blob cache (None: :func:`default_layer_cache_dir`).
+    layer_cache_dir: Path | None = None
     rate_limit_max_wait: float = rate_limit_max_wait
     rate_limit_pause: float = rate_limit_pause
     retry_attempts: int = retry_attempts

@@ -601,11 +601,17 @@ def is_registry_contender(name: str) -> bool:
     return contender.kind == "asynccache" and contender.backend == "registry"
 
 
-def contender_env(name: str, code: Path | None) -> dict[str, str]:
-    """The child's environment: the frozen code, and no reachable dockerd for rN."""
+def contender_env(name: str, code: Path | None, cache: Path | None = None) -> dict[str, str]:
+    """The child's environment: the frozen code, and no reachable dockerd for rN.
+
+    An rN contender keeps its layer blobs in ``cache/.layers`` (by variable: older code reads
+    none, and keeps them there anyway), so they go with the cache folder before each run.
+    """
     env = code_env(code)
     if is_registry_contender(name):
         env["DOCKER_HOST"] = "unix:///nonexistent"
+        if cache is not None:
+            env["ASYNCCACHE_LAYER_CACHE_DIR"] = str(cache / ".layers")
     return env
 
 
@@ -806,7 +812,7 @@ def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) ->
     # writes nothing to disk, so there is nothing to wait for
     quiet = 0.0 if _is_tmpfs(cache_root) and not contender.uses_docker else ctx.settle_s
     create_us = settle(quiet, cache_root)
-    env = contender_env(name, ctx.code)
+    env = contender_env(name, ctx.code, cache)
     if contender.kind in ("shell", "skopeo"):
         if ctx.plan is None:
             raise SystemExit("the peers need a plan (bench_peers.write_plan)")
@@ -1426,7 +1432,7 @@ def run_transfer(
         if dataset.exists():
             shutil.rmtree(dataset)
         bi.write_bench_dataset(dataset, images, args.registry)
-        env = contender_env("r4", base.code)
+        env = contender_env("r4", base.code, root)
         sources: dict[str, Path] = {}
         fills = {"dedup": "r4", "plain": "r4+nodedup"} if dedup_flag else {"dedup": "r4"}
         for kind, name in fills.items():

@@ -66,6 +66,16 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(f"Docker services unavailable: {reason}")
 
 
+@pytest.fixture(autouse=True)
+def own_layer_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test its own registry-backend blob cache: none reads another's, or the user's."""
+    folder = tmp_path_factory.mktemp("layer-cache")
+    monkeypatch.setenv("ASYNCCACHE_LAYER_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """Run ``@pytest.mark.anyio`` tests on asyncio only."""

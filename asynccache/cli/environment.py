@@ -13,7 +13,7 @@ PREFIX = "ASYNCCACHE_"
 AFTER = "_after"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = frozenset({"0", "false", "no", "off"})
 _KINDS: dict[object, str] = {int: "an integer", float: "a number"}
 #: Actions that hold no value of their own.
 _NO_VALUE = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
@@ -52,7 +52,8 @@ def apply(
     applied: list[tuple[argparse.Action, str]] = []
     for action in options(parser):
         name = variable(action.dest)
-        if name not in environ or action.default is argparse.SUPPRESS:
+        # An empty variable counts as unset, as most tools read them.
+        if not environ.get(name) or action.default is argparse.SUPPRESS:
             continue
         action.default = convert(action, name, environ[name])
         applied.append((action, name))

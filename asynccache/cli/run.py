@@ -140,6 +140,15 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="with --backend registry: pull Docker Hub images through this pull-through mirror",
     )
     parser.add_argument(
+        *flag("layer_cache_dir"),
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --backend registry: where layer blobs are kept between runs (default "
+        "$XDG_CACHE_HOME/asynccache/layers, i.e. ~/.cache/asynccache/layers), outside the "
+        "cache folder",
+    )
+    parser.add_argument(
         "--shard",
         default=None,
         metavar="K/N|auto",
@@ -288,6 +297,7 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             "platform": args.platform != config.platform,
             "insecure_registry": bool(args.insecure_registry),
             "registry_mirror": args.registry_mirror is not None,
+            "layer_cache_dir": args.layer_cache_dir is not None,
         }
     from_env = getattr(args, "from_env", {})
     return [f"--{dest}" for dest, on in given.items() if on and dest not in from_env]
@@ -304,6 +314,8 @@ async def run(args: argparse.Namespace, output: Output) -> int:
     shard = parse_shard(args.shard, os.environ) if args.shard else None
     if args.dry_run:
         return await dry_run(args, cache_dir, output, shard)
+    if args.backend == "registry":
+        _note_old_layers(cache_dir, args.layer_cache_dir or config.default_layer_cache_dir())
     split = await open_rows(args)
     total = split.total
     if total is not None and shard is not None:
@@ -323,6 +335,7 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         platform=args.platform,
         insecure_registries=tuple(args.insecure_registry),
         registry_mirror=args.registry_mirror,
+        layer_cache_dir=args.layer_cache_dir,
         dataset=split.dataset,
         dataset_revision=split.revision,
         shard=shard,
@@ -375,6 +388,19 @@ async def _watch_signals(
             )
             if holder:
                 holder[0].stop(f"stopped by {name}")
+
+
+def _note_old_layers(cache_dir: Path, layers: Path) -> None:
+    """Earlier versions kept the blob cache in cache_dir/.layers: say it is no longer used."""
+    old = cache_dir / ".layers"
+    if old.is_dir() and old.resolve() != layers.resolve():
+        log.warning(
+            "%s is no longer used (layer blobs are kept in %s); remove it, or pass "
+            "--layer_cache_dir %s to keep using it",
+            old,
+            layers,
+            old,
+        )
 
 
 def _warn_if_disk_small(pipeline: Pipeline, total: int | None) -> None:

@@ -43,7 +43,7 @@ def make_backend(
         from asynccache.sources.registry.backend import RegistryBackend
 
         return RegistryBackend(
-            cache_root,
+            options.layer_cache_dir,
             platform=options.platform,
             insecure_registries=options.insecure_registries,
             registry_mirror=options.registry_mirror,

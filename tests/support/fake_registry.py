@@ -224,7 +224,7 @@ def fast_gate() -> PullGate:
 def backend(tmp_path: Path, **kwargs: Any) -> RegistryBackend:
     kwargs.setdefault("pull_gate", fast_gate())
     kwargs.setdefault("credentials", lambda image: None)
-    return RegistryBackend(tmp_path / "cache", **kwargs)
+    return RegistryBackend(tmp_path / "cache" / ".layers", **kwargs)
 
 
 async def extract(source: RegistryBackend, image: str, dest: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ from asynccache.sources.credentials import CredentialsLookup
 from asynccache.sources.ratelimit import PullGate
 from asynccache.sources.reference import parse_reference
 from asynccache.sources.registry.client import RegistryClient
-from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LAYERS_DIR_NAME, LayerStore
+from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LayerStore
 from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.layered import LayerTree
@@ -36,7 +36,7 @@ class RegistryBackend:
 
     def __init__(
         self,
-        cache_root: Path,
+        layer_cache_dir: Path | None = None,
         *,
         platform: str = config.platform,
         insecure_registries: Iterable[str] = (),
@@ -60,7 +60,9 @@ class RegistryBackend:
         self.insecure_registries = tuple(insecure_registries)
         self.registry_mirror = registry_mirror
         self.pull_gate = pull_gate or PullGate()
-        folder = Path(cache_root) / LAYERS_DIR_NAME if layer_cache_bytes > 0 else None
+        # The blob cache lives apart from the cache folder (which is what gets shipped).
+        layers = Path(layer_cache_dir) if layer_cache_dir else config.default_layer_cache_dir()
+        folder = layers if layer_cache_bytes > 0 else None
         self.layers = LayerStore(
             folder, root=self.root, max_bytes=layer_cache_bytes, work_name=work_name
         )

@@ -22,10 +22,11 @@ from asynccache.tree.layered import LayerResult, LayerTree
 
 log = logging.getLogger(__name__)
 
-#: Default bound of the blob cache under cache_dir/.layers.
+#: Default bound of the blob cache (``--layer_cache_dir``).
 DEFAULT_CACHE_BYTES = 2 << 30
-LAYERS_DIR_NAME = ".layers"
 _PARTIAL_DIR = ".partial"
+#: A partial download untouched this long belongs to no live run (runs share the folder).
+_STALE_PARTIAL_SECONDS = 3600.0
 _UNTOUCHED_FILE = "untouched"
 
 #: Opens a layer blob and gives its chunks.
@@ -67,9 +68,12 @@ class LayerStore:
             return
         partial = self.folder / self.partial
         partial.mkdir(parents=True, exist_ok=True)
+        # Other runs may be writing theirs right now: only long-untouched ones are stale.
+        cutoff = time.time() - _STALE_PARTIAL_SECONDS
         for stale in partial.iterdir():
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if stale.stat(follow_symlinks=False).st_mtime < cutoff:
+                    stale.unlink()
         with (
             contextlib.suppress(OSError),
             open(self.folder / _UNTOUCHED_FILE, encoding="utf-8") as f,
