@@ -69,6 +69,7 @@ def test_a_pinned_hub_split_is_fetched_once_then_read_offline(
     with fake_hub(repo) as endpoint:
         online = dry_run(tmp_path, hf_env(tmp_path, endpoint), "--revision", "v1")
     assert online.returncode == 0, online.stderr
+    assert "Generating" not in online.stderr and "\r" not in online.stderr  # no library bars
     assert len(listed(online)) == 3
     assert f"Dataset {REPO_ID} split train at revision {OLD}" in online.stdout
     assert any("/resolve/" in request and ".parquet" in request for request in repo.requests)

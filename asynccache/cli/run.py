@@ -308,6 +308,11 @@ async def run(args: argparse.Namespace, output: Output) -> int:
     _validate(args)
     log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
     cache_dir = common.cache_dir(args)
+    mode = resolve_mode(args.progress, terminal=sys.stderr.isatty(), quiet=args.quiet > 0)
+    if mode != "bar":
+        # Download bars of datasets and huggingface_hub would land in logs as CR-ridden lines.
+        for variable in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")
     ignored = ignored_flags(args)
     if ignored:
         log.warning("%s: ignored with --backend %s", ", ".join(ignored), args.backend)
@@ -341,7 +346,6 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         shard=shard,
         keep_git_history=args.keep_git_history,
     )
-    mode = resolve_mode(args.progress, terminal=sys.stderr.isatty(), quiet=args.quiet > 0)
     reporter = ProgressReporter(
         total=total,
         mode=mode,

@@ -67,6 +67,13 @@ def test_dry_run_json_is_one_object_on_stdout(tmp_path: Path, big_dataset: Path)
     assert [e["instance_id"] for e in report["entries"]] == [f"p{i}__{'0' * 12}" for i in range(3)]
     # The human lines still come, on stderr.
     assert "Dry run: 3 to cache" in done.stderr
+    shard = run_cli(
+        "--dry_run", "--json", "--dataset", big_dataset, "--shard", "1/4",
+        "--cache_dir", tmp_path / "cache", timeout=60,
+    )  # fmt: skip
+    assert shard.returncode == 0, shard.stderr
+    sharded = json.loads(shard.stdout)
+    assert sharded["shard"] == "1/4" and sharded["to_cache"] == 1250
 
 
 def test_a_run_reports_as_json_with_every_failure(
