@@ -74,6 +74,10 @@ def test_a_pinned_hub_split_is_fetched_once_then_read_offline(
     assert f"Dataset {REPO_ID} split train at revision {OLD}" in online.stdout
     assert any("/resolve/" in request and ".parquet" in request for request in repo.requests)
     assert list((tmp_path / "hf" / "hub").glob("datasets--acme--tasks/snapshots/*/data/*"))
+    # Only the three needed columns went into the datasets cache.
+    [info] = (tmp_path / "hf" / "datasets").glob("acme___tasks/*/*/*/dataset_info.json")
+    features = json.loads(info.read_text())["features"]
+    assert sorted(features) == ["commit_hash", "docker_image", "repo_name"]
 
     # The Hub is gone: the same rows come from the Hugging Face cache.
     repo.requests.clear()
