@@ -22,7 +22,7 @@ from asynccache.cache.records import IndexRecord
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread, open_split
 from asynccache.entries import Entry, InstanceIdFn, make_instance_id
-from asynccache.errors import SetupError
+from asynccache.errors import DaemonUnavailable, SetupError
 from asynccache.pipeline import Outcome, OutcomeCallback, Pipeline, RowSource, Summary
 from asynccache.shards import parse_shard
 from asynccache.sources.base import Source
@@ -233,7 +233,7 @@ async def _open_source(
             yield pool
         return
     gate = pull_gate(options, on_status)
-    backend = make_backend(options, cache.root, gate, work_name)
+    backend = make_backend(options, cache.root, gate, work_name, on_status=on_status)
     if not isinstance(backend, DockerBackend):
         async with backend as registry:
             yield registry
@@ -243,10 +243,22 @@ async def _open_source(
         if leaked:
             notes.append(f"removed {leaked} containers of an earlier run")
         yield backend
-        # A create that a killed earlier run had sent can land after the first sweep.
+        await _sweep_late(backend)
+
+
+async def _sweep_late(backend: DockerBackend) -> None:
+    """Sweep again at the end: a create that a killed earlier run had sent can land after the
+    first sweep. With the daemon away the next run's first sweep does it."""
+    if backend.daemon.waiting or backend.daemon.exhausted:
+        log.warning("the Docker daemon is away: the next run removes this run's containers")
+        return
+    try:
         late = await backend.remove_leaked_containers()
-        if late:
-            log.info("removed %d containers of an earlier run that appeared late", late)
+    except DaemonUnavailable as exc:
+        log.warning("%s; the next run removes this run's containers", exc)
+        return
+    if late:
+        log.info("removed %d containers of an earlier run that appeared late", late)
 
 
 @asynccontextmanager
@@ -263,7 +275,10 @@ async def _open_pool(
         async with pool:
             yield pool
         return
-    sweeper = make_backend(options, cache.root, pull_gate(options, None), work_name)
+    # The sweeper sees the workers' daemon gate: it knows when the daemon is away.
+    sweeper = make_backend(
+        options, cache.root, pull_gate(options, None), work_name, daemon_state=pool.daemon_state
+    )
     assert isinstance(sweeper, DockerBackend)
     async with sweeper:
         leaked = await sweeper.remove_leaked_containers()
@@ -271,6 +286,4 @@ async def _open_pool(
             notes.append(f"removed {leaked} containers of an earlier run")
         async with pool:
             yield pool
-        late = await sweeper.remove_leaked_containers()
-        if late:
-            log.info("removed %d containers of an earlier run that appeared late", late)
+        await _sweep_late(sweeper)

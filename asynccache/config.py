@@ -48,6 +48,11 @@ retry_wait_initial = 0.5
 retry_wait_max = 10.0
 #: Shortest pause between two rewrites of index.json during a run.
 index_min_interval = 0.5
+#: Longest time to wait for a Docker daemon that went away mid-run (a restart) before the
+#: remaining entries fail.
+daemon_wait = 600.0
+#: Seconds between pings of a Docker daemon that went away.
+daemon_ping_interval = 2.0
 
 #: Label put on every container we create; its value is the absolute cache folder.
 CONTAINER_LABEL = "io.asynccache.cache_dir"
@@ -106,6 +111,7 @@ class CacheOptions:
     layer_cache_dir: Path | None = None
     rate_limit_max_wait: float = rate_limit_max_wait
     rate_limit_pause: float = rate_limit_pause
+    daemon_wait: float = daemon_wait
     retry_attempts: int = retry_attempts
     retry_timeout: float = retry_timeout
     retry_wait_initial: float = retry_wait_initial

@@ -57,6 +57,33 @@ class DaemonUnavailable(SetupError):
         )
 
 
+class DaemonGone(CacheError):
+    """The Docker daemon went away during the run and did not come back within the wait."""
+
+    def __init__(self, address: str, waited: float) -> None:
+        self.address = address
+        self.waited = waited
+        super().__init__(
+            f"the Docker daemon at {address} went away and did not answer again within "
+            f"{waited:.0f} s (--daemon_wait); start dockerd, then rerun (cached entries are kept)"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (DaemonGone, (self.address, self.waited))
+
+
+class DaemonInterrupted(CacheError):
+    """The Docker daemon went away in the middle of an entry: the entry starts again once the
+    daemon is back, without counting as a failed attempt (what it had made is thrown away)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"the Docker daemon went away during the entry ({detail})")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (DaemonInterrupted, (self.detail,))
+
+
 class NoDaemonFound(SetupError):
     """No Docker daemon address at all: DOCKER_HOST unset and no socket where Docker puts one."""
 

@@ -21,11 +21,15 @@ from asynccache.cache.publish import Publisher
 from asynccache.cache.records import IndexRecord
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
-from asynccache.errors import CacheError, DiskFull, InvalidEntry
+from asynccache.errors import CacheError, DaemonInterrupted, DiskFull, InvalidEntry
 from asynccache.shards import Shard, shard_positions
 from asynccache.sources.base import Source
 
 log = logging.getLogger(__name__)
+
+#: Times one entry may start again because its source went away mid-way (each needs an outage
+#: the source confirmed and waited out); beyond that the entry fails.
+MAX_RESTARTS = 10
 
 Status = Literal["cached", "skipped", "failed"]
 
@@ -308,15 +312,7 @@ class Pipeline:
     async def _attempt(self, entry: Entry) -> Outcome:
         started = time.monotonic()
         try:
-            async for attempt in stamina.retry_context(
-                on=is_transient,
-                attempts=self.options.retry_attempts,
-                timeout=self.options.retry_timeout,
-                wait_initial=self.options.retry_wait_initial,
-                wait_max=self.options.retry_wait_max,
-            ):
-                with attempt:
-                    record, warnings = await self.cache_entry(entry)
+            record, warnings = await self._retried(entry)
         except CacheError as exc:
             disk_full = isinstance(exc, DiskFull)
             return self._failed(
@@ -339,6 +335,28 @@ class Pipeline:
             seconds=time.monotonic() - started,
             warnings=warnings,
         )
+
+    async def _retried(self, entry: Entry) -> tuple[IndexRecord, tuple[str, ...]]:
+        """cache_entry with retries of transient errors; an entry its source cut off mid-way
+        (the daemon went away, DaemonInterrupted) starts again with a fresh retry budget, since
+        the time spent waiting for the source is no failure of the entry."""
+        restarts = 0
+        while True:
+            try:
+                async for attempt in stamina.retry_context(
+                    on=is_transient,
+                    attempts=self.options.retry_attempts,
+                    timeout=self.options.retry_timeout,
+                    wait_initial=self.options.retry_wait_initial,
+                    wait_max=self.options.retry_wait_max,
+                ):
+                    with attempt:
+                        return await self.cache_entry(entry)
+            except DaemonInterrupted as exc:
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise DaemonInterrupted(f"{exc.detail}; {MAX_RESTARTS} times") from None
+                log.info("%s: %s; starting it again", entry.instance_id, exc)
 
     @staticmethod
     def _failed(

@@ -15,7 +15,8 @@ from asynccache import Entry, Outcome, cache_repos
 from asynccache.cache.index import read_index
 from asynccache.cache.records import read_digest
 from asynccache.cache.verify import verify_cache
-from asynccache.errors import SetupError
+from asynccache.errors import DaemonInterrupted, SetupError
+from asynccache.pipeline import MAX_RESTARTS
 from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult, extract_stream
 from asynccache.tree.git_guard import check_tree
@@ -153,6 +154,29 @@ class RepositorySource(SlowReleaseSource):
         return await extract_stream(chunks(), dest, keep_hashes=True)
 
 
+class InterruptedSource(SlowReleaseSource):
+    """Cuts each entry's stream mid-way the first ``cuts`` times, as a daemon going away does."""
+
+    def __init__(self, cuts: int) -> None:
+        super().__init__()
+        self.allow_release.set()
+        self.cuts = cuts
+        self.starts: dict[str, int] = {}
+
+    async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
+        self.starts[entry.instance_id] = self.starts.get(entry.instance_id, 0) + 1
+        data = make_testbed_tar(entry.instance_id)
+        cut = self.starts[entry.instance_id] <= self.cuts
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data[:1024]
+            if cut:
+                raise DaemonInterrupted("the archive stream broke: connection reset")
+            yield data[1024:]
+
+        return await extract_stream(chunks(), dest, keep_hashes=True)
+
+
 ENTRY = Entry("repo__000000000001", "repo", "namanjain12/repo_final:" + "1" * 40, "1" * 40)
 
 
@@ -220,3 +244,30 @@ async def test_without_git_the_guard_is_a_setup_error(
         [], cache_dir=tmp_path / "cache", source=SlowReleaseSource(), keep_git_history=True
     )
     assert summary.cached == 0
+
+
+@pytest.mark.anyio
+async def test_an_entry_cut_off_by_its_source_starts_again_without_using_an_attempt(
+    tmp_path: Path,
+) -> None:
+    source = InterruptedSource(cuts=MAX_RESTARTS)
+    entry = Entry("repo__000000000001", "repo", "namanjain12/repo_final:1", "1" * 40)
+    cache_dir = tmp_path / "cache"
+    summary = await cache_repos([entry], cache_dir=cache_dir, source=source, retry_attempts=1)
+    assert (summary.cached, summary.failed) == (1, 0), summary.failures
+    assert source.starts[entry.instance_id] == MAX_RESTARTS + 1
+    assert (cache_dir / entry.instance_id / "README").read_text() == entry.instance_id
+    assert list((cache_dir / ".tmp").iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_an_entry_cut_off_too_often_fails_saying_how_often(tmp_path: Path) -> None:
+    source = InterruptedSource(cuts=MAX_RESTARTS + 1)
+    entry = Entry("repo__000000000001", "repo", "namanjain12/repo_final:1", "1" * 40)
+    cache_dir = tmp_path / "cache"
+    summary = await cache_repos([entry], cache_dir=cache_dir, source=source, retry_attempts=1)
+    assert (summary.cached, summary.failed) == (0, 1)
+    assert f"{MAX_RESTARTS} times" in summary.failures[0].reason
+    assert "went away" in summary.failures[0].reason
+    assert not (cache_dir / entry.instance_id).exists()
+    assert list((cache_dir / ".tmp").iterdir()) == []

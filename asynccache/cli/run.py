@@ -114,6 +114,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "remaining entries (default 21600, Docker Hub's window)",
     )
     parser.add_argument(
+        *flag("daemon_wait"),
+        type=float,
+        default=config.daemon_wait,
+        help="seconds to wait for a Docker daemon that went away mid-run (a restart) before "
+        "failing the remaining entries (default 600)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("docker", "registry"),
         default=config.backend,
@@ -190,6 +197,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise SetupError(
             f"{_named(args, 'cp_timeout')} and {_named(args, 'pull_timeout')} must be positive"
         )
+    if args.daemon_wait < 0:
+        raise SetupError(f"{_named(args, 'daemon_wait')} must not be negative")
 
 
 def _named(args: argparse.Namespace, dest: str) -> str:
@@ -336,6 +345,7 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         pull_timeout=args.pull_timeout,
         cp_timeout=args.cp_timeout,
         rate_limit_max_wait=args.rate_limit_max_wait,
+        daemon_wait=args.daemon_wait,
         backend=args.backend,
         platform=args.platform,
         insecure_registries=tuple(args.insecure_registry),

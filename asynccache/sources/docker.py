@@ -7,10 +7,10 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiodocker
@@ -22,6 +22,7 @@ from asynccache.config import CONTAINER_LABEL, SHARD_LABEL
 from asynccache.entries import Entry
 from asynccache.errors import (
     CacheError,
+    DaemonInterrupted,
     DaemonUnavailable,
     ImageNotFound,
     InvalidReference,
@@ -34,11 +35,14 @@ from asynccache.errors import (
     one_line,
 )
 from asynccache.sources.credentials import registry_auth_header
-from asynccache.sources.ratelimit import PullGate
+from asynccache.sources.daemon_gate import DaemonGate, DaemonGateState
+from asynccache.sources.ratelimit import PullGate, StatusCallback
 from asynccache.sources.reference import Reference, parse_reference
 from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHUNK_SIZE = 1 << 20
 CREATE_TIMEOUT = 120.0
@@ -119,6 +123,9 @@ class DockerBackend:
         testbed_path: str = config.testbed_path,
         pull_gate: PullGate | None = None,
         shard_name: str | None = None,
+        daemon_wait: float = config.daemon_wait,
+        on_status: StatusCallback | None = None,
+        daemon_state: DaemonGateState | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         #: A shard's run labels its containers with its shard and sweeps only those: the
@@ -134,6 +141,18 @@ class DockerBackend:
         self._pulled_by_us: set[str] = set()
         self._hold = RepositoryHold()
         self.pull_gate = pull_gate or PullGate()
+        #: Every call waits here while the daemon is away (a restart), up to ``daemon_wait``.
+        self.daemon = DaemonGate(
+            self.ping,
+            address=self.address,
+            max_wait=daemon_wait,
+            on_status=on_status,
+            on_back=self._remove_deferred,
+            state=daemon_state,
+        )
+        #: Containers and images whose removal met the daemon away: removed once it is back.
+        self._deferred_containers: set[str] = set()
+        self._deferred_images: set[str] = set()
 
     async def __aenter__(self) -> DockerBackend:
         await self.connect()
@@ -141,8 +160,17 @@ class DockerBackend:
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
+            if not self.daemon.waiting:
+                await self._remove_deferred()
             for image in self._hold.drain():
                 await self.remove_image(image)
+            if self._deferred_containers or self._deferred_images:
+                log.warning(
+                    "the Docker daemon is away: %d containers are left for the next run to "
+                    "remove, %d pulled images are left in place",
+                    len(self._deferred_containers),
+                    len(self._deferred_images),
+                )
         finally:
             await self.close()
 
@@ -168,12 +196,14 @@ class DockerBackend:
             await self.close()
             raise
 
-    async def ping(self) -> None:
-        """Raise DaemonUnavailable unless the daemon answers."""
+    async def ping(self, timeout: float = 30.0) -> None:
+        """Raise DaemonUnavailable unless the daemon answers within ``timeout`` seconds."""
         try:
-            with anyio.fail_after(30):
+            with anyio.fail_after(timeout):
                 await self.docker.version()
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise DaemonUnavailable(self.address, f"no answer in {timeout:.0f} s") from None
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             raise DaemonUnavailable(self.address, one_line(exc)) from None
 
     async def close(self) -> None:
@@ -193,17 +223,35 @@ class DockerBackend:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise DaemonUnavailable(self.address, one_line(exc)) from None
 
+    async def _call(self, target: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One daemon call (``target`` names what it is about), its errors translated; while
+        the daemon is away it waits for it and runs again. Only for calls that may repeat."""
+
+        async def once() -> T:
+            async with self._translate(target):
+                return await call()
+
+        return await self.daemon.call(once)
+
     async def image_present(self, image: str) -> bool:
         """True when the daemon has ``image`` locally."""
         try:
-            async with self._translate(image):
-                await self.docker.images.inspect(image)
+            await self._call(image, lambda: self.docker.images.inspect(image))
         except ImageNotFound:
             return False
         return True
 
     async def pull(self, image: str) -> None:
-        """Pull ``image`` with its own registry's credentials; errors become domain errors."""
+        """Pull ``image`` with its own registry's credentials; errors become domain errors.
+
+        A pull cut by the daemon going away is made again once it is back; the wait is not
+        counted in ``pull_timeout``.
+        """
+        await self.daemon.call(lambda: self._pull_once(image))
+        if not await self.image_present(image):
+            raise PullFailed(image, "the pull ended but the image is not present")
+
+    async def _pull_once(self, image: str) -> None:
         ref = parse_reference(image)
         params = pull_params(ref)
         headers = {"X-Registry-Auth": registry_auth_header(ref) or "e30="}
@@ -223,8 +271,6 @@ class DockerBackend:
                         _raise_on_stream_error(image, line)
         except TimeoutError:
             raise PullFailed(image, f"timed out after {self.pull_timeout:.0f} s") from None
-        if not await self.image_present(image):
-            raise PullFailed(image, "the pull ended but the image is not present")
 
     async def ensure_image(self, image: str) -> None:
         """Make ``image`` present locally: pull it unless present (never with skip_pull)."""
@@ -236,8 +282,12 @@ class DockerBackend:
         self._pulled_by_us.add(image)
 
     async def create_container(self, entry: Entry) -> str:
-        """Create (never start) a labelled container of the entry's image; return its id."""
-        settings: dict[str, Any] = {
+        """Create (never start) a labelled container of the entry's image; return its id.
+
+        A create cut by the daemon going away is made again, under a new name, once it is
+        back; the container of the cut one, if the daemon made it, is removed.
+        """
+        spec: dict[str, Any] = {
             "Image": entry.docker_image,
             "Cmd": ["/testbed-never-started"],
             "Entrypoint": [],
@@ -249,30 +299,35 @@ class DockerBackend:
             "NetworkDisabled": True,
             "HostConfig": {"NetworkMode": "none"},
         }
+        return await self.daemon.call(lambda: self._create_once(entry, spec))
+
+    async def _create_once(self, entry: Entry, spec: dict[str, Any]) -> str:
         name = container_name(entry.instance_id)
         try:
             # Shielded: a create cancelled in flight could still finish in the daemon
             # after we gave up on it, leaving a container nobody knows the id of.
             with anyio.CancelScope(shield=True), anyio.fail_after(CREATE_TIMEOUT):
                 async with self._translate(entry.docker_image):
-                    container = await self.docker.containers.create(settings, name=name)
+                    container = await self.docker.containers.create(spec, name=name)
         except BaseException:
             await self.remove_container(name)
             raise
         return str(container.id)
 
     async def remove_container(self, container_id: str) -> None:
-        """Force-remove a container; shielded so that cancellation cannot leak it."""
+        """Force-remove a container; shielded so that cancellation cannot leak it.
+
+        With the daemon away it is removed once the daemon is back (never waited for here).
+        """
         with anyio.CancelScope(shield=True):
-            try:
-                async with self._translate(container_id):
-                    await self.docker._query_json(
-                        f"containers/{container_id}", "DELETE", params={"force": "1", "v": "1"}
-                    )
-            except ImageNotFound:
-                pass
-            except CacheError as exc:
-                log.warning("could not remove container %s: %s", container_id[:12], exc)
+            await self._remove(
+                container_id,
+                f"container {container_id[:12]}",
+                lambda: self.docker._query_json(
+                    f"containers/{container_id}", "DELETE", params={"force": "1", "v": "1"}
+                ),
+                self._deferred_containers,
+            )
 
     async def remove_image(self, image: str) -> None:
         """Remove an image this run pulled (unless keep_images); failures only warn."""
@@ -280,11 +335,46 @@ class DockerBackend:
             return
         self._pulled_by_us.discard(image)
         with anyio.CancelScope(shield=True):
+            await self._remove(
+                image,
+                f"image {image}",
+                lambda: self.docker.images.delete(image, force=True),
+                self._deferred_images,
+            )
+
+    async def _remove(
+        self, target: str, label: str, call: Callable[[], Awaitable[object]], deferred: set[str]
+    ) -> None:
+        """Remove ``target``; when the daemon is away, put it in ``deferred`` for later."""
+        for _ in range(2):
+            if self.daemon.waiting or self.daemon.exhausted:
+                break
             try:
-                async with self._translate(image):
-                    await self.docker.images.delete(image, force=True)
+                async with self._translate(target):
+                    await call()
+            except ImageNotFound:
+                pass  # already gone
+            except DaemonUnavailable as exc:
+                # A pooled connection to a daemon that just restarted fails once: try again
+                # when the daemon answers a ping.
+                if await self.daemon.confirm_down(exc):
+                    break
+                continue
             except CacheError as exc:
-                log.warning("could not remove image %s: %s", image, exc)
+                log.warning("could not remove %s: %s", label, exc)
+                return
+            deferred.discard(target)
+            return
+        deferred.add(target)
+        log.info("%s is removed once the Docker daemon answers again", label)
+
+    async def _remove_deferred(self) -> None:
+        """Remove what the daemon's absence left (called when it answers again)."""
+        for container_id in sorted(self._deferred_containers):
+            await self.remove_container(container_id)
+        for image in sorted(self._deferred_images):
+            self._pulled_by_us.add(image)
+            await self.remove_image(image)
 
     async def remove_leaked_containers(self) -> int:
         """Remove containers left by an earlier run on this cache folder; return how many."""
@@ -309,21 +399,37 @@ class DockerBackend:
         try:
             path = quote(self.testbed_path, safe="/")
             try:
-                async with self._translate(entry.docker_image):
-                    response = await self.docker._do_query(
+                response = await self._call(
+                    entry.docker_image,
+                    lambda: self.docker._do_query(
                         f"containers/{container_id}/archive?path={path}",
                         "GET",
                         headers={"Accept-Encoding": "identity"},
                         timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
-                    )
+                    ),
+                )
             except ImageNotFound:
                 raise NoTestbed(entry.docker_image, self.testbed_path) from None
             try:
-                yield _iter_body(response)
+                yield self._iter_body(response)
             finally:
                 response.close()
         finally:
             await self.remove_container(container_id)
+
+    async def _iter_body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The archive's chunks. A stream cut by the daemon going away cannot go on where it
+        broke: DaemonInterrupted starts the entry again once the daemon is back."""
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+            detail = one_line(exc)
+        else:
+            return
+        if await self.daemon.confirm_down(DaemonUnavailable(self.address, detail)):
+            raise DaemonInterrupted(f"the archive stream broke: {detail}")
+        raise TransferFailed(f"archive stream broke: {detail}")
 
     async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         """Stream the image's /testbed into the empty folder dest, within ``cp_timeout``."""
@@ -339,6 +445,9 @@ class DockerBackend:
 
     async def after_extraction(self, entry: Entry) -> None:
         """Release the entry's image when this run pulled it (see RepositoryHold)."""
+        if (self._deferred_containers or self._deferred_images) and not self.daemon.waiting:
+            # The daemon is back (another process of the run may have seen it first).
+            await self._remove_deferred()
         image = entry.docker_image
         if self.keep_images or image not in self._pulled_by_us:
             return
@@ -370,14 +479,6 @@ class RepositoryHold:
         images = list(self._held.values())
         self._held.clear()
         return images
-
-
-async def _iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.content.iter_chunked(CHUNK_SIZE):
-            yield chunk
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
-        raise TransferFailed(f"archive stream broke: {one_line(exc)}") from None
 
 
 def _raise_on_stream_error(image: str, line: bytes) -> None:

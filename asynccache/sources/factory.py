@@ -10,6 +10,7 @@ from asynccache.config import CacheOptions
 from asynccache.sources.ratelimit import GateState, PullGate, StatusCallback
 
 if TYPE_CHECKING:
+    from asynccache.sources.daemon_gate import DaemonGateState
     from asynccache.sources.docker import DockerBackend
     from asynccache.sources.registry.backend import RegistryBackend
 
@@ -33,11 +34,15 @@ def make_backend(
     gate: PullGate,
     work_name: str | None,
     slot: int | None = None,
+    *,
+    on_status: StatusCallback | None = None,
+    daemon_state: DaemonGateState | None = None,
 ) -> DockerBackend | RegistryBackend:
     """The backend ``options.backend`` names, not yet open (enter it with ``async with``).
 
     ``slot`` is a worker process's place in its pool: its partial downloads are its own, so
-    one worker starting never sweeps another's.
+    one worker starting never sweeps another's. ``on_status`` hears the Docker daemon gate's
+    pauses; ``daemon_state`` is that gate's state, shared with other processes when given.
     """
     if options.backend == "registry":
         from asynccache.sources.registry.backend import RegistryBackend
@@ -62,6 +67,9 @@ def make_backend(
         testbed_path=options.testbed_path,
         pull_gate=gate,
         shard_name=work_name,
+        daemon_wait=options.daemon_wait,
+        on_status=on_status,
+        daemon_state=daemon_state,
     )
 
 

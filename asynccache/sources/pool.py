@@ -40,6 +40,7 @@ from asynccache.config import CacheOptions
 from asynccache.entries import Entry
 from asynccache.errors import CacheError
 from asynccache.sources.base import ExtractResult
+from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.ratelimit import SharedGateState, StatusCallback
 
@@ -150,6 +151,8 @@ class ProcessPoolSource:
         self.size = max(1, options.processes)
         self._context = multiprocessing.get_context("spawn")
         self._gate = SharedGateState.create(self._context, options.rate_limit_pause)
+        #: The Docker daemon gate's state, shared by every worker: one outage pauses them all.
+        self.daemon_state = SharedDaemonGateState.create(self._context)
         self._workers: list[_Worker] = []
         self._numbers = itertools.count()
         self._jobs = itertools.count()
@@ -252,6 +255,7 @@ class ProcessPoolSource:
                 self.work_name,
                 slot,
                 self._gate.values,
+                self.daemon_state.values,
                 logging.getLogger().getEffectiveLevel(),
             ),
             name=f"asynccache-worker-{number}",
@@ -350,6 +354,7 @@ def worker_main(
     work_name: str | None,
     slot: int,
     gate_values: Any,
+    daemon_values: Any,
     log_level: int,
 ) -> None:
     """Entry point of a worker process: serve requests until told to stop or orphaned."""
@@ -365,7 +370,9 @@ def worker_main(
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(sender)]
     root.setLevel(log_level)
-    asyncio.run(_serve(conn, sender, options, Path(cache_root), work_name, slot, gate_values))
+    asyncio.run(
+        _serve(conn, sender, options, Path(cache_root), work_name, slot, gate_values, daemon_values)
+    )
 
 
 class _Sender:
@@ -402,6 +409,7 @@ async def _serve(
     work_name: str | None,
     slot: int,
     gate_values: Any,
+    daemon_values: Any,
 ) -> None:
     loop = asyncio.get_running_loop()
     requests: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -416,12 +424,19 @@ async def _serve(
             if message[0] == "stop":
                 return
 
-    gate = pull_gate(
+    def status(text: str) -> None:
+        sender.send(("status", text))
+
+    gate = pull_gate(options, status, SharedGateState(gate_values))
+    backend = make_backend(
         options,
-        lambda text: sender.send(("status", text)),
-        SharedGateState(gate_values),
+        cache_root,
+        gate,
+        work_name,
+        slot,
+        on_status=status,
+        daemon_state=SharedDaemonGateState(daemon_values),
     )
-    backend = make_backend(options, cache_root, gate, work_name, slot)
     try:
         await backend.__aenter__()
     except BaseException as exc:
