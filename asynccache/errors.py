@@ -60,6 +60,8 @@ class DaemonUnavailable(SetupError):
 class DaemonGone(CacheError):
     """The Docker daemon went away during the run and did not come back within the wait."""
 
+    retry_later = True
+
     def __init__(self, address: str, waited: float) -> None:
         self.address = address
         self.waited = waited

@@ -158,6 +158,18 @@ def test_a_value_out_of_range_names_the_variable_it_came_from(
     assert flag.stderr == "asynccache: error: --concurrency must be at least 1\n"
 
 
+def test_daemon_wait_comes_from_its_flag_or_variable_and_is_never_negative(dataset: Path) -> None:
+    assert parse().daemon_wait == 600.0
+    assert parse(ASYNCCACHE_DAEMON_WAIT="30").daemon_wait == 30.0
+    assert parse("--daemon_wait", "5", ASYNCCACHE_DAEMON_WAIT="30").daemon_wait == 5.0
+    assert parse("--daemon-wait", "0").daemon_wait == 0.0
+    done = run_cli("--dataset", dataset, "--dry_run", timeout=60, ASYNCCACHE_DAEMON_WAIT="-1")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "asynccache: error: --daemon_wait (from ASYNCCACHE_DAEMON_WAIT=-1) must not be negative\n"
+    )
+
+
 def test_variables_configure_a_real_run(tmp_path: Path, dataset: Path) -> None:
     done = run_cli(
         timeout=60,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from asynccache.entries import Entry
 from asynccache.sources.docker import DockerBackend
 from tests.support.cli_runner import ROOT, cli_env, run_cli, start_cli
 from tests.support.cli_runner import instance_id as default_instance_id
+from tests.support.daemon_relay import DaemonRelay, daemon_relay
 from tests.support.fixtures import (
     FixtureImage,
     ReferenceTrees,
@@ -486,39 +488,162 @@ def test_rate_limit_that_never_lifts_fails_remaining_entries_with_advice(
 
 # --- the daemon restarting ------------------------------------------------------------------------
 
+#: Longer than the retries' whole budget (6 attempts, waits of 0.5 s doubling up to 10 s: about
+#: 16 s), so that only waiting for the daemon gets a run through.
+DAEMON_AWAY = 25.0
 
-def _dockerd_pid() -> int:
-    out = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[0])
+
+class Dockerd:
+    """Stops the machine's dockerd and starts it again as scripts/services.sh does."""
+
+    def __init__(self) -> None:
+        self.stopped_at = 0.0
+
+    @staticmethod
+    def running() -> bool:
+        return subprocess.run(["pidof", "dockerd"], capture_output=True).returncode == 0
+
+    def stop(self) -> None:
+        """SIGTERM, as a restart does; return once it is gone."""
+        pid = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True, check=True)
+        os.kill(int(pid.stdout.split()[0]), signal.SIGTERM)
+        self.stopped_at = time.monotonic()
+        wait_for(lambda: not self.running(), timeout=90, what="dockerd to stop")
+
+    def start_after(self, away: float) -> None:
+        """Start it again once it has been away ``away`` seconds."""
+        time.sleep(max(0.0, self.stopped_at + away - time.monotonic()))
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "services.sh"), "up"], check=True, capture_output=True
+        )
+
+
+@pytest.fixture
+def dockerd(docker_services: str) -> Iterator[Dockerd]:
+    """Control over dockerd; whatever the test does, the daemon is up again after it."""
+    require_root("needs root to stop and start dockerd")
+    control = Dockerd()
+    try:
+        yield control
+    finally:
+        if not control.running():
+            control.start()
+
+
+@pytest.fixture
+def relay(dockerd: Dockerd) -> Iterator[DaemonRelay]:
+    """The daemon behind a relay socket that can slow its answers down."""
+    folder = Path(tempfile.mkdtemp(prefix="asynccache-relay-"))  # a socket path is short
+    try:
+        with daemon_relay(Path("/var/run/docker.sock"), folder / "docker.sock") as running:
+            yield running
+    finally:
+        folder.rmdir()
 
 
 def test_daemon_restart_in_the_middle_of_a_run_is_survived(
     tmp_path: Path,
     images: list[FixtureImage],
     docker_services: str,
+    dockerd: Dockerd,
     reference_trees: ReferenceTrees,
     leftover_containers: Callable[[Path], list[str]],
 ) -> None:
-    require_root("needs root to restart dockerd")
     with registry_proxy(docker_services) as proxy:
         proxy.faults.bytes_per_second = 400_000
         dataset = dataset_through(tmp_path, images, proxy)
         cache_dir = tmp_path / "cache"
-        run = start_cli("--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2")
+        run = start_cli(
+            "--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2",
+            "--daemon_wait", "120",
+        )  # fmt: skip
         wait_for(lambda: proxy.faults.counts.get("manifest", 0) >= 1, what="a first pull")
-        os.kill(_dockerd_pid(), signal.SIGTERM)
-        wait_for(
-            lambda: subprocess.run(["pidof", "dockerd"], capture_output=True).returncode != 0,
-            timeout=60,
-            what="dockerd to stop",
-        )
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "services.sh"), "up"], check=True, capture_output=True
-        )
+        dockerd.stop()
+        dockerd.start_after(DAEMON_AWAY)
         proxy.faults.bytes_per_second = 0
         stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
-    assert f"Done: {len(images)} cached" in stdout
+    assert f"Done: {len(images)} cached, 0 skipped, 0 failed" in stdout
+    assert "unreachable" in stderr and "every call paused, waiting for it until" in stderr
+    assert "--daemon_wait 120 s" in stderr
+    assert "answers again after" in stderr
+    assert "FAILED" not in stderr
+    assert not (cache_dir / "failures.json").exists()
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
+def test_an_archive_stream_cut_by_a_daemon_restart_starts_its_entry_again(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    relay: DaemonRelay,
+    dockerd: Dockerd,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    # Slow answers keep archive streams in flight when the daemon stops.
+    relay.bytes_per_second = 150_000
+    dataset = dataset_through(tmp_path, images, None)
+    cache_dir = tmp_path / "cache"
+    run = start_cli(
+        "--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2",
+        "--daemon_wait", "120", "--cp_timeout", "600",
+        DOCKER_HOST=relay.docker_host,
+    )  # fmt: skip
+    wait_for(lambda: extracting(cache_dir), timeout=120, what="an extraction")
+    dockerd.stop()
+    relay.bytes_per_second = 0
+    dockerd.start_after(DAEMON_AWAY)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert f"Done: {len(images)} cached, 0 skipped, 0 failed" in stdout
+    assert "the archive stream broke" in stderr and "starting it again" in stderr
+    assert "answers again after" in stderr
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
+def test_a_daemon_away_past_daemon_wait_fails_every_entry_not_done_with_exit_75(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    dockerd: Dockerd,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    with registry_proxy(docker_services) as proxy:
+        proxy.faults.bytes_per_second = 400_000
+        dataset = dataset_through(tmp_path, images, proxy)
+        cache_dir = tmp_path / "cache"
+        run = start_cli(
+            "--dataset", dataset, "--cache_dir", cache_dir, "--concurrency", "2",
+            "--daemon_wait", "8",
+        )  # fmt: skip
+        wait_for(lambda: proxy.faults.counts.get("manifest", 0) >= 1, what="a first pull")
+        dockerd.stop()
+        stdout, stderr = run.communicate(timeout=120)
+        waited = time.monotonic() - dockerd.stopped_at
+        dockerd.start()
+        assert run.returncode == 75, stderr
+        assert waited >= 8
+        index = read_index(cache_dir / "index.json")
+        failures = json.loads((cache_dir / "failures.json").read_text())
+        # Every entry is either cached or reported, and every report names the wait.
+        assert set(index) | set(failures) == {instance_id(image) for image in images}
+        assert not set(index) & set(failures)
+        assert failures
+        for failure in failures.values():
+            assert "did not answer again within 8 s (--daemon_wait)" in failure["reason"]
+        assert f"{len(failures)} failed" in stdout
+        assert sum(f"FAILED {key}:" in stderr for key in failures) == len(failures)
+        assert work_in_progress(cache_dir) == []
+        assert [path for path in cache_dir.iterdir() if path.name in failures] == []
+        # What the daemon held when it went away (containers) is removed by the next run.
+        again = run_cli("--dataset", dataset, "--cache_dir", cache_dir)
+    assert again.returncode == 0, again.stderr
     index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
     assert len(index) == len(images)
 
