@@ -131,10 +131,11 @@ class ProgressReporter:
         self._refresh()
 
     def set_status(self, status: str) -> None:
-        """Show a passing state (e.g. a rate-limit pause) beside the counts."""
+        """Show a passing state (e.g. a rate-limit pause) beside the counts.
+
+        Not logged here: the gates that report a pause log it themselves (once).
+        """
         self.status = status
-        if self._progress is None and status and self.mode == "plain":
-            log.warning("%s", status)
         self._refresh()
 
     def _refresh(self) -> None:
