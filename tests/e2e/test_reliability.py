@@ -516,8 +516,13 @@ class Dockerd:
         self.start()
 
     def start(self) -> None:
+        # In a session of its own: the daemon outlives this test's process group, which a
+        # timeout or a job control kill may end.
         subprocess.run(
-            ["bash", str(ROOT / "scripts" / "services.sh"), "up"], check=True, capture_output=True
+            ["bash", str(ROOT / "scripts" / "services.sh"), "up"],
+            check=True,
+            capture_output=True,
+            start_new_session=True,
         )
 
 
