@@ -131,6 +131,44 @@ ensure_packages() {
 
 docker_up() { docker info >/dev/null 2>&1; }
 
+process_alive() {
+    # process_alive PID NAME: PID is a live (not zombie) process called NAME.
+    [ -n "$1" ] && [ "$(cat "/proc/${1}/comm" 2>/dev/null)" = "$2" ] \
+        && ! grep -q '^State:[[:space:]]*Z' "/proc/${1}/status" 2>/dev/null
+}
+
+stop_orphaned_containerd() {
+    # The containerd a killed dockerd started outlives it for a while and holds its socket: a
+    # new dockerd then times out starting its own. Stop it (TERM, then KILL after 10 s).
+    local file=/var/run/docker/containerd/containerd.pid pid waited=0
+    [ -f "$file" ] || return 0
+    pid="$(tr -dc '0-9' <"$file")"
+    if process_alive "$pid" containerd; then
+        say "containerd: stopping the one a dead dockerd left (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        while process_alive "$pid" containerd && [ "$waited" -lt 10 ]; do
+            sleep 1
+            waited=$((waited + 1))
+        done
+        if process_alive "$pid" containerd; then kill -KILL "$pid" 2>/dev/null || true; fi
+    fi
+    rm -f "$file"
+}
+
+remove_stale_pidfile() {
+    # remove_stale_pidfile FILE NAME: a daemon killed without its clean-up leaves its pid file,
+    # and dockerd refuses to start while one exists. Remove it when no live process NAME has
+    # that pid (a killed daemon nobody reaped stays a zombie under its old name).
+    local file="$1" name="$2" pid
+    [ -f "$file" ] || return 0
+    pid="$(tr -dc '0-9' <"$file")"
+    if process_alive "$pid" "$name"; then
+        return 0
+    fi
+    say "${name}: removing the stale pid file $file (pid ${pid:-none} is not $name)"
+    rm -f "$file"
+}
+
 ensure_dockerd() {
     if docker_up; then
         say "dockerd: already running"
@@ -141,6 +179,8 @@ ensure_dockerd() {
         die "docker info fails and dockerd can only be started as root (or fix DOCKER_HOST)"
     fi
     mkdir -p "$STATE"
+    remove_stale_pidfile /var/run/docker.pid dockerd
+    stop_orphaned_containerd
     nohup dockerd ${ASYNCCACHE_DOCKERD_ARGS:-} </dev/null >"$DOCKERD_LOG" 2>&1 &
     local pid=$!
     echo "$pid" >"${STATE}/dockerd.pid"

@@ -510,6 +510,12 @@ class Dockerd:
         self.stopped_at = time.monotonic()
         wait_for(lambda: not self.running(), timeout=90, what="dockerd to stop")
 
+    def kill(self) -> None:
+        """SIGKILL, as an out-of-memory kill does: the daemon leaves its pid file behind."""
+        pid = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True, check=True)
+        os.kill(int(pid.stdout.split()[0]), signal.SIGKILL)
+        wait_for(lambda: not self.running(), timeout=30, what="dockerd to die")
+
     def start_after(self, away: float) -> None:
         """Start it again once it has been away ``away`` seconds."""
         time.sleep(max(0.0, self.stopped_at + away - time.monotonic()))
@@ -547,6 +553,14 @@ def relay(dockerd: Dockerd) -> Iterator[DaemonRelay]:
             yield running
     finally:
         folder.rmdir()
+
+
+def test_services_start_dockerd_again_after_it_was_killed(dockerd: Dockerd) -> None:
+    dockerd.kill()
+    assert Path("/var/run/docker.pid").exists()  # the stale pid file dockerd refuses to start on
+    dockerd.start()
+    assert dockerd.running()
+    assert subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
 def test_daemon_restart_in_the_middle_of_a_run_is_survived(
