@@ -36,6 +36,10 @@ testbed_path = "/testbed"
 backend = "docker"
 #: The image picked from multi-platform images.
 platform = "linux/amd64"
+#: Most bytes of uncompressed archive data one entry may read (every layer's, for the registry
+#: backend; sparse files count at their full size), and most archive members it may read.
+max_testbed_bytes = 64 << 30
+max_testbed_files = 5_000_000
 #: Longest total pause for a registry rate limit before the remaining pulls fail.
 rate_limit_max_wait = 6 * 3600.0
 #: First pause after a rate limit answer (doubles up to rate_limit_pause_max).

@@ -173,6 +173,18 @@ class TruncatedArchive(CacheError):
     transient = True
 
 
+class LimitExceeded(CacheError):
+    """An entry needs more work than its limits allow (a decompression bomb, a flood of members)."""
+
+    def __init__(self, what: str, option: str, limit: int) -> None:
+        self.option = option
+        self.limit = limit
+        super().__init__(
+            f"refused: more than {what} (--{option} {limit}); "
+            f"raise --{option} if the image is genuine"
+        )
+
+
 class DiskFull(CacheError):
     """No space left on the cache folder's filesystem."""
 

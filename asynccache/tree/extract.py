@@ -21,10 +21,19 @@ from typing import BinaryIO, Protocol
 
 from asynccache._threads import Read, feed_thread
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
+from asynccache.tree.budget import Budget
 from asynccache.tree.digest import FileHash
 from asynccache.tree.folder import Folder, FolderRules, kind_of
 from asynccache.tree.paths import BadName, MemberPaths, Outside, link_target
-from asynccache.tree.tarstream import Sink, Source, SourceError, TarReader, Truncated, members
+from asynccache.tree.tarstream import (
+    Member,
+    Sink,
+    Source,
+    SourceError,
+    TarReader,
+    Truncated,
+    members,
+)
 from asynccache.tree.writer import FileJob, write_all
 
 __all__ = [
@@ -39,6 +48,10 @@ __all__ = [
 
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
+#: Members named in the one warning about dropped write permission for others.
+_NAMED_WRITABLE = 3
+#: The pax record of a file's capabilities (as `docker cp`'s archive carries them).
+_CAPABILITIES = "SCHILY.xattr.security.capability"
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -102,12 +115,29 @@ class PlainRules:
 class Extractor:
     """Writes tar members under dest, as its rules say, into a :class:`Folder`."""
 
-    def __init__(self, dest: Path, root: str, rules: Rules, *, keep_hashes: bool = False) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        root: str,
+        rules: Rules,
+        *,
+        keep_hashes: bool = False,
+        budget: Budget | None = None,
+    ) -> None:
         self.paths = MemberPaths(dest, root)
         self.rules = rules
         self.folder = Folder(self.paths.dest, rules, keep_hashes=keep_hashes)
+        #: What the entry may still read (sources made for this extraction are charged).
+        self.budget = budget
         self.warnings: list[str] = []
         self.dropped = 0
+        # members that were writable by others, and the first few of their names
+        self.world_writable = 0
+        self.writable_names: list[str] = []
+
+    def source(self, read: Read) -> Source:
+        """A tar source reading read(), charged to this extraction's budget."""
+        return Source(read, self.budget)
 
     def add_all(self, source: Source) -> None:
         """Extract every member of source, small files through the writer thread."""
@@ -129,11 +159,16 @@ class Extractor:
             self.dropped += 1
 
     def mode(self, info: tarfile.TarInfo) -> int:
-        """The permission bits to apply, without setuid/setgid/sticky."""
+        """The permission bits to apply, without setuid/setgid/sticky or write for others."""
         mode = info.mode
         if mode & 0o7000:
             self.warn(f"{info.name}: dropped setuid/setgid/sticky bits (mode {mode & 0o7777:04o})")
-        return mode & 0o777
+        if mode & 0o002:
+            # a tree others may write to could be altered under the trainers that run it
+            self.world_writable += 1
+            if len(self.writable_names) < _NAMED_WRITABLE:
+                self.writable_names.append(info.name)
+        return mode & 0o775
 
     def mtime(self, info: tarfile.TarInfo) -> int | None:
         """The member's mtime in nanoseconds, or None when it cannot be applied."""
@@ -147,7 +182,7 @@ class Extractor:
             return None
         return ns
 
-    def add(self, tar: TarReader, info: tarfile.TarInfo) -> None:
+    def add(self, tar: TarReader, info: Member) -> None:
         """Extract one member."""
         name = info.name
         try:
@@ -161,6 +196,8 @@ class Extractor:
             raise UnsafeArchive(name, "negative size")
         if self.rules.special(self, info, rel):
             return
+        if info.pax_headers and _CAPABILITIES in info.pax_headers:
+            self.warn(f"{name}: dropped its file capabilities (security.capability)")
         try:
             if info.isreg():
                 self.add_file(tar, info, rel)
@@ -185,16 +222,20 @@ class Extractor:
             raise
         self.rules.written(rel)
 
-    def add_file(self, tar: TarReader, info: tarfile.TarInfo, rel: bytes) -> None:
+    def add_file(self, tar: TarReader, info: Member, rel: bytes) -> None:
         """Write a regular file with its mode and mtime."""
-        if info.sparse is not None:
-            raise UnsafeArchive(info.name, "sparse files are not supported")
         mode = self.mode(info)
         mtime = self.mtime(info)
         folder = self.folder
         folder.ensure_parent(rel, info.name)
         size = info.size
-        if folder.queues(rel, size):
+        segments = info.segments
+        if segments is not None:
+            if self.budget is not None:
+                self.budget.take_bytes(size - info.stored)  # its holes, at their full size
+            fill = functools.partial(tar.copy, info)
+            folder.write_sparse(rel, mode, mtime, size, segments, fill)
+        elif folder.queues(rel, size):
             # a small file's data is in memory before it is written (the writer hashes it)
             pieces = self.read_data(tar, info)
             folder.queue_file(FileJob(info.name, rel, folder.base + rel, mode, mtime, pieces, size))
@@ -202,14 +243,14 @@ class Extractor:
             folder.write_file(rel, mode, mtime, size, functools.partial(tar.copy, info))
         folder.count(1, size)
 
-    def read_data(self, tar: TarReader, info: tarfile.TarInfo) -> list[bytes]:
+    def read_data(self, tar: TarReader, info: Member) -> list[bytes]:
         """Read a member's data into memory (small members only)."""
         pieces: list[bytes] = []
         if info.size:
             self.copy(tar, info, lambda more, _size: pieces.extend(more))
         return pieces
 
-    def copy(self, tar: TarReader, info: tarfile.TarInfo, out: int | Sink) -> None:
+    def copy(self, tar: TarReader, info: Member, out: int | Sink) -> None:
         """Copy a member's data from the stream to a file descriptor, or collect its pieces."""
         tar.copy(info, out if callable(out) else functools.partial(write_all, out))
 
@@ -267,6 +308,13 @@ class Extractor:
         warnings = tuple(self.warnings)
         if self.dropped:
             warnings += (f"{self.dropped} more warnings not shown",)
+        if self.world_writable:
+            names = ", ".join(self.writable_names)
+            more = ", ..." if self.world_writable > len(self.writable_names) else ""
+            warnings += (
+                f"dropped write permission for others from {self.world_writable} members "
+                f"({names}{more})",
+            )
         return ExtractResult(
             file_count=folder.files,
             size_bytes=folder.size,
@@ -292,27 +340,42 @@ def domain_errors(dest: Path) -> Iterator[None]:
         raise
 
 
-def _extract(read: Read, dest: Path, root: str, keep_hashes: bool = False) -> ExtractResult:
+def _extract(
+    read: Read, dest: Path, root: str, keep_hashes: bool = False, budget: Budget | None = None
+) -> ExtractResult:
     """Extract the tar stream that read() yields under dest."""
-    extractor = Extractor(dest, root, PlainRules(), keep_hashes=keep_hashes)
+    extractor = Extractor(dest, root, PlainRules(), keep_hashes=keep_hashes, budget=budget)
     with domain_errors(dest):
-        extractor.add_all(Source(read))
+        extractor.add_all(extractor.source(read))
         return extractor.finish()
 
 
 def extract_tar(
-    fileobj: BinaryIO, dest: Path, *, root: str = "testbed", keep_hashes: bool = False
+    fileobj: BinaryIO,
+    dest: Path,
+    *,
+    root: str = "testbed",
+    keep_hashes: bool = False,
+    budget: Budget | None = None,
 ) -> ExtractResult:
     """Sync: read a tar stream (non-seekable, tarfile mode "r|") and write it under dest."""
-    return _extract(fileobj.read, dest, root, keep_hashes)
+    return _extract(fileobj.read, dest, root, keep_hashes, budget)
 
 
 async def extract_stream(
-    chunks: AsyncIterable[bytes], dest: Path, *, root: str = "testbed", keep_hashes: bool = False
+    chunks: AsyncIterable[bytes],
+    dest: Path,
+    *,
+    root: str = "testbed",
+    keep_hashes: bool = False,
+    budget: Budget | None = None,
 ) -> ExtractResult:
     """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory.
 
     ``keep_hashes``: also return the content hashes of the files written (for tree_digest).
+    ``budget``: the bytes and members the extraction may read (LimitExceeded beyond).
     """
-    extract = functools.partial(_extract, dest=dest, root=root, keep_hashes=keep_hashes)
+    extract = functools.partial(
+        _extract, dest=dest, root=root, keep_hashes=keep_hashes, budget=budget
+    )
     return await feed_thread(chunks, extract)

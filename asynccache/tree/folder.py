@@ -8,13 +8,15 @@ end, symlinks, hardlinks, removals, with the regular files and bytes they add up
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from asynccache._fs import current_umask
@@ -29,6 +31,7 @@ from asynccache.tree.writer import (
     FileJob,
     FileWriter,
     Job,
+    SparseWriter,
     create_file,
     write_all,
 )
@@ -68,6 +71,22 @@ def _write_hashed(fd: int, content: _Hasher, pieces: list[bytes], total: int) ->
     write_all(fd, pieces, total)
     for piece in pieces:
         content.update(piece)
+
+
+@contextmanager
+def _unlinked_unless_done(fd: int, full: bytes) -> Iterator[None]:
+    """Close fd at the end; remove the file when its data could not all be written.
+
+    A stream that ends or fails inside a file's data leaves no partial file behind.
+    """
+    try:
+        yield
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(full)
+        raise
+    os.close(fd)
 
 
 def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
@@ -171,7 +190,7 @@ class Folder:
             self.remove(full, rel)
             fd = os.open(full, FILE_FLAGS, mode)
         content = hashlib.sha256() if self.record.keep_hashes else None
-        try:
+        with _unlinked_unless_done(fd, full):
             if mode & self.umask:
                 os.fchmod(fd, mode)
             if size:
@@ -184,8 +203,37 @@ class Folder:
             if content is not None:
                 taken = (identity_of(os.fstat(fd)), content.hexdigest())
                 self.record.keep_hash(rel, mode, taken)
-        finally:
-            os.close(fd)
+
+    def write_sparse(
+        self,
+        rel: bytes,
+        mode: int,
+        mtime: int | None,
+        size: int,
+        segments: list[tuple[int, int]],
+        fill: Callable[[Sink], None],
+    ) -> None:
+        """Create the sparse file at rel: each segment's data at its offset, holes between.
+
+        Its content hash is left to the digest, which reads the file back (hashing its holes
+        here would cost as much).
+        """
+        self.flush()
+        self.record.forget(rel)
+        self.record.lose_track()
+        full = self.base + rel
+        try:
+            fd = os.open(full, FILE_FLAGS, mode)
+        except FileExistsError:
+            self.remove(full, rel)
+            fd = os.open(full, FILE_FLAGS, mode)
+        with _unlinked_unless_done(fd, full):
+            if mode & self.umask:
+                os.fchmod(fd, mode)
+            fill(SparseWriter(fd, segments))
+            os.ftruncate(fd, size)
+            if mtime is not None:
+                os.utime(fd, ns=(mtime, mtime))
 
     def write_now(self, job: Job) -> None:
         """Create a file or folder the writer gave back, here (counted when it was queued)."""

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from asynccache._threads import Read
 from asynccache.errors import UnsafeArchive
+from asynccache.tree.budget import Budget
 from asynccache.tree.digest import walk
 from asynccache.tree.extract import Extractor, ExtractResult, domain_errors
 from asynccache.tree.folder import Folder
 from asynccache.tree.paths import BadName, parts
-from asynccache.tree.tarstream import CHUNK, Source, TarReader, members
+from asynccache.tree.tarstream import CHUNK, Member, TarReader, members
 from asynccache.tree.writer import FILE_FLAGS, write_all
 
 __all__ = ["LayerResult", "LayerRules", "LayerTree"]
@@ -64,6 +65,9 @@ class LayerRules:
         self.touched = False
         # paths the current layer wrote (with their ancestors), kept by its opaque markers
         self.created: set[bytes] = set()
+        # folder -> its children in created: a removed folder's are forgotten in their number
+        # of steps (rebuilding the set on each removal made replacing folders quadratic)
+        self.children: dict[bytes, list[bytes]] = {}
         # target name outside the root -> placeholders (path, inode) that wait for its data
         self.deferred: dict[str, list[tuple[bytes, int]]] = {}
         #: Placeholders of hardlinks were filled after they were counted: count on disk.
@@ -72,6 +76,7 @@ class LayerRules:
     def start_layer(self) -> None:
         """A new layer begins: nothing of it is written yet."""
         self.created = set()
+        self.children = {}
         self.deferred = {}
         self.touched = False
 
@@ -125,7 +130,9 @@ class LayerRules:
             created.add(rel)
             if not rel:
                 return
-            rel = rel.rpartition(b"/")[0]
+            parent = rel.rpartition(b"/")[0]
+            self.children.setdefault(parent, []).append(rel)
+            rel = parent
 
     def replaceable(self, rel: bytes) -> bool:
         """What a lower layer left at rel may become a folder; what this layer wrote may not."""
@@ -133,9 +140,15 @@ class LayerRules:
 
     def removed(self, rel: bytes) -> None:
         """Nothing under rel is the current layer's any more."""
-        if self.created:
-            inside = rel + b"/"
-            self.created = {p for p in self.created if not p.startswith(inside)}
+        children = self.children
+        stack = children.pop(rel, None)
+        created = self.created
+        while stack:
+            path = stack.pop()
+            created.discard(path)
+            below = children.pop(path, None)
+            if below:
+                stack.extend(below)
 
     def whiteout(self, folder: Folder, info: tarfile.TarInfo, rel: bytes) -> bool:
         """Apply a whiteout or skip whiteout metadata; False for an ordinary member."""
@@ -179,16 +192,19 @@ class LayerRules:
 
     def hide_lower(self, folder: Folder, rel: bytes) -> None:
         """Remove what lower layers wrote under rel, keeping the current layer's paths."""
-        full = folder.base + rel if rel else folder.dest
-        with os.scandir(full) as entries:
-            children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
-        for name, is_dir in children:
-            child = rel + b"/" + os.fsencode(name) if rel else os.fsencode(name)
-            if child in self.created:
-                if is_dir:
-                    self.hide_lower(folder, child)
-                continue
-            folder.remove(folder.base + child, child)
+        stack = [rel]
+        while stack:
+            current = stack.pop()
+            full = folder.base + current if current else folder.dest
+            with os.scandir(full) as entries:
+                found = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            for name, is_dir in found:
+                child = current + b"/" + name if current else name
+                if child in self.created:
+                    if is_dir:
+                        stack.append(child)
+                    continue
+                folder.remove(folder.base + child, child)
 
     def outside_link(
         self, extractor: Extractor, info: tarfile.TarInfo, rel: bytes, reason: str
@@ -227,7 +243,7 @@ class LayerRules:
         folder.count(1)
         self.deferred.setdefault(key, []).append((rel, inode))
 
-    def fill(self, extractor: Extractor, tar: TarReader, info: tarfile.TarInfo) -> bool:
+    def fill(self, extractor: Extractor, tar: TarReader, info: Member) -> bool:
         """Write a target's data into the placeholders waiting for it; True once none wait."""
         try:
             key = "/".join(parts(info.name))
@@ -236,8 +252,10 @@ class LayerRules:
         waiting = self.deferred.pop(key, None)
         if waiting is None:
             return not self.deferred
-        if not info.isreg() or info.sparse is not None:
+        if not info.isreg():
             raise UnsafeArchive(info.name, "hardlink target is not a regular file")
+        if info.segments is not None:
+            raise UnsafeArchive(info.name, "hardlink target is a sparse file (not supported)")
         mode = extractor.mode(info)
         mtime = extractor.mtime(info)
         filled: bytes | None = None
@@ -256,12 +274,18 @@ class LayerRules:
                 if found.st_ino != inode or not stat.S_ISREG(found.st_mode):
                     continue
                 os.ftruncate(fd, 0)
-                if filled is None:
-                    if info.size:
-                        extractor.copy(tar, info, fd)
-                    filled = full
-                else:
-                    _copy_file(filled, fd)
+                try:
+                    if filled is None:
+                        if info.size:
+                            extractor.copy(tar, info, fd)
+                        filled = full
+                    else:
+                        if extractor.budget is not None:
+                            extractor.budget.take_bytes(info.size)  # a second copy written
+                        _copy_file(filled, fd)
+                except BaseException:
+                    os.ftruncate(fd, 0)  # never a part of the data (the entry fails anyway)
+                    raise
                 os.fchmod(fd, mode)
                 if mtime is not None:
                     os.utime(fd, ns=(mtime, mtime))
@@ -283,10 +307,18 @@ class LayerResult:
 class LayerTree:
     """Applies image layers in order to one folder: only ``root``, OCI whiteouts, safe writes."""
 
-    def __init__(self, dest: Path, *, root: str = "testbed", keep_hashes: bool = False) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        *,
+        root: str = "testbed",
+        keep_hashes: bool = False,
+        budget: Budget | None = None,
+    ) -> None:
+        """``budget``: what all the layers applied may read together (LimitExceeded beyond)."""
         self.dest = dest
         self._rules = LayerRules()
-        self._extractor = Extractor(dest, root, self._rules, keep_hashes=keep_hashes)
+        self._extractor = Extractor(dest, root, self._rules, keep_hashes=keep_hashes, budget=budget)
 
     @property
     def present(self) -> bool:
@@ -298,7 +330,7 @@ class LayerTree:
         rules = self._rules
         rules.start_layer()
         with domain_errors(self.dest):
-            self._extractor.add_all(Source(read))
+            self._extractor.add_all(self._extractor.source(read))
         return LayerResult(touched=rules.touched, links_pending=bool(rules.deferred))
 
     def fill_links(self, read: Read) -> None:
@@ -307,7 +339,7 @@ class LayerTree:
         if not rules.deferred:
             return
         with domain_errors(self.dest):
-            for tar, info in members(Source(read)):
+            for tar, info in members(self._extractor.source(read)):
                 if rules.fill(self._extractor, tar, info):
                     return
         missing = next(iter(rules.deferred))

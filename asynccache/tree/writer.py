@@ -44,6 +44,36 @@ def write_all(fd: int, pieces: list[bytes], total: int) -> None:
             rest = rest[os.write(fd, rest) :]
 
 
+class SparseWriter:
+    """A sink that writes a sparse member's data, as it is read, at its segments' offsets.
+
+    The holes between segments are never written: the file gets them as holes, as GNU tar
+    gives them (the caller sets the file's full size at the end).
+    """
+
+    def __init__(self, fd: int, segments: list[tuple[int, int]]) -> None:
+        self.fd = fd
+        self._segments = [segment for segment in segments if segment[1]]
+        self._index = 0
+        self._done = 0  # bytes of the current segment written
+
+    def __call__(self, pieces: list[bytes], total: int) -> None:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                offset, length = self._segments[self._index]
+                take = min(len(view), length - self._done)
+                part, at = view[:take], offset + self._done
+                while part:
+                    written = os.pwrite(self.fd, part, at)
+                    part, at = part[written:], at + written
+                self._done += take
+                view = view[take:]
+                if self._done == length:
+                    self._index += 1
+                    self._done = 0
+
+
 @dataclass(slots=True)
 class FileJob:
     """One regular file to create: where, with what mode, mtime and data."""

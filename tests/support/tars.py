@@ -11,7 +11,7 @@ import sys
 import tarfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, BinaryIO, cast
 
 import anyio
@@ -19,6 +19,7 @@ import pytest
 
 import asynccache.tree.extract as extract_module
 import asynccache.tree.tarstream as tarstream
+from asynccache.tree.budget import Budget
 from asynccache.tree.digest import tree_digest
 from asynccache.tree.extract import ExtractResult, extract_stream, extract_tar
 from asynccache.tree.layered import LayerTree
@@ -200,8 +201,10 @@ def extract_threads() -> list[int]:
     return busy
 
 
-def apply_all(dest: Path, *layers: bytes) -> tuple[LayerTree, ExtractResult]:
-    tree = LayerTree(dest)
+def apply_all(
+    dest: Path, *layers: bytes, budget: Budget | None = None
+) -> tuple[LayerTree, ExtractResult]:
+    tree = LayerTree(dest, budget=budget)
     for data in layers:
         tree.apply(io.BytesIO(data).read)
     return tree, tree.finish()
@@ -223,6 +226,31 @@ def listing(root: Path) -> dict[str, str]:
                 data = path.read_bytes()
                 found[rel] = data.decode() if len(data) < 1000 else hashlib.sha256(data).hexdigest()
     return found
+
+
+def lines_run(call: Callable[[], object], *modules: ModuleType) -> int:
+    """How many lines of the modules' code call() runs in this thread: a count of work done.
+
+    Tests bound work by this count rather than by time (the same on any machine and load).
+    """
+    files = {module.__file__ for module in modules}
+    count = 0
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def start(frame: FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code.co_filename in files else None
+
+    sys.settrace(start)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
 
 
 def victim_intact(box: Path) -> bool:

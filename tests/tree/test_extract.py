@@ -136,18 +136,45 @@ def test_directory_mtime_survives_later_children(extract: Extract, dest: Path) -
 def test_modes_survive_a_restrictive_umask(extract: Extract, dest: Path) -> None:
     data = build(
         dirm("testbed"),
-        dirm("testbed/shared", 0o777),
-        reg("testbed/shared/open.txt", b"o", 0o666),
-        reg("testbed/tool", b"t", 0o775),
+        dirm("testbed/shared", 0o775),
+        reg("testbed/shared/open.txt", b"o", 0o664),
+        reg("testbed/tool", b"t", 0o755),
     )
     previous = os.umask(0o077)
     try:
         extract(data, dest)
     finally:
         os.umask(previous)
-    assert mode_of(dest / "shared") == 0o777
-    assert mode_of(dest / "shared" / "open.txt") == 0o666
-    assert mode_of(dest / "tool") == 0o775
+    assert mode_of(dest / "shared") == 0o775
+    assert mode_of(dest / "shared" / "open.txt") == 0o664
+    assert mode_of(dest / "tool") == 0o755
+
+
+def test_nothing_is_left_writable_by_others(extract: Extract, dest: Path) -> None:
+    data = build(
+        dirm("testbed", 0o777),
+        dirm("testbed/shared", 0o777),
+        reg("testbed/shared/open.txt", b"o", 0o666),
+        reg("testbed/shared/big.bin", b"b" * (2 << 20), 0o646),
+        reg("testbed/tool", b"t", 0o757),
+        dirm("testbed/kept", 0o755),
+        sym("testbed/link", "tool"),
+    )
+    previous = os.umask(0)
+    try:
+        result = extract(data, dest)
+    finally:
+        os.umask(previous)
+    assert mode_of(dest) == 0o775
+    assert mode_of(dest / "shared") == 0o775
+    assert mode_of(dest / "shared" / "open.txt") == 0o664
+    assert mode_of(dest / "shared" / "big.bin") == 0o644
+    assert mode_of(dest / "tool") == 0o755
+    assert mode_of(dest / "kept") == 0o755
+    assert result.warnings == (
+        "dropped write permission for others from 5 members "
+        "(testbed, testbed/shared, testbed/shared/open.txt, ...)",
+    )
 
 
 def test_undecodable_pax_name_round_trips(extract: Extract, dest: Path) -> None:
@@ -515,12 +542,12 @@ def test_setuid_setgid_sticky_bits_are_dropped_with_warnings(extract: Extract, d
         dirm("testbed"),
         reg("testbed/suid", b"s", 0o4755),
         reg("testbed/sgid", b"g", 0o2750),
-        dirm("testbed/tmp", 0o1777),
+        dirm("testbed/tmp", 0o1775),
     )
     result = extract(data, dest)
     assert mode_of(dest / "suid") == 0o755
     assert mode_of(dest / "sgid") == 0o750
-    assert mode_of(dest / "tmp") == 0o777
+    assert mode_of(dest / "tmp") == 0o775
     assert len(result.warnings) == 3
     assert all("dropped setuid/setgid/sticky" in warning for warning in result.warnings)
 
@@ -535,6 +562,15 @@ def test_warnings_are_capped(dest: Path) -> None:
 def test_truncated_inside_member_data(extract: Extract, sandbox: Path) -> None:
     data = build(dirm("testbed"), reg("testbed/big", b"b" * 20_000))
     assert_rejected(extract, sandbox, data[: 1536 + 5000], TruncatedArchive, "inside the data")
+
+
+@pytest.mark.parametrize("size", [100, 3 * 1024 * 1024])
+def test_truncation_leaves_no_partial_file(extract: Extract, dest: Path, size: int) -> None:
+    # small files are written once their data is read, large ones as it arrives
+    data = build(dirm("testbed"), reg("testbed/done", b"d"), reg("testbed/cut", b"c" * size))
+    with pytest.raises(TruncatedArchive, match="inside the data of 'testbed/cut'"):
+        extract(data[: 1536 + 512 + size // 2], dest)
+    assert not (dest / "cut").exists()
 
 
 def test_truncated_inside_member_padding(extract: Extract, sandbox: Path) -> None:
@@ -590,12 +626,55 @@ def test_negative_pax_size_is_rejected(extract: Extract, sandbox: Path) -> None:
 
 
 def test_out_of_range_mtime_is_left_unset_with_warning(extract: Extract, dest: Path) -> None:
-    records = pax_record(b"mtime", b"1e30")
+    records = pax_record(b"mtime", b"1" + b"0" * 30)
     data = build(dirm("testbed"), end=False)
     data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
     result = extract(data, dest)
     assert (dest / "a.txt").read_bytes() == b"a"
-    assert result.warnings == ("testbed/a.txt: mtime 1e+30 out of range, left unset",)
+    assert result.warnings == (f"testbed/a.txt: mtime {10**30} out of range, left unset",)
+
+
+@pytest.mark.parametrize("value", [b"1e30", b"", b"12x", b"0x10", b"1.5.2", b"-", b" 12", b".5"])
+def test_a_malformed_pax_mtime_is_rejected(extract: Extract, sandbox: Path, value: bytes) -> None:
+    # as GNU tar and Go's archive/tar: never read as 0 (the epoch) and extracted anyway
+    records = pax_record(b"mtime", value)
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "malformed pax mtime")
+
+
+@pytest.mark.parametrize(
+    ("value", "ns"),
+    [(b"1600000000", MTIME * NS), (b"1600000000.5", MTIME * NS + NS // 2), (b"-1.5", -3 * NS // 2)],
+)
+def test_pax_mtimes_with_fractions(extract: Extract, dest: Path, value: bytes, ns: int) -> None:
+    records = pax_record(b"mtime", value)
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    extract(data, dest)
+    assert os.stat(dest / "a.txt").st_mtime_ns == ns
+
+
+@pytest.mark.parametrize("key", [b"size", b"uid", b"gid", b"atime"])
+def test_other_malformed_pax_numbers_are_rejected(
+    extract: Extract, sandbox: Path, key: bytes
+) -> None:
+    records = pax_record(key, b"12abc")
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, f"malformed pax {key.decode()}")
+
+
+@pytest.mark.parametrize(
+    "records",
+    [b"5 a=b\n", b"12 path=abc", b"9 =value\n", b"x path=a\n", b"99 path=a\n", b"6 novalue\n"],
+)
+def test_malformed_pax_records_are_rejected(
+    extract: Extract, sandbox: Path, records: bytes
+) -> None:
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    assert_rejected(extract, sandbox, data, UnsafeArchive, "malformed pax record")
 
 
 def test_oversized_pax_header_is_rejected(extract: Extract, sandbox: Path) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tarfile
 from pathlib import Path
 
 import pytest
 
+import asynccache.tree.folder as folder_module
+import asynccache.tree.layered as layered
+from asynccache._fs import remove_tree
 from asynccache.errors import UnsafeArchive
 from asynccache.tree.digest import tree_stats
 from asynccache.tree.layered import LayerTree
@@ -22,7 +26,7 @@ from tests.support.oci_fixtures import (
     tar_bytes,
     whiteout,
 )
-from tests.support.tars import apply_all, listing, victim_intact
+from tests.support.tars import apply_all, lines_run, listing, victim_intact
 
 
 def test_whiteouts_remove_a_lower_file_and_directory(dest: Path) -> None:
@@ -281,3 +285,38 @@ def test_write_through_a_symlink_of_the_same_layer_is_rejected(sandbox: Path) ->
     with pytest.raises(UnsafeArchive, match="is a symlink"):
         tree.apply(io.BytesIO(layer).read)
     assert not (sandbox / "victim" / "x").exists()
+
+
+def folders_replaced(dest: Path, count: int) -> None:
+    """A layer of count folders, then one that writes a file and replaces a folder, count times."""
+    lower = [folder("testbed")]
+    for i in range(count):
+        lower += [folder(f"testbed/d{i}"), file(f"testbed/d{i}/f", "f")]
+    upper = []
+    for i in range(count):
+        upper += [file(f"testbed/keep{i}", "k"), file(f"testbed/d{i}", "now a file")]
+    _, result = apply_all(dest, tar_bytes(lower), tar_bytes(upper))
+    assert result.file_count == 2 * count
+
+
+def test_replacing_folders_across_layers_takes_linear_work(tmp_path: Path) -> None:
+    def work(count: int) -> int:
+        dest = tmp_path / str(count)
+        dest.mkdir()
+        return lines_run(lambda: folders_replaced(dest, count), layered, folder_module)
+
+    small, large = work(600), work(1800)
+    # three times the folders, three times the work (nine times when it was quadratic)
+    assert large < 3.5 * small
+
+
+def test_an_opaque_marker_over_a_deep_tree_of_its_own_layer(dest: Path) -> None:
+    depth = 1200  # deeper than Python's recursion limit
+    path = "testbed/" + "/".join(["d"] * depth)
+    lower = tar_bytes([folder("testbed"), file(path + "/old", "old")])
+    upper = tar_bytes([file(path + "/new", "new"), opaque("testbed")])
+    try:
+        apply_all(dest, lower, upper)
+        assert os.listdir(os.path.join(dest, *["d"] * depth)) == ["new"]
+    finally:
+        remove_tree(dest)  # pytest's own clean-up recurses

@@ -1,4 +1,9 @@
-"""The tar stream reader gives the members and data that tarfile's own stream parser gives."""
+"""The tar stream reader gives the members and data that tarfile's own stream parser gives.
+
+Except where tarfile differs from GNU tar and Go's archive/tar (global pax headers, old GNU
+headers, repeated extended headers, malformed pax numbers, sparse members): see
+test_tar_fidelity.py.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from collections.abc import Callable
 
 import pytest
 
+import asynccache.tree.tarstream as tarstream
 from asynccache.errors import TruncatedArchive, UnsafeArchive
 from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members, plain_header
-from tests.support.tars import MTIME
+from tests.support.tars import MTIME, lines_run, pax_record
 
 FIELDS = (
     "name",
@@ -115,7 +121,14 @@ def theirs(data: bytes) -> list[tuple[object, ...]]:
                 handle = tar.extractfile(info)
                 assert handle is not None
                 content = handle.read()
-            found.append((*(getattr(info, key) for key in FIELDS), content))
+            fields = {key: getattr(info, key) for key in FIELDS}
+            # Docker's extraction (and so ours) never applies a global pax header
+            fields["pax_headers"] = {
+                key: value
+                for key, value in info.pax_headers.items()
+                if (key, value) != ("comment", "global")
+            }
+            found.append((*fields.values(), content))
     return found
 
 
@@ -199,7 +212,48 @@ def test_the_quick_header_parser_agrees_with_tarfile(seed: int) -> None:
             continue
         quick += 1
         theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        if block[257:263] != b"ustar\0":  # only a POSIX header has a prefix (GNU tar, Go)
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            theirs.name = name.rstrip("/") if theirs.isdir() else name
         assert {key: getattr(ours, key) for key in HEADER_FIELDS} == {
             key: getattr(theirs, key) for key in HEADER_FIELDS
         }
     assert quick > 200  # most blocks take the quick path
+
+
+def globals_then_members(count: int) -> bytes:
+    """count members, each after a global pax header with a key of its own."""
+    out = io.BytesIO()
+    for index in range(count):
+        record = pax_record(f"x.key{index}".encode(), b"1")
+        header = tarfile.TarInfo("././@PaxGlobal")
+        header.type, header.size = tarfile.XGLTYPE, len(record)
+        out.write(header.tobuf(tarfile.USTAR_FORMAT) + record.ljust(512, b"\0"))
+        info = tarfile.TarInfo(f"testbed/f{index}")
+        out.write(info.tobuf(tarfile.USTAR_FORMAT))
+    out.write(b"\0" * 1024)
+    return out.getvalue()
+
+
+def test_many_global_headers_take_linear_work() -> None:
+    def work(count: int) -> int:
+        data = globals_then_members(count)
+        found: list[str] = []
+
+        def read_all() -> None:
+            found.extend(info.name for _reader, info in members(Source(io.BytesIO(data).read)))
+
+        lines = lines_run(read_all, tarstream, tarfile)
+        assert found == [f"testbed/f{index}" for index in range(count)]
+        return lines
+
+    small, large = work(500), work(1500)
+    # three times the headers, three times the work (nine times when every global header
+    # was applied again to every later member)
+    assert large < 3.5 * small
+
+
+def test_a_global_header_keeps_the_quick_path_for_later_members() -> None:
+    data = globals_then_members(3)
+    infos = [info for _reader, info in members(Source(io.BytesIO(data).read))]
+    assert [info.pax_headers for info in infos] == [{}, {}, {}]
