@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asynccache.errors import DigestMismatch, TransferFailed, UnsafeArchive
+from asynccache.errors import DigestMismatch, SetupError, TransferFailed, UnsafeArchive
 from asynccache.sources.registry.compression import compression_of
 from asynccache.sources.registry.layer_store import LayerStore
 from asynccache.tree.digest import tree_stats
 from asynccache.tree.layered import LayerTree
 from tests.support.oci_fixtures import compress, file, folder, hardlink, sha256, symlink, tar_bytes
+from tests.support.oci_fixtures import folder as folder_member
 from tests.support.tars import apply_all, listing
 
 
@@ -236,3 +238,123 @@ async def test_corrupt_gzip_is_reported_through_the_read_ahead_thread(tmp_path: 
             blob_opener(bytes(blob), []),
         )
     assert layer_threads() == []
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A folder outside the cache whose files carry the names the blob cache uses."""
+    outside = tmp_path / "victim"
+    (outside / ".partial").mkdir(parents=True)
+    (outside / ".partial" / "sha256-0.abcd").write_text("partial")
+    hours_ago = time.time() - 7200  # as old as a partial download of a run long gone
+    os.utime(outside / ".partial" / "sha256-0.abcd", (hours_ago, hours_ago))
+    (outside / ("sha256-" + "0" * 64)).write_text("old blob")
+    (outside / "untouched").write_text("testbed sha256:feed\n")
+    (outside / "secret.txt").write_text("secret")
+    return outside
+
+
+def outside_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under folder: its content and mtime."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+async def use_store(
+    folder: Path, tmp_path: Path, max_bytes: int = 1 << 30, work_name: str | None = None
+) -> LayerStore:
+    """A store on folder that fetches, caches, evicts and remembers an untouched layer."""
+    store = LayerStore(folder, max_bytes=max_bytes, work_name=work_name)
+    store.open()
+    untouched = compress(tar_bytes([folder_member("usr"), file("usr/x", "x")]), "gzip")
+    for number in range(3):
+        blob = compress(
+            tar_bytes([folder_member("testbed"), file(f"testbed/{number}", "n")]), "gzip"
+        )
+        dest = tmp_path / f"dest{number}"
+        dest.mkdir()
+        tree = LayerTree(dest)
+        await store.apply(
+            tree, "img", sha256(untouched), len(untouched), blob_opener(untouched, [])
+        )
+        await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+        await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+        assert listing(dest) == {str(number): "n"}
+    return store
+
+
+@pytest.mark.anyio
+async def test_the_blob_cache_may_be_a_link_of_the_users_own(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "big-disk"
+    elsewhere.mkdir()
+    layers = tmp_path / "layers"
+    layers.symlink_to(elsewhere)  # to another disk, say
+    store = await use_store(layers, tmp_path)
+    store.close()
+    assert (elsewhere / "untouched").is_file()
+
+
+def test_a_link_of_another_user_as_the_blob_cache_is_refused(tmp_path: Path, victim: Path) -> None:
+    before = outside_state(victim)
+    layers = tmp_path / "shared" / "layers"
+    layers.parent.mkdir()
+    layers.symlink_to(victim)
+    os.lchown(layers, 4242, 4242)  # planted by another local user before the first run
+    with pytest.raises(SetupError, match=r"is a link owned by another user \(uid 4242\)"):
+        LayerStore(layers).open()
+    assert outside_state(victim) == before
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", [".partial", ".partial/2-of-4", "untouched"])
+async def test_links_planted_inside_the_blob_cache_are_never_followed(
+    tmp_path: Path, victim: Path, name: str
+) -> None:
+    before = outside_state(victim)
+    layers = tmp_path / ".layers"
+    (layers / name).parent.mkdir(parents=True, exist_ok=True)
+    (layers / name).symlink_to(victim / ".partial" if name.count("/") else victim / name)
+    work_name = name.partition("/")[2] or None  # a shard's own partial folder
+    store = await use_store(layers, tmp_path, max_bytes=300, work_name=work_name)
+    store.close()
+    assert outside_state(victim) == before
+    assert not (layers / name).is_symlink()
+    later = LayerStore(layers)
+    later.open()  # the untouched layer was remembered in a file of the store's own
+    assert len(later.untouched) == 1
+    later.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+async def test_a_cached_blob_swapped_for_a_link_is_neither_read_nor_touched(
+    tmp_path: Path, victim: Path, planted: str
+) -> None:
+    blob = compress(tar_bytes([folder_member("testbed"), file("testbed/a", "fetched")]), "gzip")
+    layers = tmp_path / ".layers"
+    calls: list[str] = []
+    for number in range(2):
+        store = LayerStore(layers)
+        store.open()
+        if number:  # known as cached, then swapped before it is read
+            cached = layers / sha256(blob).replace(":", "-", 1)
+            cached.unlink()
+            if planted == "link":
+                cached.symlink_to(victim / "secret.txt")
+            else:
+                os.mkfifo(cached)  # would block whoever opens it to read
+        dest = tmp_path / f"dest{number}"
+        dest.mkdir()
+        before = outside_state(victim)
+        with anyio.fail_after(20):
+            await store.apply(
+                LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, calls)
+            )
+        store.close()
+        assert listing(dest) == {"a": "fetched"}
+        assert outside_state(victim) == before
+    assert calls == ["open", "open"]  # fetched again: what was planted is no cached blob
+    assert cached.is_file() and not cached.is_symlink()  # replaced by the real blob

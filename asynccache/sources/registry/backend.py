@@ -96,6 +96,7 @@ class RegistryBackend:
             await self._session.close()
             self._session = None
         layers = self.layers
+        layers.close()
         log.info(
             "registry backend: %d bytes downloaded; layers fetched %d, from cache %d, "
             "skipped as holding no %s %d",

@@ -1,11 +1,20 @@
-"""Image layers applied to a tree: shared fetches, empty-layer memory, a bounded blob cache."""
+"""Image layers applied to a tree: shared fetches, empty-layer memory, a bounded blob cache.
+
+The blob cache folder may hold links that another user planted (runs share it, and it may be
+a shared folder): it is held by a descriptor, and every folder and file in it is reached
+through that descriptor without following links (``O_NOFOLLOW``), so nothing outside it is
+ever read, unlinked, truncated or appended to. The folder itself may be a link of the user's
+own (to another disk), never one of another user's.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -16,7 +25,13 @@ import anyio
 import anyio.to_thread
 
 from asynccache._threads import Read, ReadAhead, feed_thread
-from asynccache.errors import DigestMismatch, TransferFailed, TruncatedArchive, UnsafeArchive
+from asynccache.errors import (
+    DigestMismatch,
+    SetupError,
+    TransferFailed,
+    TruncatedArchive,
+    UnsafeArchive,
+)
 from asynccache.sources.registry.compression import Blob, decompressed
 from asynccache.tree.layered import LayerResult, LayerTree
 
@@ -28,6 +43,13 @@ _PARTIAL_DIR = ".partial"
 #: A partial download untouched this long belongs to no live run (runs share the folder).
 _STALE_PARTIAL_SECONDS = 3600.0
 _UNTOUCHED_FILE = "untouched"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Flags of every file opened in the cache (a FIFO planted there must not block the open).
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_APPEND_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+)
 
 #: Opens a layer blob and gives its chunks.
 BlobOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
@@ -37,6 +59,65 @@ BlobOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 class _Cached:
     size: int
     used: float
+
+
+def _top_folder(path: Path) -> int:
+    """Open the blob cache folder (creating it); a link there is followed if it is the user's.
+
+    A link owned by another user (planted before this run made the folder) is refused.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o755)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, os.geteuid()):
+        raise SetupError(
+            f"the layer cache folder {path} is a link owned by another user (uid "
+            f"{info.st_uid}); remove it or choose another --layer_cache_dir"
+        )
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise SetupError(
+            f"the layer cache folder {path} is not a folder; choose another --layer_cache_dir"
+        ) from None
+
+
+def _own_folder(name: str | Path, dir_fd: int | None = None) -> int:
+    """Open the folder name (creating it) without following a link: what else is there goes."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+    # a link or a file planted in its place: removed (never followed), the folder made anew
+    os.unlink(name, dir_fd=dir_fd)
+    os.mkdir(name, 0o755, dir_fd=dir_fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _open_regular(name: str, dir_fd: int, flags: int = _READ_FLAGS) -> int | None:
+    """A descriptor of the regular file name in dir_fd; None when there is none (or not one)."""
+    try:
+        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return None  # a link, or a FIFO nobody reads
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    """The content of an open regular file."""
+    with open(fd, "rb", buffering=0, closefd=False) as handle:
+        return handle.read()
 
 
 class LayerStore:
@@ -51,10 +132,13 @@ class LayerStore:
         work_name: str | None = None,
     ) -> None:
         self.folder = folder
-        # Partial downloads of a shard's run live apart: other shards share the folder.
-        self.partial = f"{_PARTIAL_DIR}/{work_name}" if work_name else _PARTIAL_DIR
+        #: The folder of this run's partial downloads under .partial (a shard's name), if any.
+        self.work_name = work_name or None
         self.root = root
         self.max_bytes = max_bytes if folder is not None else 0
+        # the folder and its partial-download folder, held open while the store is
+        self._dir: int | None = None
+        self._partial: int | None = None
         self.untouched: set[str] = set()
         self._cached: dict[str, _Cached] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -66,31 +150,54 @@ class LayerStore:
         """Sync: create the folder, drop partial downloads, load what earlier runs learnt."""
         if self.folder is None:
             return
-        partial = self.folder / self.partial
-        partial.mkdir(parents=True, exist_ok=True)
+        self._dir = folder = _top_folder(self.folder)
+        partial = _own_folder(_PARTIAL_DIR, folder)
+        for part in (self.work_name or "").split("/"):
+            if part:  # a shard's or a worker's partial downloads live apart
+                shared, partial = partial, _own_folder(part, partial)
+                os.close(shared)
+        self._partial = partial
         # Other runs may be writing theirs right now: only long-untouched ones are stale.
         cutoff = time.time() - _STALE_PARTIAL_SECONDS
-        for stale in partial.iterdir():
+        with os.scandir(partial) as entries:
+            stale = [
+                entry.name
+                for entry in entries
+                if not entry.is_dir(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ]
+        for name in stale:
             with contextlib.suppress(OSError):
-                if stale.stat(follow_symlinks=False).st_mtime < cutoff:
-                    stale.unlink()
-        with (
-            contextlib.suppress(OSError),
-            open(self.folder / _UNTOUCHED_FILE, encoding="utf-8") as f,
-        ):
-            for line in f:
+                os.unlink(name, dir_fd=partial)
+        fd = _open_regular(_UNTOUCHED_FILE, folder)
+        if fd is not None:
+            try:
+                lines = _read_all(fd).decode("utf-8", "replace").splitlines()
+            finally:
+                os.close(fd)
+            for line in lines:
                 root, _, digest = line.strip().partition(" ")
                 if root == self.root and digest:
                     self.untouched.add(digest)
-        for entry in os.scandir(self.folder):
-            if entry.is_file(follow_symlinks=False) and entry.name.startswith("sha"):
-                info = entry.stat(follow_symlinks=False)
-                self._cached[entry.name.replace("-", ":", 1)] = _Cached(info.st_size, info.st_mtime)
-        _unlink_all(self._evict())
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and entry.name.startswith("sha"):
+                    info = entry.stat(follow_symlinks=False)
+                    used = _Cached(info.st_size, info.st_mtime)
+                    self._cached[entry.name.replace("-", ":", 1)] = used
+        self._unlink_all(self._evict())
 
-    def _path(self, digest: str) -> Path:
-        assert self.folder is not None
-        return self.folder / digest.replace(":", "-", 1)
+    def close(self) -> None:
+        """Sync: let go of the folder."""
+        for fd in (self._partial, self._dir):
+            if fd is not None:
+                os.close(fd)
+        self._dir = self._partial = None
+
+    @staticmethod
+    def _name(digest: str) -> str:
+        """The name of a digest's blob in the folder."""
+        return digest.replace(":", "-", 1)
 
     async def apply(
         self, tree: LayerTree, image: str, digest: str, size: int, open_blob: BlobOpener
@@ -115,37 +222,36 @@ class LayerStore:
         self, tree: LayerTree, image: str, digest: str, size: int, open_blob: BlobOpener
     ) -> None:
         self.fetches += 1
-        tee_path: Path | None = None
-        if self.folder is not None and size <= self.max_bytes:
-            tee_path = (
-                self.folder / self.partial / f"{digest.replace(':', '-')}.{secrets.token_hex(4)}"
-            )
+        tee: _Tee | None = None
+        if self._partial is not None and size <= self.max_bytes:
+            tee = _Tee(self._partial, f"{self._name(digest)}.{secrets.token_hex(4)}")
         kept = False
         try:
             async with open_blob() as chunks:
                 result = await feed_thread(
-                    chunks, lambda read: _apply_stream(tree, image, digest, size, tee_path, read)
+                    chunks, lambda read: _apply_stream(tree, image, digest, size, tee, read)
                 )
             if not result.touched:
                 await self._remember_untouched(digest)
-            elif tee_path is not None:
-                await self._keep(digest, tee_path, size)
-                kept = True
+            elif tee is not None:
+                kept = await self._keep(digest, tee.name, size)
         finally:
-            if tee_path is not None and not kept:
+            if tee is not None and not kept:
                 with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                    await anyio.to_thread.run_sync(tee_path.unlink)
+                    await anyio.to_thread.run_sync(tee.remove)
 
     async def _apply_cached(self, tree: LayerTree, image: str, digest: str, size: int) -> bool:
         """Apply a cached blob; False when it vanished (then it is forgotten)."""
-        path = self._path(digest)
+        assert self._dir is not None
+        name = self._name(digest)
         try:
-            result = await anyio.to_thread.run_sync(_apply_file, tree, image, digest, size, path)
+            result = await anyio.to_thread.run_sync(
+                _apply_file, tree, image, digest, size, name, self._dir
+            )
         except DigestMismatch:
             log.warning("cached layer %s is corrupt; it will be fetched again", digest)
             self._cached.pop(digest, None)
-            with contextlib.suppress(OSError):
-                await anyio.to_thread.run_sync(path.unlink)
+            await anyio.to_thread.run_sync(self._unlink_all, [name])
             raise TransferFailed(f"cached layer {digest} was corrupt and is dropped") from None
         if result is None:
             self._cached.pop(digest, None)
@@ -158,15 +264,19 @@ class LayerStore:
 
     async def _remember_untouched(self, digest: str) -> None:
         self.untouched.add(digest)
-        if self.folder is None:
+        if self._dir is None:
             return
         line = f"{self.root} {digest}\n".encode()
 
         def append() -> None:
-            assert self.folder is not None
-            fd = os.open(
-                self.folder / _UNTOUCHED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-            )
+            assert self._dir is not None
+            fd = _open_regular(_UNTOUCHED_FILE, self._dir, _APPEND_FLAGS)
+            if fd is None:
+                # a link or something else planted in its place: replaced, never followed
+                os.unlink(_UNTOUCHED_FILE, dir_fd=self._dir)
+                fd = _open_regular(_UNTOUCHED_FILE, self._dir, _APPEND_FLAGS)
+                if fd is None:
+                    return
             try:
                 os.write(fd, line)
             finally:
@@ -175,30 +285,62 @@ class LayerStore:
         with contextlib.suppress(OSError):
             await anyio.to_thread.run_sync(append)
 
-    async def _keep(self, digest: str, partial: Path, size: int) -> None:
-        await anyio.to_thread.run_sync(os.replace, partial, self._path(digest))
+    async def _keep(self, digest: str, partial: str, size: int) -> bool:
+        """Keep a partial download as the digest's blob; False when it cannot take that name."""
+        assert self._dir is not None and self._partial is not None
+        source, folder = self._partial, self._dir
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: os.replace(
+                    partial, self._name(digest), src_dir_fd=source, dst_dir_fd=folder
+                )
+            )
+        except OSError as exc:  # e.g. a folder planted under that name
+            log.warning("layer %s is not kept in the blob cache: %s", digest, exc)
+            return False
         self._cached[digest] = _Cached(size, time.time())
         doomed = self._evict()
         if doomed:
-            await anyio.to_thread.run_sync(_unlink_all, doomed)
+            await anyio.to_thread.run_sync(self._unlink_all, doomed)
+        return True
 
-    def _evict(self) -> list[Path]:
-        """Forget the least recently used blobs beyond the bound; return their paths."""
+    def _evict(self) -> list[str]:
+        """Forget the least recently used blobs beyond the bound; return their names."""
         total = sum(entry.size for entry in self._cached.values())
-        doomed: list[Path] = []
+        doomed: list[str] = []
         for digest, entry in sorted(self._cached.items(), key=lambda item: item[1].used):
             if total <= self.max_bytes:
                 break
-            doomed.append(self._path(digest))
+            doomed.append(self._name(digest))
             del self._cached[digest]
             total -= entry.size
         return doomed
 
+    def _unlink_all(self, names: list[str]) -> None:
+        """Unlink the names in the folder (a link is removed itself, never followed)."""
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._dir)
 
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink()
+
+class _Tee:
+    """A partial download: a new file in the partial folder, written as the blob streams in."""
+
+    def __init__(self, folder: int, name: str) -> None:
+        self.folder = folder
+        self.name = name
+
+    def create(self) -> int:
+        """The new file's descriptor (never a file that was there, never through a link)."""
+        return os.open(self.name, _NEW_FILE_FLAGS, 0o644, dir_fd=self.folder)
+
+    def reopen(self) -> int:
+        """The file written so far, to read again."""
+        return os.open(self.name, _READ_FLAGS, dir_fd=self.folder)
+
+    def remove(self) -> None:
+        """Sync: drop the partial download."""
+        os.unlink(self.name, dir_fd=self.folder)
 
 
 def _apply_checked(tree: LayerTree, blob: Blob) -> LayerResult:
@@ -219,35 +361,32 @@ def _apply_checked(tree: LayerTree, blob: Blob) -> LayerResult:
 
 
 def _apply_stream(
-    tree: LayerTree, image: str, digest: str, size: int, tee_path: Path | None, read: Read
+    tree: LayerTree, image: str, digest: str, size: int, tee: _Tee | None, read: Read
 ) -> LayerResult:
-    """Thread: apply a blob as it streams in, teeing it to tee_path; check it at the end."""
-    tee = None
-    if tee_path is not None:
-        tee = os.open(tee_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    """Thread: apply a blob as it streams in, teeing it to tee; check it at the end."""
+    out = tee.create() if tee is not None else None
     try:
-        blob = Blob(read, image, digest, size, tee)
+        blob = Blob(read, image, digest, size, out)
         result = _apply_checked(tree, blob)
     finally:
-        if tee is not None:
-            os.close(tee)
+        if out is not None:
+            os.close(out)
     if result.links_pending:
-        if tee_path is None:
+        if tee is None:
             raise UnsafeArchive(digest, "hardlinks to files outside the root need the blob cache")
-        with open(tee_path, "rb", buffering=0) as again:
+        with open(tee.reopen(), "rb", buffering=0) as again:
             tree.fill_links(decompressed(again.read, digest))
     return result
 
 
 def _apply_file(
-    tree: LayerTree, image: str, digest: str, size: int, path: Path
+    tree: LayerTree, image: str, digest: str, size: int, name: str, folder: int
 ) -> LayerResult | None:
     """Thread: apply a cached blob, checking its digest again; None when it is gone."""
-    try:
-        handle = open(path, "rb", buffering=0)  # noqa: SIM115
-    except FileNotFoundError:
+    fd = _open_regular(name, folder)
+    if fd is None:
         return None
-    with handle:
+    with open(fd, "rb", buffering=0) as handle:
         os.utime(handle.fileno())
         blob = Blob(handle.read, image, digest, size, None)
         result = _apply_checked(tree, blob)
