@@ -107,6 +107,8 @@ class CacheOptions:
     pull_timeout: float = pull_timeout
     cp_timeout: float = cp_timeout
     testbed_path: str = testbed_path
+    max_testbed_bytes: int = max_testbed_bytes
+    max_testbed_files: int = max_testbed_files
     backend: str = backend
     platform: str = platform
     insecure_registries: tuple[str, ...] = ()

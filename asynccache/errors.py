@@ -177,12 +177,17 @@ class LimitExceeded(CacheError):
     """An entry needs more work than its limits allow (a decompression bomb, a flood of members)."""
 
     def __init__(self, what: str, option: str, limit: int) -> None:
+        self.what = what
         self.option = option
         self.limit = limit
         super().__init__(
             f"refused: more than {what} (--{option} {limit}); "
             f"raise --{option} if the image is genuine"
         )
+
+    def __reduce__(self) -> tuple[type[LimitExceeded], tuple[str, str, int]]:
+        # travels back from a worker process as itself
+        return (LimitExceeded, (self.what, self.option, self.limit))
 
 
 class DiskFull(CacheError):

@@ -402,6 +402,8 @@ class Pipeline:
         async with results, index:
             async for outcome in results:
                 self.summary.add(outcome)
+                for warning in outcome.warnings:
+                    log.warning("%s: %s", outcome.instance_id, warning)
                 if outcome.record is not None:
                     self.records[outcome.instance_id] = outcome.record
                     await index.send(outcome.record)

@@ -7,6 +7,7 @@ import difflib
 import re
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import TypeAlias
 
@@ -25,6 +26,8 @@ AddCommand = Callable[[Subparsers], argparse.ArgumentParser]
 Handler = Callable[[argparse.Namespace], int]
 
 _CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)")
+_BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*", re.IGNORECASE)
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,6 +51,17 @@ def flag(name: str) -> list[str]:
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
     return spellings
+
+
+def byte_count(text: str) -> int:
+    """A number of bytes: plain, or with a binary unit (``64G``, ``512MiB``, ``1.5T``)."""
+    match = _BYTES.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a byte count: {text!r} (bytes, or with a unit: 64G, 512MiB, 1.5T)"
+        )
+    number, unit = match.groups()
+    return int(Fraction(number) * _UNITS.get((unit or "").lower(), 1))
 
 
 def add_global_flags(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:

@@ -18,7 +18,7 @@ from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
 from asynccache.cache.parts import known_records
 from asynccache.cli import common, logs
-from asynccache.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, Subparsers, flag
+from asynccache.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, Subparsers, byte_count, flag
 from asynccache.cli.progress import MODES, ProgressReporter, resolve_mode
 from asynccache.cli.report import (
     Output,
@@ -104,7 +104,25 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         *flag("pull_timeout"),
         type=float,
         default=config.pull_timeout,
-        help="seconds allowed for one pull (default 600)",
+        help="seconds allowed for one pull (default 600); with --backend registry, for one "
+        "entry's manifest, layers and their extraction (rate-limit pauses not counted)",
+    )
+    parser.add_argument(
+        *flag("max_testbed_bytes"),
+        type=byte_count,
+        default=config.max_testbed_bytes,
+        metavar="BYTES",
+        help="most uncompressed archive data one entry may read, e.g. 64G (default 64 GiB): "
+        "every layer's with --backend registry, sparse files at their full size; a "
+        "decompression bomb fails its own entry",
+    )
+    parser.add_argument(
+        *flag("max_testbed_files"),
+        type=int,
+        default=config.max_testbed_files,
+        metavar="N",
+        help="most archive members one entry may read (default 5000000; every layer's with "
+        "--backend registry)",
     )
     parser.add_argument(
         *flag("rate_limit_max_wait"),
@@ -199,6 +217,9 @@ def _validate(args: argparse.Namespace) -> None:
         )
     if args.daemon_wait < 0:
         raise SetupError(f"{_named(args, 'daemon_wait')} must not be negative")
+    for limit in ("max_testbed_bytes", "max_testbed_files"):
+        if getattr(args, limit) < 1:
+            raise SetupError(f"{_named(args, limit)} must be at least 1")
 
 
 def _named(args: argparse.Namespace, dest: str) -> str:
@@ -298,7 +319,6 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
         given = {
             "skip_pull": args.skip_pull,
             "keep_images": args.keep_images,
-            "pull_timeout": args.pull_timeout != config.pull_timeout,
             "cp_timeout": args.cp_timeout != config.cp_timeout,
         }
     else:
@@ -344,6 +364,8 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         keep_images=args.keep_images,
         pull_timeout=args.pull_timeout,
         cp_timeout=args.cp_timeout,
+        max_testbed_bytes=args.max_testbed_bytes,
+        max_testbed_files=args.max_testbed_files,
         rate_limit_max_wait=args.rate_limit_max_wait,
         daemon_wait=args.daemon_wait,
         backend=args.backend,

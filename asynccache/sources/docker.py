@@ -38,6 +38,7 @@ from asynccache.sources.credentials import registry_auth_header
 from asynccache.sources.daemon_gate import DaemonGate, DaemonGateState
 from asynccache.sources.ratelimit import PullGate, StatusCallback
 from asynccache.sources.reference import Reference, parse_reference
+from asynccache.tree.budget import Budget
 from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,13 @@ class DockerBackend:
         daemon_wait: float = config.daemon_wait,
         on_status: StatusCallback | None = None,
         daemon_state: DaemonGateState | None = None,
+        max_testbed_bytes: int = config.max_testbed_bytes,
+        max_testbed_files: int = config.max_testbed_files,
     ) -> None:
+        """``max_testbed_bytes``, ``max_testbed_files``: what one archive may hold (Budget)."""
         self.cache_dir = cache_dir
+        self.max_testbed_bytes = max_testbed_bytes
+        self.max_testbed_files = max_testbed_files
         #: A shard's run labels its containers with its shard and sweeps only those: the
         #: other shards of the cache folder may share this daemon.
         self.shard_name = shard_name
@@ -433,10 +439,11 @@ class DockerBackend:
 
     async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
         """Stream the image's /testbed into the empty folder dest, within ``cp_timeout``."""
+        budget = Budget(self.max_testbed_bytes, self.max_testbed_files)
         async with self.testbed_archive(entry) as chunks:
             try:
                 with anyio.fail_after(self.cp_timeout):
-                    return await extract_stream(chunks, dest, keep_hashes=True)
+                    return await extract_stream(chunks, dest, keep_hashes=True, budget=budget)
             except TimeoutError:
                 raise TransferFailed(
                     f"copying /testbed of {entry.docker_image} took longer than "

@@ -55,6 +55,9 @@ def make_backend(
             pull_gate=gate,
             testbed_path=options.testbed_path,
             work_name=_scoped(work_name, slot),
+            entry_timeout=options.pull_timeout,
+            max_testbed_bytes=options.max_testbed_bytes,
+            max_testbed_files=options.max_testbed_files,
         )
     from asynccache.sources.docker import DockerBackend
 
@@ -70,6 +73,8 @@ def make_backend(
         daemon_wait=options.daemon_wait,
         on_status=on_status,
         daemon_state=daemon_state,
+        max_testbed_bytes=options.max_testbed_bytes,
+        max_testbed_files=options.max_testbed_files,
     )
 
 

@@ -177,6 +177,11 @@ class PullGate:
         when = time.strftime("%H:%M:%S", time.localtime(time.time() + pause))
         self._status(f"registry rate limit: pulls paused, retrying at {when} ({pause:.0f} s)")
 
+    @property
+    def paused(self) -> bool:
+        """Every pull waits now (a rate limit lasts)."""
+        return time.monotonic() < self.resume_at
+
     def succeeded(self) -> None:
         """A pull went through: the limit is over."""
         state = self.state

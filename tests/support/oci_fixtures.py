@@ -138,6 +138,11 @@ class Layer:
         """The blob as pushed."""
         return compress(self.tar, self.compression)
 
+    @property
+    def diff_id(self) -> str:
+        """The digest of the uncompressed tar (the image config's ``diff_ids``)."""
+        return sha256(self.tar)
+
     def media_type(self, oci: bool) -> str:
         """The descriptor media type for this compression."""
         if self.compression == "zstd":
@@ -145,6 +150,19 @@ class Layer:
         if self.compression == "none":
             return OCI_TAR if oci else DOCKER_TAR
         return OCI_GZIP if oci else DOCKER_GZIP
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    """A layer made elsewhere (too large to hold as a tar): its blob and diff id."""
+
+    blob: bytes
+    diff_id: str
+    compression: Compression
+
+    def media_type(self, oci: bool) -> str:
+        """The descriptor media type for this compression."""
+        return Layer(b"", self.compression).media_type(oci)
 
 
 def layer(*members: tarfile.TarInfo, compression: Compression = "gzip") -> Layer:
@@ -167,7 +185,7 @@ class Built:
 
 
 def build_image(
-    layers: Sequence[Layer],
+    layers: Sequence[Layer | BuiltLayer],
     *,
     oci: bool = False,
     architecture: str = "amd64",
@@ -178,7 +196,7 @@ def build_image(
         "architecture": architecture,
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(item.tar) for item in layers]},
+        "rootfs": {"type": "layers", "diff_ids": [item.diff_id for item in layers]},
         "history": [{"created_by": f"layer {n}"} for n in range(len(layers))],
     }
     if variant:

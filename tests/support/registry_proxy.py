@@ -154,10 +154,15 @@ class RegistryProxy:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
-                await response.write(chunk)
+                rate = faults.bytes_per_second
+                # throttled: about ten writes a second (a byte a second at rate 1)
+                step = max(1, rate // 10) if rate else len(chunk)
+                for start in range(0, len(chunk), step):
+                    piece = chunk[start : start + step]
+                    await response.write(piece)
+                    if rate:
+                        await asyncio.sleep(len(piece) / rate)
                 sent += len(chunk)
-                if faults.bytes_per_second:
-                    await asyncio.sleep(len(chunk) / faults.bytes_per_second)
             await response.write_eof()
             return response
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -108,3 +109,14 @@ def test_members_of_every_layer_count(dest: Path) -> None:
     layer = tar_bytes([folder("testbed"), *(file(f"testbed/f{i}", "x") for i in range(60))])
     with pytest.raises(LimitExceeded, match="max_testbed_files"):
         apply_all(dest, layer, layer, budget=Budget(max_members=100))
+
+
+def test_the_error_travels_between_processes_as_itself() -> None:
+    budget = Budget(max_members=1)
+    budget.take_member()
+    with pytest.raises(LimitExceeded) as caught:
+        budget.take_member()
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert type(again) is LimitExceeded
+    assert str(again) == str(caught.value)
+    assert again.transient is False

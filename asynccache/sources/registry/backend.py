@@ -14,13 +14,14 @@ import anyio.to_thread
 
 from asynccache import config
 from asynccache.entries import Entry
-from asynccache.errors import NoTestbed, SetupError
+from asynccache.errors import NoTestbed, SetupError, TransferFailed
 from asynccache.sources.credentials import CredentialsLookup
 from asynccache.sources.ratelimit import PullGate
 from asynccache.sources.reference import parse_reference
 from asynccache.sources.registry.client import RegistryClient
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LayerStore
 from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform
+from asynccache.tree.budget import Budget
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.layered import LayerTree
 
@@ -48,7 +49,12 @@ class RegistryBackend:
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         work_name: str | None = None,
+        entry_timeout: float = config.pull_timeout,
+        max_testbed_bytes: int = config.max_testbed_bytes,
+        max_testbed_files: int = config.max_testbed_files,
     ) -> None:
+        """``entry_timeout``: seconds one entry may take (pauses of a rate limit not counted);
+        ``max_testbed_bytes``, ``max_testbed_files``: what its layers may hold (see Budget)."""
         try:
             self.platform = parse_platform(platform)
         except ValueError as exc:
@@ -60,6 +66,9 @@ class RegistryBackend:
         self.insecure_registries = tuple(insecure_registries)
         self.registry_mirror = registry_mirror
         self.pull_gate = pull_gate or PullGate()
+        self.entry_timeout = entry_timeout
+        self.max_testbed_bytes = max_testbed_bytes
+        self.max_testbed_files = max_testbed_files
         # The blob cache lives apart from the cache folder (which is what gets shipped).
         layers = Path(layer_cache_dir) if layer_cache_dir else config.default_layer_cache_dir()
         folder = layers if layer_cache_bytes > 0 else None
@@ -140,10 +149,57 @@ class RegistryBackend:
         """Nothing to fetch ahead: manifests and layers are fetched while extracting."""
 
     async def extract_into(self, entry: Entry, dest: Path) -> ExtractResult:
-        """Apply the image's layers in order into the empty folder dest; keep only /testbed."""
+        """Apply the image's layers in order into the empty folder dest; keep only /testbed.
+
+        The whole entry (its manifest, layers and their extraction) gets ``entry_timeout``
+        seconds, so that a registry that trickles its answers cannot hold a worker for ever.
+        """
+        done: list[ExtractResult] = []
+        failed: list[Exception] = []
+        expired = False
+
+        async def extract(scope: anyio.CancelScope) -> None:
+            try:
+                done.append(await self._extract(entry, dest))
+            except Exception as exc:
+                failed.append(exc)
+            finally:
+                scope.cancel()
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal expired
+            await self._spend(self.entry_timeout)
+            expired = True
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(extract, tg.cancel_scope)
+            tg.start_soon(watch, tg.cancel_scope)
+        if failed:
+            raise failed[0]
+        if not done:
+            assert expired
+            raise TransferFailed(
+                f"reading /testbed of {entry.docker_image} from its registry took longer than "
+                f"{self.entry_timeout:g} s; raise --pull_timeout"
+            )
+        return done[0]
+
+    async def _spend(self, seconds: float) -> None:
+        """Return once seconds have passed, leaving out the time every pull was paused."""
+        spent, last = 0.0, anyio.current_time()
+        while spent < seconds:
+            await anyio.sleep(min(1.0, seconds - spent))
+            now = anyio.current_time()
+            if not self.pull_gate.paused:
+                spent += now - last
+            last = now
+
+    async def _extract(self, entry: Entry, dest: Path) -> ExtractResult:
         image = entry.docker_image
         manifest = await self.manifest(image)
-        tree = LayerTree(dest, root=self.root, keep_hashes=True)
+        budget = Budget(self.max_testbed_bytes, self.max_testbed_files)
+        tree = LayerTree(dest, root=self.root, keep_hashes=True, budget=budget)
         for layer in manifest.layers:
             await self.layers.apply(
                 tree,
