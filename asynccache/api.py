@@ -19,6 +19,7 @@ from asynccache.cache.index import load_and_repair
 from asynccache.cache.layout import CacheDir, shard_tag
 from asynccache.cache.parts import known_records
 from asynccache.cache.records import IndexRecord
+from asynccache.cache.store import Store
 from asynccache.config import CacheOptions
 from asynccache.dataset import SplitRows, iterate_in_thread, open_split
 from asynccache.entries import Entry, InstanceIdFn, make_instance_id
@@ -30,6 +31,8 @@ from asynccache.sources.docker import DockerBackend
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.pool import ProcessPoolSource
 from asynccache.sources.ratelimit import StatusCallback
+from asynccache.tree.dedup import TreeOptions
+from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.git_guard import git_executable
 
 log = logging.getLogger(__name__)
@@ -179,12 +182,16 @@ async def open_pipeline(
             "tree is published; install git (Debian: apt-get install git) or pass "
             "--keep_git_history"
         )
+    exclude_rules(options)  # a bad pattern is a set-up error before anything is locked
     cache = CacheDir(options.cache_dir, options.shard)
     await anyio.to_thread.run_sync(cache.check_usable)
     await anyio.to_thread.run_sync(cache.lock)
+    tree = TreeOptions()
     try:
         records, notes = await anyio.to_thread.run_sync(_load, cache)
-        async with _open_source(options, cache, notes, on_status, source) as opened:
+        tree = await anyio.to_thread.run_sync(tree_options, options, cache.root)
+        store = tree.store if isinstance(tree.store, Store) else None
+        async with _open_source(options, cache, notes, on_status, source, tree) as opened:
             yield Pipeline(
                 options,
                 opened,
@@ -193,9 +200,32 @@ async def open_pipeline(
                 notes=notes,
                 instance_id_fn=instance_id_fn,
                 on_outcome=on_outcome,
+                store=store,
             )
     finally:
+        tree.close()
         cache.unlock()
+
+
+def exclude_rules(options: CacheOptions) -> ExcludeRules | None:
+    """The run's --exclude patterns, checked; SetupError naming a bad one."""
+    try:
+        return ExcludeRules(options.exclude) if options.exclude else None
+    except ValueError as exc:
+        raise SetupError(f"{exc}; give gitignore-style patterns such as .venv") from None
+
+
+def tree_options(options: CacheOptions, cache_root: Path) -> TreeOptions:
+    """One process's TreeOptions for a run: its own open view of the store, the exclusions.
+
+    Each process (the main one, every worker) opens the store for itself: each changes it
+    through a work folder of its own (see cache/store.py).
+    """
+    store = None
+    if options.dedup:
+        store = Store(cache_root, max_links=options.store_max_links)
+        store.open()
+    return TreeOptions(store, exclude_rules(options))
 
 
 def _load(cache: CacheDir) -> tuple[dict[str, IndexRecord], list[str]]:
@@ -222,6 +252,7 @@ async def _open_source(
     notes: list[str],
     on_status: StatusCallback | None,
     given: Source | None,
+    tree: TreeOptions,
 ) -> AsyncIterator[Source]:
     """The given source, or the backend options name, open until exit (notes what it swept)."""
     if given is not None:
@@ -233,7 +264,7 @@ async def _open_source(
             yield pool
         return
     gate = pull_gate(options, on_status)
-    backend = make_backend(options, cache.root, gate, work_name, on_status=on_status)
+    backend = make_backend(options, cache.root, gate, work_name, on_status=on_status, tree=tree)
     if not isinstance(backend, DockerBackend):
         async with backend as registry:
             yield registry
@@ -270,7 +301,9 @@ async def _open_pool(
     work_name: str | None,
 ) -> AsyncIterator[Source]:
     """Worker processes running the backend; with Docker, the container sweeps stay here."""
-    pool = ProcessPoolSource(options, cache.root, work_name=work_name, on_status=on_status)
+    pool = ProcessPoolSource(
+        options, cache.root, work_name=work_name, on_status=on_status, tree_factory=tree_options
+    )
     if options.backend != "docker":
         async with pool:
             yield pool

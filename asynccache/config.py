@@ -75,6 +75,10 @@ META_DIR_NAME = ".meta"
 LOCK_NAME = ".lock"
 #: Each shard's lock, index part and failures (``3-of-16.lock``, ``.json``, ``.failures.json``).
 SHARDS_DIR_NAME = ".shards"
+#: The object store of deduplicated files (see cache/store.py).
+STORE_DIR_NAME = ".store"
+#: Links per stored object before a new copy starts (ext4 allows 65,000).
+store_max_links = 60_000
 
 
 def default_cache_dir() -> Path:
@@ -131,6 +135,11 @@ class CacheOptions:
     #: Keep each repository's .git as the image has it; by default every ref, reflog and object
     #: past HEAD is removed before the tree is published (the fix is reachable otherwise).
     keep_git_history: bool = False
+    #: Store each distinct (content, mode) once, hard-linked into every tree (--no_dedup).
+    dedup: bool = True
+    #: gitignore-style patterns of paths left out of every tree (--exclude).
+    exclude: tuple[str, ...] = ()
+    store_max_links: int = store_max_links
 
     def record_fields(self) -> dict[str, object]:
         """Fields every index record of this run carries besides the entry's own."""
@@ -142,4 +151,7 @@ class CacheOptions:
             fields["dataset"] = self.dataset
         if self.dataset_revision is not None:
             fields["dataset_revision"] = self.dataset_revision
+        fields["dedup"] = self.dedup
+        if self.exclude:
+            fields["exclude"] = list(self.exclude)
         return fields

@@ -18,7 +18,8 @@ from asynccache.cache.index import IndexWriter
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.parts import PartProgress
 from asynccache.cache.publish import Publisher
-from asynccache.cache.records import IndexRecord
+from asynccache.cache.records import IndexRecord, record_exclude
+from asynccache.cache.store import Store
 from asynccache.config import CacheOptions
 from asynccache.entries import Entry, InstanceIdFn, entry_from_row, make_instance_id
 from asynccache.errors import CacheError, DaemonInterrupted, DiskFull, InvalidEntry
@@ -149,6 +150,7 @@ class Pipeline:
         instance_id_fn: InstanceIdFn = make_instance_id,
         on_outcome: OutcomeCallback | None = None,
         index_min_interval: float = config.index_min_interval,
+        store: Store | None = None,
     ) -> None:
         """A run over ``cache``, whose lock the caller holds, with ``records`` its index."""
         self.options = options
@@ -166,7 +168,10 @@ class Pipeline:
         self.records: dict[str, IndexRecord] = dict(records)
         self.index = self._index_writer()
         self.publisher = Publisher(
-            cache, options.record_fields(), keep_git_history=options.keep_git_history
+            cache,
+            options.record_fields(),
+            keep_git_history=options.keep_git_history,
+            store=store,
         )
         self._scope: anyio.CancelScope | None = None
         self._releases: TaskGroup | None = None
@@ -174,9 +179,11 @@ class Pipeline:
         self._extract_slots = anyio.Semaphore(max(1, options.extract_slots))
 
     def is_cached(self, entry: Entry) -> bool:
-        """True when the entry is in the index and its folder exists."""
+        """True when the entry is in the index, as this run would cache it, and on disk."""
+        record = self.records.get(entry.instance_id)
         return (
-            entry.instance_id in self.records
+            record is not None
+            and record_exclude(record) == list(self.options.exclude)
             and self.cache.instance_path(entry.instance_id).is_dir()
         )
 

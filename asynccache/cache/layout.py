@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from asynccache._fs import absolute_path, fsync_dir, remove_tree
+from asynccache.cache.store import Store
 from asynccache.config import (
     FAILURES_NAME,
     INDEX_NAME,
@@ -295,11 +296,12 @@ class CacheDir:
         path.mkdir(parents=False)
         return path
 
-    def publish(self, work_dir: Path, instance_id: str) -> Path:
+    def publish(self, work_dir: Path, instance_id: str, store: Store | None = None) -> Path:
         """Give a complete folder its final name, replacing an older one atomically enough.
 
         The final name never points at a partial tree: an existing folder is first moved
         into .tmp (so a crash leaves it to the stale-work sweep), then the new one is renamed.
+        Stored objects that only the old folder linked are freed with it.
         """
         final = self.instance_path(instance_id)
         old: Path | None = None
@@ -309,7 +311,10 @@ class CacheDir:
         os.rename(work_dir, final)
         fsync_dir(self.root)
         if old is not None:
+            unlinked = store.sole_links(old) if store is not None else []
             remove_tree(old)
+            if store is not None:
+                store.free_unlinked(unlinked)
         return final
 
 

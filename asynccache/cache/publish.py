@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -13,9 +15,12 @@ import anyio
 from asynccache._fs import remove_tree, write_json_atomic
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
+from asynccache.cache.store import Store
 from asynccache.entries import Entry
+from asynccache.errors import DiskFull
 from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult
+from asynccache.tree.folder import store_unstored
 from asynccache.tree.git_guard import guard_tree
 
 __all__ = ["Failure", "Publisher", "close_history", "make_record"]
@@ -47,6 +52,8 @@ def make_record(
         "seconds": round(seconds, 3),
         "cached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
+        "files_written": result.files_written,
+        "files_linked": result.files_linked,
     }
 
 
@@ -82,10 +89,13 @@ class Publisher:
         record_fields: Mapping[str, object] | None = None,
         *,
         keep_git_history: bool = False,
+        store: Store | None = None,
     ) -> None:
         self.cache = cache
         self.record_fields = dict(record_fields or {})
         self.keep_git_history = keep_git_history
+        #: The object store trees link from: what only a replaced tree linked is freed with it.
+        self.store = store
 
     @asynccontextmanager
     async def work_dir(self, instance_id: str) -> AsyncIterator[Path]:
@@ -93,6 +103,12 @@ class Publisher:
         path = self.cache.new_work_dir(instance_id)
         try:
             yield path
+        except (DiskFull, OSError) as exc:
+            full = isinstance(exc, DiskFull) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full and self.store is not None and path.exists():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._discard_stored, path)
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 if path.exists():
@@ -102,7 +118,19 @@ class Publisher:
         """Unless the run keeps git history: remove what reaches past HEAD (in a thread)."""
         if self.keep_git_history:
             return result
-        return await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
+        result = await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
+        dotgit = work_dir / ".git"
+        if self.store is not None and dotgit.is_dir() and not dotgit.is_symlink():
+            # the guard wrote new packs, refs and config past the store
+            await anyio.to_thread.run_sync(store_unstored, os.fsencode(dotgit), self.store)
+        return result
+
+    def _discard_stored(self, path: Path) -> None:
+        """Remove a failed work folder and free what it alone stored: the disk is full."""
+        assert self.store is not None
+        unlinked = self.store.sole_links(path)
+        remove_tree(path)
+        self.store.free_unlinked(unlinked)
 
     async def publish(
         self, entry: Entry, work_dir: Path, result: ExtractResult, seconds: float
@@ -116,7 +144,7 @@ class Publisher:
     def _publish(self, work_dir: Path, record: IndexRecord) -> None:
         remove_digest(self.cache.root, record["instance_id"])
         write_meta(self.cache.root, record)
-        self.cache.publish(work_dir, record["instance_id"])
+        self.cache.publish(work_dir, record["instance_id"], self.store)
 
     async def record_digest(self, instance_id: str, result: ExtractResult) -> None:
         """Record the tree's digest: the extraction's own when it knows it, else read back."""

@@ -34,6 +34,12 @@ def size_mb(size_bytes: int) -> float:
     return round(size_bytes / (1024 * 1024), 2)
 
 
+def record_exclude(record: IndexRecord) -> list[str]:
+    """The --exclude patterns a record's tree was cached with (none for older records)."""
+    patterns = record.get("exclude", [])
+    return [str(pattern) for pattern in patterns] if isinstance(patterns, list) else []
+
+
 def validate_record(key: str, record: Any) -> IndexRecord:
     """Return ``record`` when it is a complete index record for ``key``, else raise IndexCorrupt."""
     try:

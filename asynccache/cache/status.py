@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from asynccache._fs import absolute_path
 from asynccache.cache.layout import resolve_instance_path
 from asynccache.cache.parts import all_failures, cached_records
-from asynccache.cache.records import IndexRecord
+from asynccache.cache.records import IndexRecord, record_exclude
+from asynccache.cache.store import Store, StoreUsage
 from asynccache.entries import entry_from_row
 from asynccache.errors import InvalidEntry, SetupError
 
-__all__ = ["RepoStatus", "StatusReport", "cache_status", "format_status"]
+__all__ = ["RepoStatus", "StatusReport", "cache_status", "format_status", "human_bytes"]
 
 
 @dataclass
@@ -45,6 +47,13 @@ class StatusReport:
     per_repo: dict[str, RepoStatus] = field(default_factory=dict)
     missing_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)
+    #: The whole folder: bytes of every cached tree as files (logical), and on disk with each
+    #: stored object counted once (physical: store objects plus trees cached without dedup).
+    logical_bytes: int = 0
+    physical_bytes: int = 0
+    store: StoreUsage = field(default_factory=StoreUsage)
+    #: How many cached trees left paths out, by their --exclude patterns.
+    excluded: dict[str, int] = field(default_factory=dict)
 
 
 def _record_size(record: IndexRecord) -> int:
@@ -82,6 +91,7 @@ def cache_status(
                 repos[entry.instance_id] = entry.repo_name
                 wanted.append(entry.instance_id)
         report.not_in_rows = len(set(records) - set(repos))
+    _disk_usage(root, records, report)
     for instance_id in wanted:
         record = records.get(instance_id)
         repo = repos.get(instance_id) or (
@@ -107,7 +117,26 @@ def cache_status(
     return report
 
 
-def _human(size: int) -> str:
+def _disk_usage(root: Path, records: Mapping[str, IndexRecord], report: StatusReport) -> None:
+    """Fill the logical and physical bytes of every cached tree present, and the store's."""
+    unshared = 0
+    for record in records.values():
+        if not resolve_instance_path(root, record).is_dir():
+            continue
+        size = _record_size(record)
+        report.logical_bytes += size
+        if not record.get("dedup"):
+            unshared += size
+        patterns = record_exclude(record)
+        if patterns:
+            key = " ".join(patterns)
+            report.excluded[key] = report.excluded.get(key, 0) + 1
+    report.store = Store(root).usage()
+    report.physical_bytes = report.store.bytes + unshared
+
+
+def human_bytes(size: int) -> str:
+    """A byte count as people read it: 512 B, 1.5 KiB, 2.0 GiB."""
     if size < 1024:
         return f"{size} B"
     value, unit = size / 1024, "KiB"
@@ -121,8 +150,9 @@ def _human(size: int) -> str:
 def format_status(report: StatusReport) -> str:
     """The status as the command line prints it: totals, then one line per repository."""
     scope = "of the split" if report.rows_given else "indexed or failed"
+    size = human_bytes(report.size_bytes)
     lines = [
-        f"cache {report.cache_dir} ({scope}): {report.cached} cached ({_human(report.size_bytes)}),"
+        f"cache {report.cache_dir} ({scope}): {report.cached} cached ({size}),"
         f" {report.missing} missing, {report.failed} failed"
     ]
     if report.cached:
@@ -130,6 +160,19 @@ def format_status(report: StatusReport) -> str:
             f"git history: {report.cached - report.full_history} up to HEAD only, "
             f"{report.full_history} full (as the image has it: may reach the fix)"
         )
+    physical, logical = human_bytes(report.physical_bytes), human_bytes(report.logical_bytes)
+    lines.append(
+        f"on disk: {physical} physical for {logical} logical (every cached tree; store "
+        f"{report.store.objects} objects, {human_bytes(report.store.bytes)})"
+    )
+    if report.store.unlinked_objects:
+        lines.append(
+            f"{report.store.unlinked_objects} stored objects "
+            f"({human_bytes(report.store.unlinked_bytes)}) are linked by no tree; "
+            "`asynccache gc` frees them"
+        )
+    for patterns, count in sorted(report.excluded.items()):
+        lines.append(f"{count} trees cached with --exclude {patterns}")
     if report.invalid_rows:
         lines.append(f"{report.invalid_rows} invalid rows skipped")
     if report.not_in_rows:
@@ -141,6 +184,6 @@ def format_status(report: StatusReport) -> str:
             counts = report.per_repo[name]
             lines.append(
                 f"{name:<{width}}  {counts.cached:>7} {counts.missing:>7} {counts.failed:>7} "
-                f"{_human(counts.size_bytes):>11}"
+                f"{human_bytes(counts.size_bytes):>11}"
             )
     return "\n".join(lines)

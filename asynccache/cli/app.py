@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from asynccache.cli import environment, logs
 from asynccache.cli import maintenance as maintenance_cli
 from asynccache.cli import run as run_cli
+from asynccache.cli import transfer as transfer_cli
 from asynccache.cli.common import (
     EXIT_PIPE,
     EXIT_USAGE,
@@ -30,6 +31,9 @@ COMMANDS: tuple[AddCommand, ...] = (
     maintenance_cli.add_verify_parser,
     maintenance_cli.add_status_parser,
     maintenance_cli.add_merge_parser,
+    maintenance_cli.add_gc_parser,
+    transfer_cli.add_export_parser,
+    transfer_cli.add_import_parser,
 )
 #: The subcommand run when none is named: ``asynccache --split train`` caches.
 DEFAULT_COMMAND = "run"

@@ -1,4 +1,4 @@
-"""Command line of the maintenance commands: ``verify``, ``status`` and ``merge``."""
+"""Command line of the maintenance commands: ``verify``, ``status``, ``merge`` and ``gc``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from asynccache import config
+from asynccache.cache.gc import collect_garbage
 from asynccache.cache.merge import format_merge, merge_cache
-from asynccache.cache.status import cache_status, format_status
+from asynccache.cache.status import cache_status, format_status, human_bytes
 from asynccache.cache.verify import format_verify, verify_cache
 from asynccache.cli.common import (
     EXIT_OK,
@@ -26,18 +27,20 @@ from asynccache.errors import CacheError
 
 __all__ = [
     "COMMANDS",
+    "add_gc_parser",
     "add_merge_parser",
     "add_status_parser",
     "add_verify_parser",
     "build_parser",
     "main",
+    "run_gc",
     "run_merge",
     "run_status",
     "run_verify",
 ]
 
 #: The maintenance commands (``python -m asynccache verify ...``).
-COMMANDS = ("verify", "status", "merge")
+COMMANDS = ("verify", "status", "merge", "gc")
 
 
 def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -153,6 +156,37 @@ def run_status(args: argparse.Namespace) -> int:
     return _guarded(run, args)
 
 
+def add_gc_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``gc`` command (its handler is ``args.func``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "gc",
+        help="free stored files that no cached tree links any more",
+        description="Free every file of cache_dir/.store that no cached tree links (left by "
+        "trees replaced, removed or interrupted). A file a tree links is never freed.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run_gc)
+    return parser
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    """Run ``gc``; 0, or 2 on an error (a run holding the folder, ...)."""
+
+    def run(args: argparse.Namespace) -> int:
+        report = collect_garbage(cache_dir(args))
+        if args.json:
+            print(json.dumps(dataclasses.asdict(report), indent=2))
+        else:
+            print(
+                f"gc {report.cache_dir}: freed {report.freed_objects} objects "
+                f"({human_bytes(report.freed_bytes)}); the store holds {report.store.objects} "
+                f"objects ({human_bytes(report.store.bytes)})"
+            )
+        return EXIT_OK
+
+    return _guarded(run, args)
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """Run ``merge``; 0 every shard done, 1 some shard not done (index written), 2 error."""
 
@@ -177,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="command",
     )
-    for add in (add_verify_parser, add_status_parser, add_merge_parser):
+    for add in (add_verify_parser, add_status_parser, add_merge_parser, add_gc_parser):
         add_global_flags(add(subparsers))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``verify ...``, ``status ...`` or ``merge ...`` and run it; return the exit code."""
+    """Parse a maintenance command (``verify ...``, ``gc ...``) and run it; return its exit code."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     return handler(args)

@@ -17,6 +17,7 @@ from asynccache.api import dataset_split, open_pipeline
 from asynccache.cache.index import read_index
 from asynccache.cache.layout import TYPICAL_INSTANCE_BYTES, CacheDir
 from asynccache.cache.parts import known_records
+from asynccache.cache.records import record_exclude
 from asynccache.cli import common, logs
 from asynccache.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, Subparsers, byte_count, flag
 from asynccache.cli.progress import MODES, ProgressReporter, resolve_mode
@@ -35,6 +36,7 @@ from asynccache.entries import Entry, entry_from_row
 from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
 from asynccache.pipeline import Pipeline, Summary, numbered_rows
 from asynccache.shards import SHARD_COUNT_VAR, Shard, parse_shard, shard_size
+from asynccache.tree.exclude import ExcludeRules
 
 log = logging.getLogger("asynccache")
 
@@ -200,6 +202,28 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="auto: a live bar on a terminal, else progress lines every 10 s; bar; plain "
         "(lines); none",
     )
+    parser.add_argument(
+        "--dedup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store each distinct file once, hard-linked from cache_dir/.store into every "
+        "tree that has it (default on; --no_dedup writes every file of every tree)",
+    )
+    parser.add_argument(
+        "--no_dedup",
+        dest="dedup",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out paths matching this gitignore-style pattern (e.g. .venv, "
+        "**/__pycache__); repeatable; recorded in each index record",
+    )
     parser.set_defaults(func=run_command)
     return parser
 
@@ -220,6 +244,10 @@ def _validate(args: argparse.Namespace) -> None:
     for limit in ("max_testbed_bytes", "max_testbed_files"):
         if getattr(args, limit) < 1:
             raise SetupError(f"{_named(args, limit)} must be at least 1")
+    try:
+        ExcludeRules(args.exclude)
+    except ValueError as exc:
+        raise SetupError(f"{exc}; give gitignore-style patterns such as .venv") from None
 
 
 def _named(args: argparse.Namespace, dest: str) -> str:
@@ -265,9 +293,11 @@ async def dry_run(
             if not _say(args, output, f"invalid  {exc}"):
                 return EXIT_PIPE
             continue
+        record = records.get(entry.instance_id)
         if (
             args.skip_existing
-            and entry.instance_id in records
+            and record is not None
+            and record_exclude(record) == args.exclude
             and cache.instance_path(entry.instance_id).is_dir()
         ):
             cached += 1
@@ -377,6 +407,8 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         dataset_revision=split.revision,
         shard=shard,
         keep_git_history=args.keep_git_history,
+        dedup=args.dedup,
+        exclude=tuple(args.exclude),
     )
     reporter = ProgressReporter(
         total=total,

@@ -39,6 +39,8 @@ from asynccache.sources.daemon_gate import DaemonGate, DaemonGateState
 from asynccache.sources.ratelimit import PullGate, StatusCallback
 from asynccache.sources.reference import Reference, parse_reference
 from asynccache.tree.budget import Budget
+from asynccache.tree.dedup import ContentStore
+from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import ExtractResult, extract_stream
 
 log = logging.getLogger(__name__)
@@ -129,11 +131,16 @@ class DockerBackend:
         daemon_state: DaemonGateState | None = None,
         max_testbed_bytes: int = config.max_testbed_bytes,
         max_testbed_files: int = config.max_testbed_files,
+        store: ContentStore | None = None,
+        exclude: ExcludeRules | None = None,
     ) -> None:
         """``max_testbed_bytes``, ``max_testbed_files``: what one archive may hold (Budget)."""
         self.cache_dir = cache_dir
         self.max_testbed_bytes = max_testbed_bytes
         self.max_testbed_files = max_testbed_files
+        # what every tree is linked from and leaves out (see tree/dedup.py, tree/exclude.py)
+        self.store = store
+        self.exclude = exclude
         #: A shard's run labels its containers with its shard and sweeps only those: the
         #: other shards of the cache folder may share this daemon.
         self.shard_name = shard_name
@@ -443,7 +450,14 @@ class DockerBackend:
         async with self.testbed_archive(entry) as chunks:
             try:
                 with anyio.fail_after(self.cp_timeout):
-                    return await extract_stream(chunks, dest, keep_hashes=True, budget=budget)
+                    return await extract_stream(
+                        chunks,
+                        dest,
+                        keep_hashes=True,
+                        budget=budget,
+                        store=self.store,
+                        exclude=self.exclude,
+                    )
             except TimeoutError:
                 raise TransferFailed(
                     f"copying /testbed of {entry.docker_image} took longer than "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from asynccache import config
 from asynccache.config import CacheOptions
 from asynccache.sources.ratelimit import GateState, PullGate, StatusCallback
+from asynccache.tree.dedup import TreeOptions
 
 if TYPE_CHECKING:
     from asynccache.sources.daemon_gate import DaemonGateState
@@ -37,13 +38,16 @@ def make_backend(
     *,
     on_status: StatusCallback | None = None,
     daemon_state: DaemonGateState | None = None,
+    tree: TreeOptions | None = None,
 ) -> DockerBackend | RegistryBackend:
     """The backend ``options.backend`` names, not yet open (enter it with ``async with``).
 
     ``slot`` is a worker process's place in its pool: its partial downloads are its own, so
     one worker starting never sweeps another's. ``on_status`` hears the Docker daemon gate's
     pauses; ``daemon_state`` is that gate's state, shared with other processes when given.
+    ``tree``: what its extractions link from and leave out.
     """
+    tree = tree or TreeOptions()
     if options.backend == "registry":
         from asynccache.sources.registry.backend import RegistryBackend
 
@@ -58,6 +62,8 @@ def make_backend(
             entry_timeout=options.pull_timeout,
             max_testbed_bytes=options.max_testbed_bytes,
             max_testbed_files=options.max_testbed_files,
+            store=tree.store,
+            exclude=tree.exclude,
         )
     from asynccache.sources.docker import DockerBackend
 
@@ -75,6 +81,8 @@ def make_backend(
         daemon_state=daemon_state,
         max_testbed_bytes=options.max_testbed_bytes,
         max_testbed_files=options.max_testbed_files,
+        store=tree.store,
+        exclude=tree.exclude,
     )
 
 

@@ -43,6 +43,7 @@ from asynccache.sources.base import ExtractResult
 from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.ratelimit import SharedGateState, StatusCallback
+from asynccache.tree.dedup import TreeFactory, TreeOptions
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,11 @@ class ProcessPoolSource:
         *,
         work_name: str | None = None,
         on_status: StatusCallback | None = None,
+        tree_factory: TreeFactory | None = None,
     ) -> None:
         self.options = options
+        #: Makes each worker's TreeOptions (its own view of the object store) in the worker.
+        self.tree_factory = tree_factory
         self.cache_root = cache_root
         self.work_name = work_name
         self.on_status = on_status
@@ -257,6 +261,7 @@ class ProcessPoolSource:
                 self._gate.values,
                 self.daemon_state.values,
                 logging.getLogger().getEffectiveLevel(),
+                self.tree_factory,
             ),
             name=f"asynccache-worker-{number}",
             daemon=True,
@@ -356,6 +361,7 @@ def worker_main(
     gate_values: Any,
     daemon_values: Any,
     log_level: int,
+    tree_factory: TreeFactory | None = None,
 ) -> None:
     """Entry point of a worker process: serve requests until told to stop or orphaned."""
     # The main process handles signals and tells workers what to do; a worker dies with it.
@@ -371,7 +377,10 @@ def worker_main(
     root.handlers[:] = [_PipeLogHandler(sender)]
     root.setLevel(log_level)
     asyncio.run(
-        _serve(conn, sender, options, Path(cache_root), work_name, slot, gate_values, daemon_values)
+        _serve(
+            conn, sender, options, Path(cache_root), work_name, slot, gate_values, daemon_values,
+            tree_factory,
+        )
     )
 
 
@@ -410,6 +419,7 @@ async def _serve(
     slot: int,
     gate_values: Any,
     daemon_values: Any,
+    tree_factory: TreeFactory | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     requests: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -428,6 +438,11 @@ async def _serve(
         sender.send(("status", text))
 
     gate = pull_gate(options, status, SharedGateState(gate_values))
+    try:
+        tree = tree_factory(options, cache_root) if tree_factory is not None else TreeOptions()
+    except BaseException as exc:
+        sender.send(("failed", _error_payload(exc)))
+        return
     backend = make_backend(
         options,
         cache_root,
@@ -436,10 +451,12 @@ async def _serve(
         slot,
         on_status=status,
         daemon_state=SharedDaemonGateState(daemon_values),
+        tree=tree,
     )
     try:
         await backend.__aenter__()
     except BaseException as exc:
+        tree.close()
         sender.send(("failed", _error_payload(exc)))
         return
     threading.Thread(target=read, name="asynccache-requests", daemon=True).start()
@@ -467,6 +484,7 @@ async def _serve(
             await asyncio.gather(*running.values(), return_exceptions=True)
         with contextlib.suppress(Exception):
             await backend.__aexit__(None, None, None)
+        tree.close()
 
 
 def _forget(running: dict[int, asyncio.Task[None]], job: int, _task: object) -> None:

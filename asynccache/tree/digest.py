@@ -14,6 +14,7 @@ __all__ = [
     "digest_of_lines",
     "entries_under",
     "entry_line",
+    "file_sha256",
     "identity_of",
     "sha256_of",
     "tree_digest",
@@ -89,21 +90,33 @@ def tree_stats(path: Path) -> tuple[int, int]:
     return files, size
 
 
-def tree_digest(path: Path, known: Mapping[bytes, FileHash] | None = None) -> str:
+def tree_digest(
+    path: Path,
+    known: Mapping[bytes, FileHash] | None = None,
+    by_inode: Mapping[tuple[int, int], FileHash] | None = None,
+) -> str:
     """sha256 (hex) over the sorted (path, type, mode, content sha256 or link target) list.
 
     The root itself, times, owners and hard-link structure are left out, so a faithful copy
     of a tree has the tree's digest. ``known`` gives content hashes taken while the files
-    were written, by relative path; each is used only while the file's inode, size and
-    mtime are still those it was taken with, else the file is read.
+    were written, by relative path, and ``by_inode`` hashes of files read already (by
+    (st_dev, st_ino)); each is used only while the file's inode, size and mtime are still
+    those it was taken with, else the file is read.
     """
     known = known or {}
+    by_inode = by_inode or {}
     lines: list[bytes] = []
     for name, entry in entries_under(os.fsencode(path)):
         info = entry.stat(follow_symlinks=False)
-        hashed = known.get(name)
-        if hashed is not None and stat.S_ISREG(info.st_mode) and hashed[0] == identity_of(info):
-            kind, detail = b"f", hashed[1].encode()
+        hashed = None
+        if stat.S_ISREG(info.st_mode):
+            identity = identity_of(info)
+            for candidate in (known.get(name), by_inode.get((info.st_dev, info.st_ino))):
+                if candidate is not None and candidate[0] == identity:
+                    hashed = candidate[1]
+                    break
+        if hashed is not None:
+            kind, detail = b"f", hashed.encode()
         else:
             kind, detail = _describe(entry.path, info)
         mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
@@ -128,7 +141,7 @@ def digest_of_lines(lines: list[bytes]) -> str:
 def _describe(path: bytes, info: os.stat_result) -> tuple[bytes, bytes]:
     mode = info.st_mode
     if stat.S_ISREG(mode):
-        return b"f", _file_sha256(path).encode()
+        return b"f", file_sha256(path).encode()
     if stat.S_ISDIR(mode):
         return b"d", b""
     if stat.S_ISLNK(mode):
@@ -140,7 +153,8 @@ def _describe(path: bytes, info: os.stat_result) -> tuple[bytes, bytes]:
     return b"s", b""
 
 
-def _file_sha256(path: bytes) -> str:
+def file_sha256(path: bytes | str) -> str:
+    """The sha256 (hex) of a file's content, never following a symlink."""
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:

@@ -22,7 +22,9 @@ from typing import BinaryIO, Protocol
 from asynccache._threads import Read, feed_thread
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.tree.budget import Budget
+from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash
+from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.folder import Folder, FolderRules, kind_of
 from asynccache.tree.paths import BadName, MemberPaths, Outside, link_target
 from asynccache.tree.tarstream import (
@@ -66,6 +68,9 @@ class ExtractResult:
     file_hashes: Mapping[bytes, FileHash] = field(default_factory=dict, repr=False, compare=False)
     #: The tree's content digest (digest.tree_digest) from what was written, when known.
     digest: str | None = field(default=None, compare=False)
+    #: Regular files created and written, and those linked from a content store instead.
+    files_written: int = field(default=0, compare=False)
+    files_linked: int = field(default=0, compare=False)
 
 
 class Rules(FolderRules, Protocol):
@@ -123,12 +128,16 @@ class Extractor:
         *,
         keep_hashes: bool = False,
         budget: Budget | None = None,
+        store: ContentStore | None = None,
+        exclude: ExcludeRules | None = None,
     ) -> None:
         self.paths = MemberPaths(dest, root)
         self.rules = rules
-        self.folder = Folder(self.paths.dest, rules, keep_hashes=keep_hashes)
+        self.folder = Folder(self.paths.dest, rules, keep_hashes=keep_hashes, store=store)
         #: What the entry may still read (sources made for this extraction are charged).
         self.budget = budget
+        # paths left out of the tree (--exclude)
+        self.exclude = exclude or None
         self.warnings: list[str] = []
         self.dropped = 0
         # members that were writable by others, and the first few of their names
@@ -198,6 +207,8 @@ class Extractor:
             return
         if info.pax_headers and _CAPABILITIES in info.pax_headers:
             self.warn(f"{name}: dropped its file capabilities (security.capability)")
+        if rel and self.exclude is not None and self.excluded(info, rel):
+            return
         try:
             if info.isreg():
                 self.add_file(tar, info, rel)
@@ -221,6 +232,22 @@ class Extractor:
                 raise UnsafeArchive(name, "name too long for the filesystem") from None
             raise
         self.rules.written(rel)
+
+    def excluded(self, info: Member, rel: bytes) -> bool:
+        """True when --exclude leaves the member out (a hardlink to a left-out file too)."""
+        assert self.exclude is not None
+        if self.exclude.excludes(rel, info.isdir()):
+            return True
+        if not info.islnk():
+            return False
+        try:
+            target = self.paths.relative(info.linkname)
+        except BadName:
+            return False  # add_hardlink reports it
+        if not target or not self.exclude.excludes(target, False):
+            return False
+        self.warn(f"{info.name}: left out, its hardlink target {info.linkname!r} is excluded")
+        return True
 
     def add_file(self, tar: TarReader, info: Member, rel: bytes) -> None:
         """Write a regular file with its mode and mtime."""
@@ -321,6 +348,8 @@ class Extractor:
             warnings=warnings,
             file_hashes=folder.record.hashes,
             digest=folder.digest(),
+            files_written=folder.files_written,
+            files_linked=folder.files_linked,
         )
 
 
@@ -341,10 +370,19 @@ def domain_errors(dest: Path) -> Iterator[None]:
 
 
 def _extract(
-    read: Read, dest: Path, root: str, keep_hashes: bool = False, budget: Budget | None = None
+    read: Read,
+    dest: Path,
+    root: str,
+    keep_hashes: bool = False,
+    budget: Budget | None = None,
+    store: ContentStore | None = None,
+    exclude: ExcludeRules | None = None,
 ) -> ExtractResult:
     """Extract the tar stream that read() yields under dest."""
-    extractor = Extractor(dest, root, PlainRules(), keep_hashes=keep_hashes, budget=budget)
+    extractor = Extractor(
+        dest, root, PlainRules(), keep_hashes=keep_hashes, budget=budget, store=store,
+        exclude=exclude,
+    )
     with domain_errors(dest):
         extractor.add_all(extractor.source(read))
         return extractor.finish()
@@ -357,9 +395,11 @@ def extract_tar(
     root: str = "testbed",
     keep_hashes: bool = False,
     budget: Budget | None = None,
+    store: ContentStore | None = None,
+    exclude: ExcludeRules | None = None,
 ) -> ExtractResult:
     """Sync: read a tar stream (non-seekable, tarfile mode "r|") and write it under dest."""
-    return _extract(fileobj.read, dest, root, keep_hashes, budget)
+    return _extract(fileobj.read, dest, root, keep_hashes, budget, store, exclude)
 
 
 async def extract_stream(
@@ -369,13 +409,23 @@ async def extract_stream(
     root: str = "testbed",
     keep_hashes: bool = False,
     budget: Budget | None = None,
+    store: ContentStore | None = None,
+    exclude: ExcludeRules | None = None,
 ) -> ExtractResult:
     """Extract an async stream of tar chunks under dest in a worker thread, with bounded memory.
 
     ``keep_hashes``: also return the content hashes of the files written (for tree_digest).
     ``budget``: the bytes and members the extraction may read (LimitExceeded beyond).
+    ``store``: link regular files it holds instead of writing them (see dedup.py).
+    ``exclude``: leave out the paths it matches.
     """
     extract = functools.partial(
-        _extract, dest=dest, root=root, keep_hashes=keep_hashes, budget=budget
+        _extract,
+        dest=dest,
+        root=root,
+        keep_hashes=keep_hashes,
+        budget=budget,
+        store=store,
+        exclude=exclude,
     )
     return await feed_thread(chunks, extract)

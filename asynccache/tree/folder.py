@@ -21,7 +21,8 @@ from typing import Protocol
 
 from asynccache._fs import current_umask
 from asynccache.errors import UnsafeArchive
-from asynccache.tree.digest import identity_of, sha256_of, walk
+from asynccache.tree.dedup import ContentStore
+from asynccache.tree.digest import file_sha256, identity_of, walk
 from asynccache.tree.record import TreeRecord
 from asynccache.tree.tarstream import Sink
 from asynccache.tree.writer import (
@@ -32,11 +33,11 @@ from asynccache.tree.writer import (
     FileWriter,
     Job,
     SparseWriter,
-    create_file,
+    place_file,
     write_all,
 )
 
-__all__ = ["Folder", "FolderRules", "kind_of"]
+__all__ = ["Folder", "FolderRules", "kind_of", "store_unstored"]
 
 _IMPLICIT_DIR_MODE = 0o755
 
@@ -97,7 +98,14 @@ def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
 class Folder:
     """Writes under dest by relative path, tracking the folders it created and what it wrote."""
 
-    def __init__(self, dest: bytes, rules: FolderRules, *, keep_hashes: bool = False) -> None:
+    def __init__(
+        self,
+        dest: bytes,
+        rules: FolderRules,
+        *,
+        keep_hashes: bool = False,
+        store: ContentStore | None = None,
+    ) -> None:
         self.dest = dest
         #: dest with a trailing slash: ``base + rel`` is the path of rel on disk.
         self.base = os.path.join(dest, b"")
@@ -111,12 +119,18 @@ class Folder:
         self.size = 0
         # creates small files in a thread of its own while a stream is read (see writer.py)
         self.writer: FileWriter | None = None
-        self.record = TreeRecord(keep_hashes=keep_hashes)
+        # regular files are linked from this store when it has their content (see dedup.py);
+        # storing needs every file's hash
+        self.store = store
+        self.record = TreeRecord(keep_hashes=keep_hashes or store is not None)
+        #: Regular files created and written, and those linked from the store instead.
+        self.files_written = 0
+        self.files_linked = 0
 
     def start_writer(self) -> None:
         """Hand small regular files to a writer thread until stop_writer."""
         if self.writer is None:
-            self.writer = FileWriter(self.umask, hashing=self.record.keep_hashes)
+            self.writer = FileWriter(self.umask, hashing=self.record.keep_hashes, store=self.store)
 
     def stop_writer(self, *, completed: bool) -> None:
         """Finish the writer's work (when completed) and stop its thread."""
@@ -129,6 +143,8 @@ class Folder:
         finally:
             self.writer = None
             writer.close()
+            self.files_written += writer.files_written
+            self.files_linked += writer.files_linked
 
     def flush(self) -> None:
         """Wait until every queued file is written; write here what the writer could not."""
@@ -200,9 +216,14 @@ class Folder:
                     fill(functools.partial(_write_hashed, fd, content))
             if mtime is not None:
                 os.utime(fd, ns=(mtime, mtime))
-            if content is not None:
-                taken = (identity_of(os.fstat(fd)), content.hexdigest())
-                self.record.keep_hash(rel, mode, taken)
+            written = os.fstat(fd) if content is not None else None
+        self.files_written += 1
+        if content is not None and written is not None:
+            digest = content.hexdigest()
+            if self.store is not None:
+                # hashed only while written: stored now, or replaced by the stored copy
+                _, written = self.store.put(full, digest, mode)
+            self.record.keep_hash(rel, mode, (identity_of(written), digest))
 
     def write_sparse(
         self,
@@ -234,6 +255,7 @@ class Folder:
             os.ftruncate(fd, size)
             if mtime is not None:
                 os.utime(fd, ns=(mtime, mtime))
+        self.files_written += 1
 
     def write_now(self, job: Job) -> None:
         """Create a file or folder the writer gave back, here (counted when it was queued)."""
@@ -244,19 +266,23 @@ class Folder:
                 self.dirs[job.rel] = attributes
             return
         self.record.forget(job.rel)
-        hashing = self.record.keep_hashes
+        hashing, store = self.record.keep_hashes, self.store
         try:
             try:
-                found = create_file(job, self.umask, stat_after=hashing)
+                taken, linked = place_file(job, self.umask, store, hashing=hashing)
             except FileExistsError:
                 self.remove(job.full, job.rel)
-                found = create_file(job, self.umask, stat_after=hashing)
+                taken, linked = place_file(job, self.umask, store, hashing=hashing)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise UnsafeArchive(job.name, "name too long for the filesystem") from None
             raise
-        if found is not None:
-            self.record.keep_hash(job.rel, job.mode, (identity_of(found), sha256_of(job.pieces)))
+        if linked:
+            self.files_linked += 1
+        else:
+            self.files_written += 1
+        if taken is not None:
+            self.record.keep_hash(job.rel, job.mode, taken)
 
     def add_folder(self, name: str, rel: bytes, mode: int, mtime: int | None) -> None:
         """Create the folder at rel (not the root); its mode and mtime are applied at the end."""
@@ -367,6 +393,18 @@ class Folder:
             self.size -= info.st_size
         os.unlink(full)
 
+    def store_unstored(self) -> tuple[int, int]:
+        """Hand the store every regular file it does not hold yet; (files, bytes) of the tree.
+
+        Call it before :meth:`apply_attributes` (folders may become read-only).
+        """
+        assert self.store is not None
+        return store_unstored(self.dest, self.store, self.keep_found)
+
+    def keep_found(self, rel: bytes, mode: int, digest: str, found: os.stat_result) -> None:
+        """Remember the content hash of a file as stat found it."""
+        self.record.keep_hash(rel, mode, (identity_of(found), digest))
+
     def apply_attributes(self) -> None:
         """Apply folder modes and mtimes, deepest first, then the root's to dest."""
         for rel, (mode, mtime, now) in sorted(self.dirs.items(), key=_depth, reverse=True):
@@ -384,3 +422,51 @@ class Folder:
     def digest(self) -> str | None:
         """The tree digest of what was written, when the record followed every change."""
         return self.record.tree_digest((rel, attrs[0]) for rel, attrs in self.dirs.items())
+
+
+def store_unstored(
+    root: bytes,
+    store: ContentStore,
+    keep: Callable[[bytes, int, str, os.stat_result], None] | None = None,
+) -> tuple[int, int]:
+    """Hand the store every regular file under root that it does not hold; (files, bytes).
+
+    For what was written past the store (placeholders of hardlinks filled from a layer's data,
+    the git guard's new packs): each inode that no name outside root links is read, hashed and
+    stored, or replaced (with every path under root that shares it) by the stored copy.
+    ``keep(path, mode, sha256, stat)`` hears of each file so stored.
+    """
+    base = os.path.join(root, b"")
+    groups: dict[int, tuple[os.stat_result, list[bytes]]] = {}
+    files = size = 0
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(base + rel if rel else root) as entries:
+            for entry in entries:
+                name = rel + b"/" + entry.name if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(name)
+                    continue
+                found = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(found.st_mode):
+                    files += 1
+                    size += found.st_size
+                    groups.setdefault(found.st_ino, (found, []))[1].append(name)
+    for found, names in groups.values():
+        if found.st_nlink != len(names):
+            continue  # linked from outside: by the store
+        first = base + names[0]
+        digest, mode = file_sha256(first), stat.S_IMODE(found.st_mode)
+        linked, stored = store.put(first, digest, mode)
+        now = {names[0]: stored}
+        for name in names[1:] if linked else ():
+            os.unlink(base + name)
+            again = store.link(digest, mode, found.st_size, base + name)
+            if again is None:
+                raise FileNotFoundError(errno.ENOENT, "the stored copy vanished", name)
+            now[name] = again
+        if keep is not None:
+            for name in names:
+                keep(name, mode, digest, now.get(name, stored))
+    return files, size

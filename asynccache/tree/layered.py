@@ -12,7 +12,9 @@ from pathlib import Path
 from asynccache._threads import Read
 from asynccache.errors import UnsafeArchive
 from asynccache.tree.budget import Budget
+from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import walk
+from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import Extractor, ExtractResult, domain_errors
 from asynccache.tree.folder import Folder
 from asynccache.tree.paths import BadName, parts
@@ -314,11 +316,21 @@ class LayerTree:
         root: str = "testbed",
         keep_hashes: bool = False,
         budget: Budget | None = None,
+        store: ContentStore | None = None,
+        exclude: ExcludeRules | None = None,
     ) -> None:
         """``budget``: what all the layers applied may read together (LimitExceeded beyond)."""
         self.dest = dest
         self._rules = LayerRules()
-        self._extractor = Extractor(dest, root, self._rules, keep_hashes=keep_hashes, budget=budget)
+        self._extractor = Extractor(
+            dest,
+            root,
+            self._rules,
+            keep_hashes=keep_hashes,
+            budget=budget,
+            store=store,
+            exclude=exclude,
+        )
 
     @property
     def present(self) -> bool:
@@ -347,9 +359,14 @@ class LayerTree:
 
     def finish(self) -> ExtractResult:
         """Apply folder modes and mtimes; count the regular files of the final tree."""
+        folder = self._extractor.folder
         with domain_errors(self.dest):
+            counted = None
+            if self._rules.recount and folder.store is not None:
+                # placeholders filled from a layer's data were written past the store
+                counted = folder.store_unstored()
             result = self._extractor.finish()
             if not self._rules.recount:
                 return result
-            files, size, _ = walk(self._extractor.folder.dest)
+            files, size = counted if counted is not None else walk(folder.dest)[:2]
         return dataclasses.replace(result, file_count=files, size_bytes=size)

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash, identity_of, sha256_of
 
 #: Flags of every regular file an extraction creates.
@@ -102,6 +103,29 @@ def create_file(job: FileJob, umask: int, *, stat_after: bool) -> os.stat_result
         os.close(fd)
 
 
+def place_file(
+    job: FileJob, umask: int, store: ContentStore | None, *, hashing: bool
+) -> tuple[FileHash | None, bool]:
+    """Create job's file where nothing is (FileExistsError else), linked from store if it can.
+
+    With a store, the content is hashed first and a stored copy is linked instead of writing
+    one (the file then has the stored copy's mtime); a written file is handed to the store.
+    Returns the file's content hash (when hashing or storing) and whether it was linked.
+    """
+    if store is None:
+        written = create_file(job, umask, stat_after=hashing)
+        if written is None:
+            return None, False
+        return (identity_of(written), sha256_of(job.pieces)), False
+    digest = sha256_of(job.pieces)
+    found = store.link(digest, job.mode, job.size, job.full)
+    if found is not None:
+        return (identity_of(found), digest), True
+    create_file(job, umask, stat_after=False)
+    _, found = store.put(job.full, digest, job.mode)
+    return (identity_of(found), digest), False
+
+
 @dataclass(slots=True)
 class DirJob:
     """One folder to create."""
@@ -119,9 +143,15 @@ Job = FileJob | DirJob
 class FileWriter:
     """Creates queued files in order in its own thread; stops at the first one it cannot."""
 
-    def __init__(self, umask: int, *, hashing: bool = False) -> None:
+    def __init__(
+        self, umask: int, *, hashing: bool = False, store: ContentStore | None = None
+    ) -> None:
         self.umask = umask
         self.hashing = hashing
+        self.store = store
+        #: Regular files written, and linked from the store instead (read once closed).
+        self.files_written = 0
+        self.files_linked = 0
         #: Paths queued since the last flush (read and written by the extracting thread only).
         self.pending: set[bytes] = set()
         self._lock = threading.Lock()
@@ -238,7 +268,7 @@ class FileWriter:
             return (0, 0), None
         removed = (0, 0)
         try:
-            written = create_file(job, self.umask, stat_after=self.hashing)
+            written, linked = place_file(job, self.umask, self.store, hashing=self.hashing)
         except FileExistsError:
             found = os.lstat(job.full)
             if stat.S_ISDIR(found.st_mode):
@@ -246,7 +276,9 @@ class FileWriter:
             if stat.S_ISREG(found.st_mode):
                 removed = (1, found.st_size)
             os.unlink(job.full)
-            written = create_file(job, self.umask, stat_after=self.hashing)
-        if written is None:
-            return removed, None
-        return removed, (identity_of(written), sha256_of(job.pieces))
+            written, linked = place_file(job, self.umask, self.store, hashing=self.hashing)
+        if linked:
+            self.files_linked += 1
+        else:
+            self.files_written += 1
+        return removed, written

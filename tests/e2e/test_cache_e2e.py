@@ -9,11 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.cli_runner import instance_id as default_instance_id
 from tests.support.cli_runner import run_cli
 from tests.support.fixtures import (
     FixtureImage,
     ReferenceTrees,
+    assert_deduplicated,
+    diff_deduplicated,
     diff_snapshots,
     image_exists,
     remove_local_image,
@@ -41,17 +45,29 @@ def instance_id(image: FixtureImage) -> str:
     return default_instance_id(image.repo, image.commit_hash)
 
 
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "no_dedup"])
 def test_every_cached_tree_is_docker_cp_s_without_the_history_past_head(
     tmp_path: Path,
     sample_dataset: Dataset,
     fixture_images: list[FixtureImage],
     reference_trees: ReferenceTrees,
     leftover_containers: Callable[[Path], list[str]],
+    dedup: bool,
 ) -> None:
+    """With --no_dedup, exactly; with dedup, the same but for equal files sharing an inode."""
     dataset_dir, split, _rows = sample_dataset
     cache_dir = tmp_path / "cache"
+    flags = [] if dedup else ["--no_dedup"]
     done = run_cli(
-        "--dataset", dataset_dir, "--split", split, "--cache_dir", cache_dir, "--concurrency", "16"
+        "--dataset",
+        dataset_dir,
+        "--split",
+        split,
+        "--cache_dir",
+        cache_dir,
+        "--concurrency",
+        "16",
+        *flags,
     )
     assert done.returncode == 0, done.stderr
     assert f"Done: {len(fixture_images)} cached, 0 skipped, 0 failed" in done.stdout
@@ -67,12 +83,22 @@ def test_every_cached_tree_is_docker_cp_s_without_the_history_past_head(
         assert record["git_history"] == "head"
         expected = reference_trees.guarded(image.ref)
         actual = snapshot_tree(cached)
-        assert actual == expected, diff_snapshots(expected, actual)
+        if dedup:
+            assert not diff_deduplicated(expected, cached), diff_deduplicated(expected, cached)
+        else:
+            assert actual == expected, diff_snapshots(expected, actual)
         working_tree = without_git(reference_trees[image.ref])
-        assert without_git(actual) == working_tree, diff_snapshots(working_tree, actual)
+        plain = snapshot_tree(cached, hardlinks=False) if dedup else actual
+        if dedup:
+            working_tree = {k: (*v[:3], None) for k, v in working_tree.items()}
+        assert without_git(plain) == working_tree, diff_snapshots(working_tree, plain)
         regular = [value for value in actual.values() if value[0] == "file"]
         assert record["file_count"] == len(regular)
         assert abs(record["size_mb"] - record["size_bytes"] / 2**20) < 0.01
+        assert record["dedup"] is dedup
+    if dedup:
+        trees = [cache_dir / instance_id(image) for image in fixture_images]
+        assert_deduplicated(cache_dir, trees, [index[tree.name] for tree in trees])
     assert_clean(cache_dir, leftover_containers)
     for image in fixture_images:
         assert not image_exists(image.ref), "an image this run pulled was not removed"
@@ -232,7 +258,8 @@ def test_no_skip_existing_re_extracts_and_replaces_the_folder(
     assert again.returncode == 0, again.stderr
     assert "Done: 1 cached, 0 skipped, 0 failed" in again.stdout
     assert not (cached / "stray-file-from-a-rollout").exists()
-    assert snapshot_tree(cached) == reference_trees.guarded(image.ref)
+    expected = reference_trees.guarded(image.ref)
+    assert not diff_deduplicated(expected, cached), diff_deduplicated(expected, cached)
     assert_clean(cache_dir, leftover_containers)
 
 

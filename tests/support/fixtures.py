@@ -1026,6 +1026,36 @@ def diff_snapshots(expected: dict[str, Entry], actual: dict[str, Entry], limit: 
     return "\n".join(lines)
 
 
+def diff_deduplicated(expected: dict[str, Entry], root: Path | str) -> str:
+    """How a deduplicated tree differs from a ``docker cp`` snapshot ('' when it does not).
+
+    Dedup links files of equal content and mode into one inode; everything else must be as
+    ``docker cp`` gives it, and each of the image's own hardlink groups must stay one inode.
+    """
+    plain = {rel: (kind, mode, detail, None) for rel, (kind, mode, detail, _) in expected.items()}
+    found = diff_snapshots(plain, snapshot_tree(root, hardlinks=False))
+    lines = [found] if found else []
+    for rel, (_, _, _, leader) in sorted(expected.items()):
+        if leader is not None and not os.path.samefile(Path(root, rel), Path(root, leader)):
+            lines.append(f"hardlink group lost: {rel!r} is no longer {leader!r}")
+    return "\n".join(lines)
+
+
+def assert_deduplicated(cache_dir: Path, trees: list[Path], records: list[dict[str, Any]]) -> None:
+    """Every regular file of the trees is a stored object, and the trees share some."""
+    from asynccache.cache.status import cache_status
+    from asynccache.cache.store import Store
+
+    stored = Store(cache_dir).inodes()
+    for tree in trees:
+        for path in tree.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                info = path.stat()
+                assert (info.st_dev, info.st_ino) in stored, path
+    assert sum(record["files_linked"] for record in records) > 0
+    assert cache_status(cache_dir).physical_bytes < sum(r["size_bytes"] for r in records)
+
+
 def check_expectations(spec: FixtureSpec, root: Path | str) -> list[str]:
     """Compare an extracted ``/testbed`` with what the spec promises; return the problems."""
     base = Path(root)

@@ -22,6 +22,8 @@ from asynccache.sources.registry.client import RegistryClient
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LayerStore
 from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform
 from asynccache.tree.budget import Budget
+from asynccache.tree.dedup import ContentStore
+from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.layered import LayerTree
 
@@ -52,6 +54,8 @@ class RegistryBackend:
         entry_timeout: float = config.pull_timeout,
         max_testbed_bytes: int = config.max_testbed_bytes,
         max_testbed_files: int = config.max_testbed_files,
+        store: ContentStore | None = None,
+        exclude: ExcludeRules | None = None,
     ) -> None:
         """``entry_timeout``: seconds one entry may take (pauses of a rate limit not counted);
         ``max_testbed_bytes``, ``max_testbed_files``: what its layers may hold (see Budget)."""
@@ -76,6 +80,9 @@ class RegistryBackend:
             folder, root=self.root, max_bytes=layer_cache_bytes, work_name=work_name
         )
         self._credentials = credentials
+        # what every tree is linked from and leaves out (see tree/dedup.py, tree/exclude.py)
+        self.store = store
+        self.exclude = exclude
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -199,7 +206,14 @@ class RegistryBackend:
         image = entry.docker_image
         manifest = await self.manifest(image)
         budget = Budget(self.max_testbed_bytes, self.max_testbed_files)
-        tree = LayerTree(dest, root=self.root, keep_hashes=True, budget=budget)
+        tree = LayerTree(
+            dest,
+            root=self.root,
+            keep_hashes=True,
+            budget=budget,
+            store=self.store,
+            exclude=self.exclude,
+        )
         for layer in manifest.layers:
             await self.layers.apply(
                 tree,

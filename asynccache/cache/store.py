@@ -1,0 +1,536 @@
+"""The object store: each distinct (content, mode) once, hard-linked into every tree that has it.
+
+Objects live in ``cache_dir/.store/ab/cdef...<62 hex>.<mode in octal>[.<copy>]``: the sha256 of
+the content fans out over 256 folders by its first byte (so no folder gets huge), the mode is
+part of the name (a hardlink shares its mode), and a copy number starts a new inode before the
+link count reaches the filesystem's limit (ext4 allows 65,000 links; think of empty
+``__init__.py`` files). Every change is a single link, rename or unlink, so threads and processes
+may share a store without a lock: an object is visible under its name only once complete, and
+one is freed only when nothing but the store links it (see :meth:`Store.collect`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asynccache.config import STORE_DIR_NAME, store_max_links
+from asynccache.tree.digest import FileHash, file_sha256
+
+__all__ = [
+    "DEFAULT_MAX_LINKS",
+    "STORE_DIR_NAME",
+    "DamagedObject",
+    "Store",
+    "StoreCheck",
+    "StoreUsage",
+    "StoredObject",
+    "is_digest",
+    "object_name",
+    "parse_object_name",
+]
+
+#: Links per object before a new copy starts: below ext4's 65,000, and a filesystem that
+#: allows fewer is met with EMLINK, which starts a new copy too.
+DEFAULT_MAX_LINKS = store_max_links
+_TMP_NAME = ".tmp"
+_OWNER_NAME = ".owner"
+#: A work folder without its owner lock this long after it was made was left half made.
+_ABANDONED = 3600.0
+_HEX = frozenset("0123456789abcdef")
+#: Inode identity of a file: (st_dev, st_ino).
+Inode = tuple[int, int]
+
+
+def object_name(digest: str, mode: int, copy: int = 0) -> str:
+    """The store path of an object, relative to the store: ``ab/cdef....644[.copy]``."""
+    name = f"{digest[:2]}/{digest[2:]}.{mode:o}"
+    return f"{name}.{copy}" if copy else name
+
+
+def parse_object_name(fanout: str, name: str) -> tuple[str, int, int] | None:
+    """(digest, mode, copy) of a file named ``name`` in folder ``fanout``; None if not an object."""
+    parts = name.split(".")
+    if len(fanout) != 2 or len(parts) not in (2, 3) or len(parts[0]) != 62:
+        return None
+    digest = fanout + parts[0]
+    if not _HEX.issuperset(digest):
+        return None
+    try:
+        mode = int(parts[1], 8)
+        copy = int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        return None
+    if mode > 0o777 or copy < 0 or (len(parts) == 3 and (copy == 0 or parts[2] != str(copy))):
+        return None
+    if parts[1] != f"{mode:o}":
+        return None
+    return digest, mode, copy
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove a work folder of links (no subfolders)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        os.rmdir(folder)
+
+
+def is_digest(text: str) -> bool:
+    """True for a sha256 in lower-case hex."""
+    return len(text) == 64 and _HEX.issuperset(text)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One object as the store holds it."""
+
+    name: str
+    digest: str
+    mode: int
+    copy: int
+    size: int
+    links: int
+    inode: Inode
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedObject:
+    """An object whose content or mode no longer matches its name."""
+
+    object: StoredObject
+    #: What is wrong, in words.
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """What the store holds, and what nothing but the store links (``asynccache gc`` frees it)."""
+
+    objects: int = 0
+    bytes: int = 0
+    unlinked_objects: int = 0
+    unlinked_bytes: int = 0
+
+
+@dataclass
+class StoreCheck:
+    """What a deep check of the store found."""
+
+    checked: int = 0
+    damaged: list[DamagedObject] = field(default_factory=list)
+    #: Each object's content hash as read, by inode (for tree_digest's ``by_inode``).
+    hashes: dict[Inode, FileHash] = field(default_factory=dict)
+
+
+class Store:
+    """The content-addressed object store of one cache folder."""
+
+    def __init__(self, cache_dir: Path | str, *, max_links: int = DEFAULT_MAX_LINKS) -> None:
+        if max_links < 2:
+            raise ValueError("max_links must be at least 2")
+        self.root = Path(os.path.abspath(cache_dir)) / STORE_DIR_NAME
+        self.max_links = max_links
+        self._base = os.path.join(os.fsencode(self.root), b"")
+        self.tmp_dir = self.root / _TMP_NAME
+        # this process's work folder, and the lock that tells other processes it is alive
+        self._own: Path | None = None
+        self._owner_fd: int | None = None
+        self._fanouts: set[bytes] = set()
+        # the copy to try first, for objects whose first copies are full (a hint: races only
+        # cost a few more probes)
+        self._first_copy: dict[tuple[str, int], int] = {}
+
+    def open(self) -> None:
+        """Create the store's folders and this process's own work folder.
+
+        Work folders of processes that are gone (their owner lock is free) are removed; those
+        of live processes (other shards, worker processes) are left alone.
+        """
+        self.root.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        self._sweep()
+        if self._own is not None:
+            return
+        own = self.tmp_dir / f"{os.getpid()}.{secrets.token_hex(4)}"
+        own.mkdir()
+        fd = os.open(own / _OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._own, self._owner_fd = own, fd
+
+    def close(self) -> None:
+        """Remove this process's work folder (links it still holds, such as pins, go with it)."""
+        own, fd = self._own, self._owner_fd
+        self._own = self._owner_fd = None
+        if own is not None:
+            _remove_folder(own)
+        if fd is not None:
+            os.close(fd)
+
+    def _sweep(self) -> None:
+        for entry in os.scandir(self.tmp_dir):
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+                continue
+            try:
+                fd = os.open(
+                    os.path.join(entry.path, _OWNER_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                )
+            except FileNotFoundError:
+                # being set up by its process right now, or left half made long ago
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED:
+                    _remove_folder(Path(entry.path))
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            finally:
+                os.close(fd)
+            _remove_folder(Path(entry.path))
+
+    def path(self, digest: str, mode: int, copy: int = 0) -> bytes:
+        """The absolute path of an object."""
+        return self._base + object_name(digest, mode, copy).encode()
+
+    def temp_path(self) -> bytes:
+        """A fresh name in this process's work folder (see :meth:`open`)."""
+        if self._own is None:
+            raise RuntimeError("open the store before changing it")
+        return os.path.join(os.fsencode(self._own), secrets.token_hex(8).encode())
+
+    def _make_fanout(self, digest: str) -> None:
+        fanout = self._base + digest[:2].encode()
+        if fanout not in self._fanouts:
+            os.makedirs(fanout, exist_ok=True)
+            self._fanouts.add(fanout)
+
+    def _usable(self, found: os.stat_result, mode: int, size: int | None) -> bool:
+        """True for a regular file of this mode and size within the ceiling (link included)."""
+        return (
+            stat.S_ISREG(found.st_mode)
+            and stat.S_IMODE(found.st_mode) == mode
+            and (size is None or found.st_size == size)
+            and found.st_nlink <= self.max_links
+        )
+
+    def link(self, digest: str, mode: int, size: int | None, dest: bytes) -> os.stat_result | None:
+        """Hard-link the stored object with this content and mode at ``dest``.
+
+        ``dest`` must not exist (FileExistsError). Returns the stat of the file now at
+        ``dest``, or None when the store has no usable copy: none, or each one full or not of
+        this mode and size (changed; ``verify --deep`` reports it). A link that finds the copy
+        past the ceiling (threads or processes linking at once) is undone: the ceiling holds.
+        """
+        key = (digest, mode)
+        copy = self._first_copy.get(key, 0)
+        while True:
+            source = self.path(digest, mode, copy)
+            try:
+                os.link(source, dest, follow_symlinks=False)
+            except FileNotFoundError:
+                if not os.path.isdir(os.path.dirname(dest)):
+                    raise  # dest's folder is missing: the caller's error
+                if os.path.lexists(source):
+                    continue  # stored just now by another thread or process
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                copy = self._full(key, copy)
+                continue
+            found = os.lstat(dest)
+            if self._usable(found, mode, size):
+                return found
+            os.unlink(dest)
+            copy = self._full(key, copy) if found.st_nlink > self.max_links else copy + 1
+
+    def _full(self, key: tuple[str, int], copy: int) -> int:
+        """Copy ``copy`` of key is full: the next one, remembered as the first to try."""
+        self._first_copy[key] = max(self._first_copy.get(key, 0), copy + 1)
+        return copy + 1
+
+    def put(self, path: bytes, digest: str, mode: int) -> tuple[bool, os.stat_result]:
+        """Store the complete file at ``path`` (content ``digest``, mode ``mode``).
+
+        The file becomes the object when the store has no usable copy; else it is replaced
+        (atomically) by a link to the stored copy. Returns (replaced by a link, the stat of
+        the file now at ``path``). The caller must not write to ``path`` afterwards.
+        """
+        key = (digest, mode)
+        copy = self._first_copy.get(key, 0)
+        self._make_fanout(digest)
+        while True:
+            target = self.path(digest, mode, copy)
+            try:
+                os.link(path, target, follow_symlinks=False)
+            except FileExistsError:
+                try:
+                    replaced, found = self._replace_with(target, path, mode)
+                except FileNotFoundError:
+                    continue  # freed meanwhile: take the name
+                if replaced and found is not None:
+                    return True, found
+                full = found is None or found.st_nlink > self.max_links
+                copy = self._full(key, copy) if full else copy + 1
+                continue
+            return False, os.lstat(path)
+
+    def _replace_with(
+        self, target: bytes, path: bytes, mode: int
+    ) -> tuple[bool, os.stat_result | None]:
+        """Make ``path`` a link to ``target`` (atomically) when it is usable.
+
+        Returns (done, the target's stat with the new link counted, None when the filesystem
+        refused one more link); FileNotFoundError when the target is gone.
+        """
+        temp = self.temp_path()
+        try:
+            os.link(target, temp, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.EMLINK:
+                raise
+            return False, None
+        try:
+            found = os.lstat(temp)
+            if not self._usable(found, mode, None):
+                os.unlink(temp)
+                return False, found
+            os.rename(temp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        return True, found
+
+    def has(self, digest: str, mode: int, size: int | None = None) -> bool:
+        """True when a copy of the object with room for one more link is stored."""
+        copy = self._first_copy.get((digest, mode), 0)
+        while True:
+            try:
+                found = os.lstat(self.path(digest, mode, copy))
+            except FileNotFoundError:
+                return False
+            if found.st_nlink < self.max_links and self._usable(found, mode, size):
+                return True
+            copy += 1
+
+    def fanouts(self) -> list[str]:
+        """The fan-out folders present, sorted."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            entry.name
+            for entry in entries
+            if len(entry.name) == 2
+            and _HEX.issuperset(entry.name)
+            and entry.is_dir(follow_symlinks=False)
+        )
+
+    def objects_in(self, fanout: str) -> list[StoredObject]:
+        """The objects of one fan-out folder (other files there are ignored)."""
+        found: list[StoredObject] = []
+        folder = self.root / fanout
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            parsed = parse_object_name(fanout, entry.name)
+            if parsed is None:
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            digest, mode, copy = parsed
+            found.append(
+                StoredObject(
+                    name=f"{fanout}/{entry.name}",
+                    digest=digest,
+                    mode=mode,
+                    copy=copy,
+                    size=info.st_size,
+                    links=info.st_nlink,
+                    inode=(info.st_dev, info.st_ino),
+                    mtime_ns=info.st_mtime_ns,
+                )
+            )
+        return found
+
+    def objects(self, jobs: int = 8) -> Iterator[StoredObject]:
+        """Every object, fan-out folder by fan-out folder (folders listed in parallel)."""
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for batch in pool.map(self.objects_in, self.fanouts()):
+                yield from batch
+
+    def inodes(self) -> dict[Inode, StoredObject]:
+        """Every object by its inode."""
+        return {item.inode: item for item in self.objects()}
+
+    def usage(self) -> StoreUsage:
+        """Objects and bytes held, and those nothing but the store links."""
+        objects = size = unlinked = unlinked_size = 0
+        for item in self.objects():
+            objects += 1
+            size += item.size
+            if item.links == 1:
+                unlinked += 1
+                unlinked_size += item.size
+        return StoreUsage(objects, size, unlinked, unlinked_size)
+
+    def free(self, name: str) -> int | None:
+        """Remove one object if nothing but the store links it; its size, or None when kept.
+
+        The object is first renamed away, so no new link to it can start, and put back when
+        a link was made before the rename.
+        """
+        source = self._base + name.encode()
+        temp = self.temp_path()
+        try:
+            os.rename(source, temp)
+        except FileNotFoundError:
+            return None
+        found = os.lstat(temp)
+        if found.st_nlink == 1:
+            os.unlink(temp)
+            return found.st_size
+        # a new copy may have taken the name: this one lives on in the trees that link it
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, source, follow_symlinks=False)
+        os.unlink(temp)
+        return None
+
+    def collect(self, jobs: int = 8) -> tuple[int, int]:
+        """Free every object nothing links any more; return (objects, bytes) freed."""
+        objects = freed = 0
+        for item in self.objects(jobs):
+            if item.links == 1:
+                size = self.free(item.name)
+                if size is not None:
+                    objects += 1
+                    freed += size
+        return objects, freed
+
+    def sole_links(self, tree: Path) -> list[str]:
+        """Objects that only ``tree`` and the store link: free them after removing the tree.
+
+        Each file of the tree linked twice is hashed to find its object's name.
+        """
+        names: list[str] = []
+        stack = [os.fsencode(tree)]
+        seen: set[int] = set()
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 2 or info.st_ino in seen:
+                        continue
+                    seen.add(info.st_ino)
+                    name = self._name_of(entry.path, info)
+                    if name is not None:
+                        names.append(name)
+        return names
+
+    def _name_of(self, path: bytes, info: os.stat_result) -> str | None:
+        """The object name of a tree's file when it is a stored object, else None."""
+        digest = file_sha256(path)
+        mode = stat.S_IMODE(info.st_mode)
+        copy = 0
+        while True:
+            name = object_name(digest, mode, copy)
+            try:
+                found = os.lstat(self._base + name.encode())
+            except FileNotFoundError:
+                return None
+            if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                return name
+            copy += 1
+
+    def free_unlinked(self, names: Iterable[str]) -> tuple[int, int]:
+        """Free the named objects that nothing links any more; return (objects, bytes)."""
+        objects = freed = 0
+        for name in names:
+            try:
+                found = os.lstat(self._base + name.encode())
+            except FileNotFoundError:
+                continue
+            if found.st_nlink == 1:
+                size = self.free(name)
+                if size is not None:
+                    objects += 1
+                    freed += size
+        return objects, freed
+
+    def discard(self, name: str) -> None:
+        """Take an object out of the store (trees that link it keep their copy of the inode)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._base + name.encode())
+
+    def check(self, jobs: int = 8) -> StoreCheck:
+        """Read every object and compare its content and mode with its name."""
+        result = StoreCheck()
+        objects = list(self.objects(jobs))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for item, found in zip(objects, pool.map(self._check_one, objects), strict=True):
+                result.checked += 1
+                digest, reason = found
+                if digest is not None:
+                    identity = (item.inode[1], item.size, item.mtime_ns)
+                    result.hashes[item.inode] = (identity, digest)
+                if reason:
+                    result.damaged.append(DamagedObject(item, reason))
+        return result
+
+    @staticmethod
+    def linked_from(tree: Path, inodes: Iterable[Inode]) -> set[Inode]:
+        """Which of ``inodes`` the regular files under ``tree`` link."""
+        wanted = set(inodes)
+        found: set[Inode] = set()
+        stack = [os.fsencode(tree)]
+        while stack and wanted:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        inode = (info.st_dev, info.st_ino)
+                        if inode in wanted:
+                            found.add(inode)
+        return found
+
+    def _check_one(self, item: StoredObject) -> tuple[str | None, str]:
+        path = self._base + item.name.encode()
+        try:
+            before = os.lstat(path)
+            digest = file_sha256(path)
+        except FileNotFoundError:
+            return None, ""  # freed meanwhile
+        except OSError as exc:
+            return None, f"unreadable: {exc.strerror}"
+        problems: list[str] = []
+        if digest != item.digest:
+            problems.append("content changed in place")
+        mode = stat.S_IMODE(before.st_mode)
+        if mode != item.mode:
+            problems.append(f"mode changed to {mode:o}")
+        return digest, "; ".join(problems)
