@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asynccache.cache.layout import CacheDir
-from asynccache.cache.store import Store, StoreUsage
+from asynccache.cache.store import Store
+from asynccache.cache.store_check import StoreUsage, store_usage
 from asynccache.errors import SetupError
 
 __all__ = ["GcReport", "collect_garbage"]
@@ -42,6 +43,6 @@ def collect_garbage(cache_dir: str | os.PathLike[str]) -> GcReport:
             objects, freed = store.collect()
         finally:
             store.close()
-        return GcReport(str(cache.root), objects, freed, store.usage())
+        return GcReport(str(cache.root), objects, freed, store_usage(store))
     finally:
         cache.unlock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_
 from asynccache.cache.store import Store
 from asynccache.entries import Entry
 from asynccache.errors import DiskFull
-from asynccache.tree.digest import tree_digest, tree_stats
+from asynccache.tree.digest import entries_under, identity_of, tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.folder import store_unstored
 from asynccache.tree.git_guard import guard_tree
@@ -75,6 +76,26 @@ def close_history(tree: Path, result: ExtractResult, scratch: Path) -> ExtractRe
     )
 
 
+def _stored_only_here(dotgit: Path, result: ExtractResult) -> list[tuple[str, int]]:
+    """Objects (sha256, mode) that only this tree's .git links, as the extraction hashed them."""
+    known = result.file_hashes
+    found: list[tuple[str, int]] = []
+    for name, entry in entries_under(os.fsencode(dotgit)):
+        info = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 2:
+            hashed = known.get(b".git/" + name)
+            if hashed is not None and hashed[0] == identity_of(info):
+                found.append((hashed[1], stat.S_IMODE(info.st_mode)))
+    return found
+
+
+def _restore(store: Store, dotgit: Path, held: list[tuple[str, int]]) -> None:
+    """After the git guard: store what it wrote, free what only the packs it replaced held."""
+    store_unstored(os.fsencode(dotgit), store)
+    for digest, mode in held:
+        store.free_object(digest, mode)
+
+
 class Publisher:
     """Puts extracted trees into a locked cache folder; nothing partial ever has a final name.
 
@@ -118,11 +139,14 @@ class Publisher:
         """Unless the run keeps git history: remove what reaches past HEAD (in a thread)."""
         if self.keep_git_history:
             return result
-        result = await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
         dotgit = work_dir / ".git"
-        if self.store is not None and dotgit.is_dir() and not dotgit.is_symlink():
-            # the guard wrote new packs, refs and config past the store
-            await anyio.to_thread.run_sync(store_unstored, os.fsencode(dotgit), self.store)
+        store = self.store if dotgit.is_dir() and not dotgit.is_symlink() else None
+        held = []
+        if store is not None:
+            held = await anyio.to_thread.run_sync(_stored_only_here, dotgit, result)
+        result = await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
+        if store is not None:
+            await anyio.to_thread.run_sync(_restore, store, dotgit, held)
         return result
 
     def _discard_stored(self, path: Path) -> None:

@@ -12,7 +12,8 @@ from asynccache._fs import absolute_path
 from asynccache.cache.layout import resolve_instance_path
 from asynccache.cache.parts import all_failures, cached_records
 from asynccache.cache.records import IndexRecord, record_exclude
-from asynccache.cache.store import Store, StoreUsage
+from asynccache.cache.store import Store
+from asynccache.cache.store_check import StoreUsage, store_usage
 from asynccache.entries import entry_from_row
 from asynccache.errors import InvalidEntry, SetupError
 
@@ -131,7 +132,7 @@ def _disk_usage(root: Path, records: Mapping[str, IndexRecord], report: StatusRe
         if patterns:
             key = " ".join(patterns)
             report.excluded[key] = report.excluded.get(key, 0) + 1
-    report.store = Store(root).usage()
+    report.store = store_usage(Store(root))
     report.physical_bytes = report.store.bytes + unshared
 
 

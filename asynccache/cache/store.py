@@ -20,19 +20,16 @@ import stat
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from asynccache.config import STORE_DIR_NAME, store_max_links
-from asynccache.tree.digest import FileHash, file_sha256
+from asynccache.tree.digest import file_sha256
 
 __all__ = [
     "DEFAULT_MAX_LINKS",
     "STORE_DIR_NAME",
-    "DamagedObject",
     "Store",
-    "StoreCheck",
-    "StoreUsage",
     "StoredObject",
     "is_digest",
     "object_name",
@@ -103,35 +100,6 @@ class StoredObject:
     links: int
     inode: Inode
     mtime_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class DamagedObject:
-    """An object whose content or mode no longer matches its name."""
-
-    object: StoredObject
-    #: What is wrong, in words.
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoreUsage:
-    """What the store holds, and what nothing but the store links (``asynccache gc`` frees it)."""
-
-    objects: int = 0
-    bytes: int = 0
-    unlinked_objects: int = 0
-    unlinked_bytes: int = 0
-
-
-@dataclass
-class StoreCheck:
-    """What a deep check of the store found."""
-
-    checked: int = 0
-    damaged: list[DamagedObject] = field(default_factory=list)
-    #: Each object's content hash as read, by inode (for tree_digest's ``by_inode``).
-    hashes: dict[Inode, FileHash] = field(default_factory=dict)
 
 
 class Store:
@@ -383,17 +351,6 @@ class Store:
         """Every object by its inode."""
         return {item.inode: item for item in self.objects()}
 
-    def usage(self) -> StoreUsage:
-        """Objects and bytes held, and those nothing but the store links."""
-        objects = size = unlinked = unlinked_size = 0
-        for item in self.objects():
-            objects += 1
-            size += item.size
-            if item.links == 1:
-                unlinked += 1
-                unlinked_size += item.size
-        return StoreUsage(objects, size, unlinked, unlinked_size)
-
     def free(self, name: str) -> int | None:
         """Remove one object if nothing but the store links it; its size, or None when kept.
 
@@ -480,57 +437,21 @@ class Store:
                     freed += size
         return objects, freed
 
+    def free_object(self, digest: str, mode: int) -> int:
+        """Free each copy of (digest, mode) that nothing but the store links; the bytes freed."""
+        freed = 0
+        copy = 0
+        while True:
+            name = object_name(digest, mode, copy)
+            try:
+                found = os.lstat(self._base + name.encode())
+            except FileNotFoundError:
+                return freed
+            if found.st_nlink == 1:
+                freed += self.free(name) or 0
+            copy += 1
+
     def discard(self, name: str) -> None:
         """Take an object out of the store (trees that link it keep their copy of the inode)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._base + name.encode())
-
-    def check(self, jobs: int = 8) -> StoreCheck:
-        """Read every object and compare its content and mode with its name."""
-        result = StoreCheck()
-        objects = list(self.objects(jobs))
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for item, found in zip(objects, pool.map(self._check_one, objects), strict=True):
-                result.checked += 1
-                digest, reason = found
-                if digest is not None:
-                    identity = (item.inode[1], item.size, item.mtime_ns)
-                    result.hashes[item.inode] = (identity, digest)
-                if reason:
-                    result.damaged.append(DamagedObject(item, reason))
-        return result
-
-    @staticmethod
-    def linked_from(tree: Path, inodes: Iterable[Inode]) -> set[Inode]:
-        """Which of ``inodes`` the regular files under ``tree`` link."""
-        wanted = set(inodes)
-        found: set[Inode] = set()
-        stack = [os.fsencode(tree)]
-        while stack and wanted:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        info = entry.stat(follow_symlinks=False)
-                        inode = (info.st_dev, info.st_ino)
-                        if inode in wanted:
-                            found.add(inode)
-        return found
-
-    def _check_one(self, item: StoredObject) -> tuple[str | None, str]:
-        path = self._base + item.name.encode()
-        try:
-            before = os.lstat(path)
-            digest = file_sha256(path)
-        except FileNotFoundError:
-            return None, ""  # freed meanwhile
-        except OSError as exc:
-            return None, f"unreadable: {exc.strerror}"
-        problems: list[str] = []
-        if digest != item.digest:
-            problems.append("content changed in place")
-        mode = stat.S_IMODE(before.st_mode)
-        if mode != item.mode:
-            problems.append(f"mode changed to {mode:o}")
-        return digest, "; ".join(problems)

@@ -13,7 +13,8 @@ from asynccache.cache.index import write_index
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.cache.parts import cached_records, drop_from_parts
 from asynccache.cache.records import forget, read_digest, size_mb
-from asynccache.cache.store import DamagedObject, Inode, Store
+from asynccache.cache.store import Inode, Store
+from asynccache.cache.store_check import DamagedObject, check_store, linked_from
 from asynccache.errors import SetupError
 from asynccache.tree.digest import FileHash, tree_digest, tree_stats
 from asynccache.tree.git_guard import check_tree
@@ -159,7 +160,7 @@ def verify_cache(
         records = cached_records(cache.root)
         workers = max(1, min(jobs or (os.cpu_count() or 1), 8, len(records) or 1))
         store = Store(cache.root)
-        checked = store.check(max(workers, 4)) if deep and store.root.is_dir() else None
+        checked = check_store(store, max(workers, 4)) if deep and store.root.is_dir() else None
         hashes = checked.hashes if checked is not None else None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             report.checks = list(
@@ -203,7 +204,7 @@ def _find_sharers(report: VerifyReport, damaged: list[DamagedObject]) -> None:
     for number, check in enumerate(report.checks):
         if check.status == "missing" or (check.status == "ok" and check.digest_checked):
             continue
-        linked = Store.linked_from(Path(check.path), by_inode)
+        linked = linked_from(Path(check.path), by_inode)
         for inode in sorted(linked):
             sharers[inode].append(check.instance_id)
         if linked:

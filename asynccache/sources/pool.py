@@ -378,7 +378,14 @@ def worker_main(
     root.setLevel(log_level)
     asyncio.run(
         _serve(
-            conn, sender, options, Path(cache_root), work_name, slot, gate_values, daemon_values,
+            conn,
+            sender,
+            options,
+            Path(cache_root),
+            work_name,
+            slot,
+            gate_values,
+            daemon_values,
             tree_factory,
         )
     )

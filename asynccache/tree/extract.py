@@ -380,7 +380,12 @@ def _extract(
 ) -> ExtractResult:
     """Extract the tar stream that read() yields under dest."""
     extractor = Extractor(
-        dest, root, PlainRules(), keep_hashes=keep_hashes, budget=budget, store=store,
+        dest,
+        root,
+        PlainRules(),
+        keep_hashes=keep_hashes,
+        budget=budget,
+        store=store,
         exclude=exclude,
     )
     with domain_errors(dest):

@@ -15,6 +15,7 @@ from asynccache.cache.store import (
     object_name,
     parse_object_name,
 )
+from asynccache.cache.store_check import check_store
 
 
 def sha(data: bytes) -> str:
@@ -183,7 +184,7 @@ def test_check_finds_objects_changed_in_place_or_chmodded(store: Store, tmp_path
     with open(tmp_path / "tree" / "edited", "r+b") as handle:  # through the tree's hardlink
         handle.write(b"E")
     os.chmod(tmp_path / "tree" / "chmodded", 0o600)
-    result = store.check()
+    result = check_store(store)
     assert result.checked == 3
     reasons = {d.object.digest: d.reason for d in result.damaged}
     assert reasons == {

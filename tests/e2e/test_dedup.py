@@ -27,6 +27,7 @@ from asynccache.cache.gc import collect_garbage
 from asynccache.cache.records import read_digest
 from asynccache.cache.status import cache_status
 from asynccache.cache.store import Store
+from asynccache.cache.store_check import store_usage
 from asynccache.cache.verify import format_verify, verify_cache
 from asynccache.config import store_max_links
 from asynccache.trainer.checkout import checkout_tree, release_tree
@@ -247,13 +248,13 @@ async def test_gc_and_re_extraction_free_only_what_nothing_links(tmp_path: Path)
     cache_dir = tmp_path / "cache"
     await cache(cache_dir)
     store = Store(cache_dir)
-    before = store.usage()
+    before = store_usage(store)
     # re-extracting a tree whose image changed frees at once what only the old tree linked
     changed = dict(source_files("alpha", 1), **{"src/changed.py": b"VERSION = 'new'\n"})
     archives = {ENTRIES[0].instance_id: archive_of(changed)}
     with memory_source(cache_dir, archives) as source:
         await cache_repos([ENTRIES[0]], cache_dir=cache_dir, source=source, skip_existing=False)
-    usage = store.usage()
+    usage = store_usage(store)
     assert usage.unlinked_objects == 0
     assert usage.objects == before.objects  # the old src/changed.py freed, the new one added
     # removing a tree by hand leaves its own objects to gc, and gc frees nothing else
@@ -263,10 +264,10 @@ async def test_gc_and_re_extraction_free_only_what_nothing_links(tmp_path: Path)
         own.stat().st_size + (gone / "src/__pycache__/changed.cpython-311.pyc").stat().st_size
     )
     subprocess.run(["rm", "-rf", str(gone)], check=True)
-    assert store.usage().unlinked_objects == 2
+    assert store_usage(store).unlinked_objects == 2
     report = collect_garbage(cache_dir)
     assert (report.freed_objects, report.freed_bytes) == (2, own_size)
-    assert store.usage().unlinked_objects == 0
+    assert store_usage(store).unlinked_objects == 0
     for e in (ENTRIES[0], *ENTRIES[2:]):
         assert read_digest(cache_dir, e.instance_id) == tree_digest(cache_dir / e.instance_id)
     assert collect_garbage(cache_dir).freed_objects == 0
@@ -320,7 +321,7 @@ async def test_export_import_round_trip_keeps_trees_records_and_dedup(tmp_path: 
     stream = io.BytesIO()
     exported = export_cache(source_dir, stream)
     assert (exported.trees, exported.skipped) == (4, {})
-    assert exported.objects == Store(source_dir).usage().objects
+    assert exported.objects == store_usage(Store(source_dir)).objects
 
     report = import_cache(target_dir, io.BytesIO(stream.getvalue()))
     assert report.exit_code == 0, report
@@ -336,7 +337,7 @@ async def test_export_import_round_trip_keeps_trees_records_and_dedup(tmp_path: 
         assert read_digest(target_dir, e.instance_id) == read_digest(source_dir, e.instance_id)
     trees = [target_dir / e.instance_id for e in ENTRIES]
     assert len({os.stat(tree / ".venv/lib/mod3.py").st_ino for tree in trees}) == 1
-    assert Store(target_dir).usage() == Store(source_dir).usage()
+    assert store_usage(Store(target_dir)) == store_usage(Store(source_dir))
     assert verify_cache(target_dir, deep=True).healthy
     # the same stream again: everything is there already
     again = import_cache(target_dir, io.BytesIO(stream.getvalue()))

@@ -1026,14 +1026,18 @@ def diff_snapshots(expected: dict[str, Entry], actual: dict[str, Entry], limit: 
     return "\n".join(lines)
 
 
+def ungrouped(snapshot: dict[str, Entry]) -> dict[str, Entry]:
+    """A snapshot without its hardlink groups (as ``snapshot_tree(..., hardlinks=False)``)."""
+    return {rel: (kind, mode, detail, None) for rel, (kind, mode, detail, _) in snapshot.items()}
+
+
 def diff_deduplicated(expected: dict[str, Entry], root: Path | str) -> str:
     """How a deduplicated tree differs from a ``docker cp`` snapshot ('' when it does not).
 
     Dedup links files of equal content and mode into one inode; everything else must be as
     ``docker cp`` gives it, and each of the image's own hardlink groups must stay one inode.
     """
-    plain = {rel: (kind, mode, detail, None) for rel, (kind, mode, detail, _) in expected.items()}
-    found = diff_snapshots(plain, snapshot_tree(root, hardlinks=False))
+    found = diff_snapshots(ungrouped(expected), snapshot_tree(root, hardlinks=False))
     lines = [found] if found else []
     for rel, (_, _, _, leader) in sorted(expected.items()):
         if leader is not None and not os.path.samefile(Path(root, rel), Path(root, leader)):
