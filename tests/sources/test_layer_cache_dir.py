@@ -50,9 +50,9 @@ def test_blobs_go_to_the_user_cache_home_and_serve_the_next_run(
     layers = tmp_path / "xdg" / "asynccache" / "layers"
     assert (layers / "untouched").is_file()
     assert list((cache_dir / ".layers").iterdir()) == []
-    # The cache folder holds the trees and their bookkeeping only: nothing to --exclude.
+    # The cache folder holds the trees, their bookkeeping and their files' store: no layer blobs.
     hidden = {p.name for p in cache_dir.iterdir() if p.name.startswith(".")}
-    assert hidden <= {".meta", ".tmp", ".lock", ".layers"}
+    assert hidden <= {".meta", ".tmp", ".lock", ".layers", ".store"}
     # A second run over the same images finds their layers known: fewer bytes, fewer fetches.
     code, _out, err, again_bytes, again_fetches = registry_run(*args, "--no-skip_existing", **env)
     assert code == 0, err
