@@ -259,7 +259,7 @@ async def _open_source(
         yield given
         return
     work_name = shard_tag(cache.shard) if cache.shard is not None else None
-    if options.processes > 1:
+    if min(options.processes, options.concurrency) > 1:
         async with _open_pool(options, cache, notes, on_status, work_name) as pool:
             yield pool
         return

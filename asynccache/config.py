@@ -23,10 +23,9 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: Worker processes that do the per-entry work (1: all in the main process). The usable cores
-#: (``usable_cores()``) is what a big node wants; one stays the default until the pool has run
-#: the whole end-to-end suite (see the README).
-processes = 1
+#: Worker processes that do the per-entry work (1: all in the main process): by default one per
+#: core this process may use, since one process is bound by its GIL to about 1.5 cores.
+processes = usable_cores()
 #: Extractions running at once (CPU-bound); pulls are not limited by this.
 extract_slots = max(2, 2 * (os.cpu_count() or 1))
 pull_timeout = 600.0

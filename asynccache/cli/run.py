@@ -74,8 +74,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=config.processes,
-        help="worker processes sharing those entries (default 1: everything in this "
-        f"process; this machine has {config.usable_cores()} usable cores)",
+        help="worker processes sharing those entries (default: the cores this process may "
+        f"use, {config.processes} here; 1 does everything in this process)",
     )
     parser.add_argument(
         *flag("skip_existing"),

@@ -152,7 +152,8 @@ class ProcessPoolSource:
         self.cache_root = cache_root
         self.work_name = work_name
         self.on_status = on_status
-        self.size = max(1, options.processes)
+        # more workers than entries in flight would only idle
+        self.size = max(1, min(options.processes, options.concurrency))
         self._context = multiprocessing.get_context("spawn")
         self._gate = SharedGateState.create(self._context, options.rate_limit_pause)
         #: The Docker daemon gate's state, shared by every worker: one outage pauses them all.
