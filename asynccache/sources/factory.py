@@ -59,6 +59,7 @@ def make_backend(
             pull_gate=gate,
             testbed_path=options.testbed_path,
             work_name=_scoped(work_name, slot),
+            log_totals=slot is None,
             entry_timeout=options.pull_timeout,
             max_testbed_bytes=options.max_testbed_bytes,
             max_testbed_files=options.max_testbed_files,

@@ -57,12 +57,13 @@ _PR_SET_PDEATHSIG = 1
 class WorkerError(CacheError):
     """A failure in a worker process whose own error could not travel back as itself."""
 
-    def __init__(self, message: str, transient: bool) -> None:
+    def __init__(self, message: str, transient: bool, retry_later: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry_later = retry_later
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (WorkerError, (str(self), self.transient))
+        return (WorkerError, (str(self), self.transient, self.retry_later))
 
 
 class WorkerDied(CacheError):
@@ -72,15 +73,19 @@ class WorkerDied(CacheError):
 
 
 def _error_payload(exc: BaseException) -> bytes:
-    """The error as pickled bytes, itself when it survives a round trip."""
+    """The error as pickled bytes: itself when a round trip gives it back unchanged (an error
+    whose constructor takes other arguments than its message may not), else a WorkerError with
+    its message and retry flags."""
     try:
         data = pickle.dumps(exc)
-        pickle.loads(data)
-        return data
+        back = pickle.loads(data)
+        if type(back) is type(exc) and str(back) == str(exc):
+            return data
     except Exception:
-        transient = isinstance(exc, CacheError) and exc.transient
-        text = str(exc) if isinstance(exc, CacheError) else f"{type(exc).__name__}: {exc}"
-        return pickle.dumps(WorkerError(text, transient))
+        pass
+    if isinstance(exc, CacheError):
+        return pickle.dumps(WorkerError(str(exc), exc.transient, exc.retry_later))
+    return pickle.dumps(WorkerError(f"{type(exc).__name__}: {exc}", False))
 
 
 class _Reply:
@@ -109,6 +114,8 @@ class _Worker:
         self.alive = True
         self.ready = anyio.Event()
         self.start_error: BaseException | None = None
+        #: The thread reading this worker's pipe (it ends once the pipe is drained).
+        self.reader: threading.Thread | None = None
 
     @property
     def load(self) -> int:
@@ -166,6 +173,8 @@ class ProcessPoolSource:
         self._closing = False
         #: Seconds the pool took to start (every worker's backend open).
         self.start_seconds = 0.0
+        #: What the workers' backends counted (bytes downloaded, ...), summed as each stops.
+        self.totals: dict[str, int] = {}
 
     async def __aenter__(self) -> ProcessPoolSource:
         started = time.monotonic()
@@ -261,7 +270,10 @@ class ProcessPoolSource:
                 slot,
                 self._gate.values,
                 self.daemon_state.values,
-                logging.getLogger().getEffectiveLevel(),
+                (
+                    logging.getLogger().getEffectiveLevel(),
+                    logging.getLogger("asynccache").getEffectiveLevel(),
+                ),
                 self.tree_factory,
             ),
             name=f"asynccache-worker-{number}",
@@ -277,6 +289,7 @@ class ProcessPoolSource:
             target=self._read, args=(worker,), name=f"asynccache-pipe-{number}", daemon=True
         )
         reader.start()
+        worker.reader = reader
         return worker
 
     def _read(self, worker: _Worker) -> None:
@@ -303,6 +316,9 @@ class ProcessPoolSource:
         elif kind == "failed":
             worker.start_error = pickle.loads(message[1])
             worker.ready.set()
+        elif kind == "totals":
+            for key, value in message[1].items():
+                self.totals[key] = self.totals.get(key, 0) + value
         elif kind == "status":
             if self.on_status is not None:
                 self.on_status(message[1])
@@ -349,8 +365,15 @@ class ProcessPoolSource:
                 if worker.process.is_alive():
                     self._kill(worker)
                     await anyio.to_thread.run_sync(worker.process.join, 5)
+                # What the worker said last (its closing log lines) is still in the pipe.
+                if worker.reader is not None:
+                    await anyio.to_thread.run_sync(worker.reader.join, 5)
                 with contextlib.suppress(OSError):
                     worker.conn.close()
+        if self.totals and self.options.backend == "registry":
+            from asynccache.sources.registry.backend import totals_line
+
+            log.info("%s", totals_line(self.totals, self.options.testbed_path))
 
 
 def worker_main(
@@ -361,7 +384,7 @@ def worker_main(
     slot: int,
     gate_values: Any,
     daemon_values: Any,
-    log_level: int,
+    log_levels: tuple[int, int],
     tree_factory: TreeFactory | None = None,
 ) -> None:
     """Entry point of a worker process: serve requests until told to stop or orphaned."""
@@ -376,7 +399,10 @@ def worker_main(
     sender = _Sender(conn)
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(sender)]
-    root.setLevel(log_level)
+    # The main process's levels: the root's, and the package's own (the CLI shows our INFO
+    # lines but only the warnings of libraries).
+    root.setLevel(log_levels[0])
+    logging.getLogger("asynccache").setLevel(log_levels[1])
     asyncio.run(
         _serve(
             conn,
@@ -493,6 +519,9 @@ async def _serve(
         with contextlib.suppress(Exception):
             await backend.__aexit__(None, None, None)
         tree.close()
+        totals = getattr(backend, "totals", None)
+        if totals is not None:
+            sender.send(("totals", totals()))
 
 
 def _forget(running: dict[int, asyncio.Task[None]], job: int, _task: object) -> None:

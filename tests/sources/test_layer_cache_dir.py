@@ -32,6 +32,8 @@ def registry_run(*args: str | Path, **env: str) -> tuple[int, str, str, int, int
     done = run_cli("--backend", "registry", *args, DOCKER_HOST="unix:///nonexistent", **env)
     found = DOWNLOADED.search(done.stderr)
     assert found, done.stderr
+    # One line for the run, the workers' counts summed (the default is a worker per core).
+    assert len(DOWNLOADED.findall(done.stderr)) == 1, done.stderr
     return done.returncode, done.stdout, done.stderr, int(found[1]), int(found[2])
 
 

@@ -34,6 +34,15 @@ CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 120.0
 
 
+def totals_line(totals: dict[str, int], testbed_path: str) -> str:
+    """The closing log line of a run's registry traffic (one backend's, or a pool's sum)."""
+    return (
+        f"registry backend: {totals.get('bytes', 0)} bytes downloaded; layers fetched "
+        f"{totals.get('fetched', 0)}, from cache {totals.get('cached', 0)}, skipped as holding "
+        f"no {testbed_path} {totals.get('skipped', 0)}"
+    )
+
+
 class RegistryBackend:
     """A Source that applies an image's layers, fetched from its registry, into a folder."""
 
@@ -56,9 +65,13 @@ class RegistryBackend:
         max_testbed_files: int = config.max_testbed_files,
         store: ContentStore | None = None,
         exclude: ExcludeRules | None = None,
+        log_totals: bool = True,
     ) -> None:
         """``entry_timeout``: seconds one entry may take (pauses of a rate limit not counted);
-        ``max_testbed_bytes``, ``max_testbed_files``: what its layers may hold (see Budget)."""
+        ``max_testbed_bytes``, ``max_testbed_files``: what its layers may hold (see Budget);
+        ``log_totals``: log what was downloaded on closing (a pool's worker leaves it to the
+        pool, which logs the sum)."""
+        self.log_totals = log_totals
         try:
             self.platform = parse_platform(platform)
         except ValueError as exc:
@@ -111,17 +124,18 @@ class RegistryBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        layers = self.layers
-        layers.close()
-        log.info(
-            "registry backend: %d bytes downloaded; layers fetched %d, from cache %d, "
-            "skipped as holding no %s %d",
-            self.bytes_downloaded,
-            layers.fetches,
-            layers.cache_hits,
-            self.testbed_path,
-            layers.skipped,
-        )
+        self.layers.close()
+        if self.log_totals:
+            log.info("%s", totals_line(self.totals(), self.testbed_path))
+
+    def totals(self) -> dict[str, int]:
+        """What this backend downloaded and how it got each layer, so far."""
+        return {
+            "bytes": self.bytes_downloaded,
+            "fetched": self.layers.fetches,
+            "cached": self.layers.cache_hits,
+            "skipped": self.layers.skipped,
+        }
 
     @property
     def client(self) -> RegistryClient:
