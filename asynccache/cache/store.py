@@ -407,20 +407,23 @@ class Store:
                         names.append(name)
         return names
 
-    def _name_of(self, path: bytes, info: os.stat_result) -> str | None:
-        """The object name of a tree's file when it is a stored object, else None."""
-        digest = file_sha256(path)
-        mode = stat.S_IMODE(info.st_mode)
+    def _copies(self, digest: str, mode: int) -> Iterator[tuple[str, os.stat_result]]:
+        """Each stored copy of (digest, mode), in order, with what lstat says of it."""
         copy = 0
         while True:
             name = object_name(digest, mode, copy)
             try:
-                found = os.lstat(self._base + name.encode())
+                yield name, os.lstat(self._base + name.encode())
             except FileNotFoundError:
-                return None
+                return
+            copy += 1
+
+    def _name_of(self, path: bytes, info: os.stat_result) -> str | None:
+        """The object name of a tree's file when it is a stored object, else None."""
+        for name, found in self._copies(file_sha256(path), stat.S_IMODE(info.st_mode)):
             if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
                 return name
-            copy += 1
+        return None
 
     def free_unlinked(self, names: Iterable[str]) -> tuple[int, int]:
         """Free the named objects that nothing links any more; return (objects, bytes)."""
@@ -440,16 +443,10 @@ class Store:
     def free_object(self, digest: str, mode: int) -> int:
         """Free each copy of (digest, mode) that nothing but the store links; the bytes freed."""
         freed = 0
-        copy = 0
-        while True:
-            name = object_name(digest, mode, copy)
-            try:
-                found = os.lstat(self._base + name.encode())
-            except FileNotFoundError:
-                return freed
+        for name, found in list(self._copies(digest, mode)):
             if found.st_nlink == 1:
                 freed += self.free(name) or 0
-            copy += 1
+        return freed
 
     def discard(self, name: str) -> None:
         """Take an object out of the store (trees that link it keep their copy of the inode)."""

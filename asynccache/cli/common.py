@@ -14,6 +14,7 @@ from typing import TypeAlias
 from asynccache import config
 from asynccache.cli.environment import AFTER
 from asynccache.cli.logs import FORMATS
+from asynccache.errors import CacheError
 
 #: Exit codes. 75 is sysexits' EX_TEMPFAIL: the run stopped for something a later retry can fix.
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
@@ -118,6 +119,15 @@ def merge_global_flags(args: argparse.Namespace) -> None:
         if hasattr(args, dest + AFTER):
             delattr(args, dest + AFTER)
         setattr(args, dest, getattr(args, dest, 0) + after)
+
+
+def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args), with an error of ours printed as one line and exit code 2."""
+    try:
+        return run(args)
+    except CacheError as exc:
+        print(f"asynccache: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cache_dir(args: argparse.Namespace) -> Path:

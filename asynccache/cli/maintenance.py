@@ -17,13 +17,12 @@ from asynccache.cache.status import cache_status, format_status, human_bytes
 from asynccache.cache.verify import format_verify, verify_cache
 from asynccache.cli.common import (
     EXIT_OK,
-    EXIT_USAGE,
     Parser,
     Subparsers,
     add_global_flags,
     cache_dir,
+    guarded,
 )
-from asynccache.errors import CacheError
 
 __all__ = [
     "COMMANDS",
@@ -113,14 +112,6 @@ def add_merge_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except CacheError as exc:
-        print(f"asynccache: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-
 def run_verify(args: argparse.Namespace) -> int:
     """Run ``verify``; 0 healthy, 1 something missing or damaged (even if repaired), 2 error."""
 
@@ -134,7 +125,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print(format_verify(report))
         return report.exit_code
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -153,7 +144,7 @@ def run_status(args: argparse.Namespace) -> int:
             print(format_status(report))
         return EXIT_OK
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def add_gc_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -184,7 +175,7 @@ def run_gc(args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -200,7 +191,7 @@ def run_merge(args: argparse.Namespace) -> int:
             print(format_merge(report))
         return report.exit_code
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from asynccache import config
@@ -13,9 +12,16 @@ from asynccache.cache.exchange import ExportReport, ImportReport, export_cache, 
 from asynccache.cache.layout import CacheDir
 from asynccache.cache.parts import cached_records
 from asynccache.cache.status import human_bytes
-from asynccache.cli.common import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, Subparsers, cache_dir, flag
+from asynccache.cli.common import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    Subparsers,
+    cache_dir,
+    flag,
+    guarded,
+)
 from asynccache.entries import entry_from_row
-from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
+from asynccache.errors import IndexCorrupt, InvalidEntry, SetupError
 from asynccache.shards import Shard, parse_shard, shard_positions
 
 __all__ = ["add_export_parser", "add_import_parser", "run_export", "run_import"]
@@ -73,14 +79,6 @@ def add_import_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except CacheError as exc:
-        print(f"asynccache: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-
 def run_export(args: argparse.Namespace) -> int:
     """Run ``export``; 0 when every selected tree was sent, 1 when one was left out, 2 error."""
 
@@ -97,7 +95,7 @@ def run_export(args: argparse.Namespace) -> int:
         _print_export(report, not_cached)
         return EXIT_FAILURES if report.skipped else EXIT_OK
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def select_ids(args: argparse.Namespace, folder: Path) -> tuple[list[str], int]:
@@ -160,7 +158,7 @@ def run_import(args: argparse.Namespace) -> int:
         _print_import(report)
         return report.exit_code
 
-    return _guarded(run, args)
+    return guarded(run, args)
 
 
 def _print_import(report: ImportReport) -> None:

@@ -193,10 +193,8 @@ class Folder:
         while not writer.submit(job):
             self.flush()
 
-    def write_file(
-        self, rel: bytes, mode: int, mtime: int | None, size: int, fill: Callable[[Sink], None]
-    ) -> None:
-        """Create the file at rel here, fill(sink) giving its data to sink as it is read."""
+    def _create(self, rel: bytes, mode: int) -> tuple[int, bytes]:
+        """Open a new, empty file at rel with mode (whatever was there replaced): (fd, path)."""
         self.flush()
         self.record.forget(rel)
         full = self.base + rel
@@ -205,10 +203,23 @@ class Folder:
         except FileExistsError:
             self.remove(full, rel)
             fd = os.open(full, FILE_FLAGS, mode)
+        if mode & self.umask:
+            try:
+                os.fchmod(fd, mode)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(full)
+                raise
+        return fd, full
+
+    def write_file(
+        self, rel: bytes, mode: int, mtime: int | None, size: int, fill: Callable[[Sink], None]
+    ) -> None:
+        """Create the file at rel here, fill(sink) giving its data to sink as it is read."""
+        fd, full = self._create(rel, mode)
         content = hashlib.sha256() if self.record.keep_hashes else None
         with _unlinked_unless_done(fd, full):
-            if mode & self.umask:
-                os.fchmod(fd, mode)
             if size:
                 if content is None:
                     fill(functools.partial(write_all, fd))
@@ -239,18 +250,9 @@ class Folder:
         Its content hash is left to the digest, which reads the file back (hashing its holes
         here would cost as much).
         """
-        self.flush()
-        self.record.forget(rel)
+        fd, full = self._create(rel, mode)
         self.record.lose_track()
-        full = self.base + rel
-        try:
-            fd = os.open(full, FILE_FLAGS, mode)
-        except FileExistsError:
-            self.remove(full, rel)
-            fd = os.open(full, FILE_FLAGS, mode)
         with _unlinked_unless_done(fd, full):
-            if mode & self.umask:
-                os.fchmod(fd, mode)
             fill(SparseWriter(fd, segments))
             os.ftruncate(fd, size)
             if mtime is not None:
