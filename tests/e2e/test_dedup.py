@@ -207,8 +207,10 @@ async def test_a_link_ceiling_starts_new_copies_and_no_object_passes_it(tmp_path
     m0 = hashlib.sha256(source_files("alpha", 1)["src/pkg/m0.py"]).hexdigest()
     assert max(o.links for o in objects if o.digest != m0) == 3
     empties = [o for o in objects if o.size == 0]
-    # 3 empty files per tree, 4 trees: 12 tree links, at most 2 per copy
-    assert len(empties) == 6 and sum(o.links - 1 for o in empties) == 12
+    # 3 empty files per tree, 4 trees: 12 tree links, at most 2 per copy (at least 6 copies;
+    # extractions filling copies at once may each leave one not full)
+    assert sum(o.links - 1 for o in empties) == 12
+    assert len(empties) >= 6 and max(o.links for o in empties) <= 3
     for e in ENTRIES:
         assert read_digest(cache_dir, e.instance_id) == tree_digest(cache_dir / e.instance_id)
     assert verify_cache(cache_dir, deep=True).healthy
