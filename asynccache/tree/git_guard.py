@@ -191,7 +191,10 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     git.run("pack-refs", "--all", "--prune")
     # -a -d without -A/-k: the new pack holds exactly what HEAD, the kept refs and the index
     # reach; deltas and compressed data are reused (no -f); -n: no info/refs listing.
-    git.run("repack", "-a", "-d", "-n", "-q", "--no-write-bitmap-index")
+    # --window=0: no new delta search. An object whose delta base is gone is stored whole
+    # (a few percent more pack on the bench repositories) instead of searched against its
+    # neighbours, which was 40% of the guard's CPU and grows with what a hostile pack holds.
+    git.run("repack", "-a", "-d", "-n", "-q", "--no-write-bitmap-index", "--window=0")
     git.run("prune", "--expire=now")
 
     _remove_state(gitdir)
