@@ -133,8 +133,12 @@ class Store:
             return
         own = self.tmp_dir / f"{os.getpid()}.{secrets.token_hex(4)}"
         own.mkdir()
-        fd = os.open(own / _OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # The owner lock gets its name only once locked: another process's sweep must never
+        # find it free while this one is still taking it.
+        taking = own / f"{_OWNER_NAME}.new"
+        fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(taking, own / _OWNER_NAME)
         self._own, self._owner_fd = own, fd
 
     def close(self) -> None:
@@ -148,25 +152,30 @@ class Store:
 
     def _sweep(self) -> None:
         for entry in os.scandir(self.tmp_dir):
-            if not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
-                continue
-            try:
-                fd = os.open(
-                    os.path.join(entry.path, _OWNER_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-                )
-            except FileNotFoundError:
-                # being set up by its process right now, or left half made long ago
-                if time.time() - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED:
-                    _remove_folder(Path(entry.path))
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its process is alive
-            finally:
-                os.close(fd)
-            _remove_folder(Path(entry.path))
+            # Other processes sweep and finish at the same time: what is gone is passed over.
+            with contextlib.suppress(FileNotFoundError):
+                self._sweep_entry(entry)
+
+    def _sweep_entry(self, entry: os.DirEntry[str]) -> None:
+        if not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+            return
+        try:
+            fd = os.open(
+                os.path.join(entry.path, _OWNER_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except FileNotFoundError:
+            # being set up by its process right now, or left half made long ago
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED:
+                _remove_folder(Path(entry.path))
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its process is alive
+        finally:
+            os.close(fd)
+        _remove_folder(Path(entry.path))
 
     def path(self, digest: str, mode: int, copy: int = 0) -> bytes:
         """The absolute path of an object."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,6 +219,51 @@ def test_open_sweeps_work_folders_of_processes_that_are_gone_only(tmp_path: Path
     assert other.root == tmp_path / "cache" / STORE_DIR_NAME
     with pytest.raises(RuntimeError):
         other.temp_path()
+
+
+def test_a_work_folder_being_set_up_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    first = Store(tmp_path / "cache")
+    first.open()
+    # another process has made its folder and is taking its owner lock: not named .owner yet
+    starting = first.tmp_dir / "456.new"
+    starting.mkdir()
+    (starting / ".owner.new").touch()
+    second = Store(tmp_path / "cache")
+    second.open()
+    assert starting.exists()
+    # a store's own lock is taken before it has its name, and held
+    owner = Path(os.fsdecode(second.temp_path())).parent / ".owner"
+    assert not owner.with_name(".owner.new").exists()
+    with open(owner, "rb") as handle, pytest.raises(BlockingIOError):
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.close()
+    second.close()
+
+
+def test_a_work_folder_removed_while_another_process_sweeps_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cache").mkdir()
+    first = Store(tmp_path / "cache")
+    first.open()
+    finished = first.tmp_dir / "789.done"
+    finished.mkdir()
+    listing = os.scandir
+
+    def scandir_then_finish(path: Any) -> Any:
+        entries = list(listing(path))
+        if os.fsdecode(path) == str(first.tmp_dir) and finished.exists():
+            finished.rmdir()  # its process finishes and removes it after the listing
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_finish)
+    second = Store(tmp_path / "cache")
+    second.open()
+    monkeypatch.undo()
+    assert not finished.exists()
+    first.close()
+    second.close()
 
 
 def test_threads_putting_the_same_content_share_one_object(store: Store, tmp_path: Path) -> None:
