@@ -9,7 +9,7 @@ from typing import Any
 
 from asynccache.dataset import COLUMNS
 from asynccache.errors import InvalidEntry, InvalidReference
-from asynccache.sources.reference import parse_reference
+from asynccache.reference import parse_reference
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}$")
 
@@ -42,7 +42,7 @@ def make_instance_id(row: Mapping[str, Any]) -> str:
 
 
 def validate_image_reference(ref: str) -> None:
-    """Raise ValueError when ``ref`` is not a Docker image reference (sources/reference.py)."""
+    """Raise ValueError when ``ref`` is not a Docker image reference (reference.py)."""
     try:
         parse_reference(ref)
     except InvalidReference as exc:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from asynccache.sources.reference import DOCKER_HUB, Reference, parse_reference
+from asynccache.reference import DOCKER_HUB, Reference, parse_reference
 
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 

@@ -34,10 +34,10 @@ from asynccache.errors import (
     Unauthorized,
     one_line,
 )
+from asynccache.reference import Reference, parse_reference
 from asynccache.sources.credentials import registry_auth_header
 from asynccache.sources.daemon_gate import DaemonGate, DaemonGateState
 from asynccache.sources.ratelimit import PullGate, StatusCallback
-from asynccache.sources.reference import Reference, parse_reference
 from asynccache.tree.budget import Budget
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.exclude import ExcludeRules

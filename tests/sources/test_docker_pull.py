@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from asynccache.errors import InvalidReference
+from asynccache.reference import parse_reference
 from asynccache.sources.docker import DockerBackend, pull_params
-from asynccache.sources.reference import parse_reference
 
 ZERO = "sha256:" + "0" * 64
 

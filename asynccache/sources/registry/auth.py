@@ -22,8 +22,8 @@ from asynccache.errors import (
     Unauthorized,
     one_line,
 )
+from asynccache.reference import DOCKER_HUB, Reference
 from asynccache.sources.credentials import Credentials, CredentialsLookup, registry_credentials
-from asynccache.sources.reference import DOCKER_HUB, Reference
 from asynccache.sources.registry.endpoints import Endpoint, origin, plain_http_allowed
 from asynccache.sources.registry.http_errors import (
     MAX_REDIRECTS,

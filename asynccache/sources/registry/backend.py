@@ -15,9 +15,9 @@ import anyio.to_thread
 from asynccache import config
 from asynccache.entries import Entry
 from asynccache.errors import NoTestbed, SetupError, TransferFailed
+from asynccache.reference import parse_reference
 from asynccache.sources.credentials import CredentialsLookup
 from asynccache.sources.ratelimit import PullGate
-from asynccache.sources.reference import parse_reference
 from asynccache.sources.registry.client import RegistryClient
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LayerStore
 from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform

@@ -18,8 +18,8 @@ from asynccache.errors import (
     Unauthorized,
     one_line,
 )
+from asynccache.reference import Reference, is_digest
 from asynccache.sources.credentials import CredentialsLookup
-from asynccache.sources.reference import Reference, is_digest
 from asynccache.sources.registry.auth import RegistryAuth
 from asynccache.sources.registry.endpoints import Endpoint, Endpoints, origin
 from asynccache.sources.registry.http_errors import (

@@ -12,7 +12,7 @@ import aiohttp
 import anyio
 
 from asynccache.errors import one_line
-from asynccache.sources.reference import DOCKER_HUB, Reference
+from asynccache.reference import DOCKER_HUB, Reference
 from asynccache.sources.registry.http_errors import NETWORK_ERRORS
 
 log = logging.getLogger(__name__)

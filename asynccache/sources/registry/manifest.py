@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asynccache.errors import DigestMismatch, ImageNotFound, RegistryError
-from asynccache.sources.reference import Reference, is_digest
+from asynccache.reference import Reference, is_digest
 from asynccache.sources.registry.endpoints import Endpoint
 
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -6,8 +6,8 @@ import pytest
 
 from asynccache.entries import validate_image_reference
 from asynccache.errors import InvalidReference
+from asynccache.reference import Reference, parse_reference
 from asynccache.sources.credentials import registry_of
-from asynccache.sources.reference import Reference, parse_reference
 from tests.support.fake_registry import ZERO
 
 DIGEST = "sha256:dbcc1c35ac38df41fd2f5e4130b32ffdb93ebae8b3dbe638c23575912276fc9c"
