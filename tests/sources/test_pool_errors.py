@@ -11,7 +11,7 @@ import pytest
 
 from asynccache import errors
 from asynccache.errors import CacheError
-from asynccache.sources.pool import _error_payload
+from asynccache.sources.pool_worker import error_payload
 
 #: A value for each kind of constructor parameter the errors take.
 SAMPLES: dict[str, Any] = {
@@ -39,7 +39,7 @@ def _every_error() -> list[CacheError]:
 
 @pytest.mark.parametrize("error", _every_error(), ids=lambda e: type(e).__name__)
 def test_every_error_keeps_its_message_and_what_a_retry_depends_on(error: CacheError) -> None:
-    travelled = pickle.loads(_error_payload(error))
+    travelled = pickle.loads(error_payload(error))
     assert isinstance(travelled, CacheError)
     assert str(travelled) == str(error)
     assert travelled.transient == error.transient
@@ -51,7 +51,7 @@ def test_an_error_that_is_not_ours_arrives_as_a_permanent_failure_naming_its_typ
         def __init__(self, a: int, b: int) -> None:
             super().__init__(f"{a}/{b}")
 
-    travelled = pickle.loads(_error_payload(Odd(1, 2)))
+    travelled = pickle.loads(error_payload(Odd(1, 2)))
     assert isinstance(travelled, CacheError)
     assert str(travelled) == "Odd: 1/2"
     assert not travelled.transient and not travelled.retry_later

@@ -1,0 +1,231 @@
+"""The worker side of the process pool: a worker process's loop, serving one pipe.
+
+A worker runs its own event loop with its own backend (the one a one-process run opens), does
+``prepare``, ``extract_into`` and ``after_extraction`` for the entries the main process sends,
+several at a time, and sends back each result, or the domain error itself (a ``WorkerError``
+with its message and retry flags when it cannot travel as itself). See ``pool.py`` for the
+main process's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import pickle
+import signal
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from asynccache.config import CacheOptions
+from asynccache.errors import CacheError
+from asynccache.sources.daemon_gate import SharedDaemonGateState
+from asynccache.sources.factory import make_backend, pull_gate
+from asynccache.sources.ratelimit import SharedGateState
+from asynccache.tree.dedup import TreeFactory, TreeOptions
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerError(CacheError):
+    """A failure in a worker process whose own error could not travel back as itself."""
+
+    def __init__(self, message: str, transient: bool, retry_later: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_later = retry_later
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WorkerError, (str(self), self.transient, self.retry_later))
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """The error as pickled bytes: itself when a round trip gives it back unchanged (an error
+    whose constructor takes other arguments than its message may not), else a WorkerError with
+    its message and retry flags."""
+    try:
+        data = pickle.dumps(exc)
+        back = pickle.loads(data)
+        if type(back) is type(exc) and str(back) == str(exc):
+            return data
+    except Exception:
+        pass
+    if isinstance(exc, CacheError):
+        return pickle.dumps(WorkerError(str(exc), exc.transient, exc.retry_later))
+    return pickle.dumps(WorkerError(f"{type(exc).__name__}: {exc}", False))
+
+
+def worker_main(
+    conn: Connection,
+    options: CacheOptions,
+    cache_root: str,
+    work_name: str | None,
+    slot: int,
+    gate_values: Any,
+    daemon_values: Any,
+    log_levels: tuple[int, int],
+    tree_factory: TreeFactory | None = None,
+) -> None:
+    """Entry point of a worker process: serve requests until told to stop or orphaned."""
+    # The main process handles signals and tells workers what to do; a worker dies with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        return
+    sender = _Sender(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeLogHandler(sender)]
+    # The main process's levels: the root's, and the package's own (the CLI shows our INFO
+    # lines but only the warnings of libraries).
+    root.setLevel(log_levels[0])
+    logging.getLogger("asynccache").setLevel(log_levels[1])
+    asyncio.run(
+        _serve(
+            conn,
+            sender,
+            options,
+            Path(cache_root),
+            work_name,
+            slot,
+            gate_values,
+            daemon_values,
+            tree_factory,
+        )
+    )
+
+
+class _Sender:
+    """Sends to the main process from any thread of the worker."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.conn.send(message)
+
+
+class _PipeLogHandler(logging.Handler):
+    """Worker log records go to the main process, which shows them with its own."""
+
+    def __init__(self, sender: _Sender) -> None:
+        super().__init__()
+        self.sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sender.send(("log", record.levelno, record.name, record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
+async def _serve(
+    conn: Connection,
+    sender: _Sender,
+    options: CacheOptions,
+    cache_root: Path,
+    work_name: str | None,
+    slot: int,
+    gate_values: Any,
+    daemon_values: Any,
+    tree_factory: TreeFactory | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    requests: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("stop",)
+            loop.call_soon_threadsafe(requests.put_nowait, message)
+            if message[0] == "stop":
+                return
+
+    def status(text: str) -> None:
+        sender.send(("status", text))
+
+    gate = pull_gate(options, status, SharedGateState(gate_values))
+    try:
+        tree = tree_factory(options, cache_root) if tree_factory is not None else TreeOptions()
+    except BaseException as exc:
+        sender.send(("failed", error_payload(exc)))
+        return
+    backend = make_backend(
+        options,
+        cache_root,
+        gate,
+        work_name,
+        slot,
+        on_status=status,
+        daemon_state=SharedDaemonGateState(daemon_values),
+        tree=tree,
+    )
+    try:
+        await backend.__aenter__()
+    except BaseException as exc:
+        tree.close()
+        sender.send(("failed", error_payload(exc)))
+        return
+    threading.Thread(target=read, name="asynccache-requests", daemon=True).start()
+    sender.send(("ready",))
+    running: dict[int, asyncio.Task[None]] = {}
+    try:
+        while True:
+            message = await requests.get()
+            op = message[0]
+            if op == "stop":
+                break
+            if op == "cancel":
+                task = running.get(message[1])
+                if task is not None:
+                    task.cancel()
+                continue
+            job: int = message[1]
+            task = asyncio.create_task(_run(backend, sender, op, job, message[2:]))
+            running[job] = task
+            task.add_done_callback(functools.partial(_forget, running, job))
+    finally:
+        for task in list(running.values()):
+            task.cancel()
+        if running:
+            await asyncio.gather(*running.values(), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await backend.__aexit__(None, None, None)
+        tree.close()
+        totals = getattr(backend, "totals", None)
+        if totals is not None:
+            sender.send(("totals", totals()))
+
+
+def _forget(running: dict[int, asyncio.Task[None]], job: int, _task: object) -> None:
+    running.pop(job, None)
+
+
+async def _run(backend: Any, sender: _Sender, op: str, job: int, args: tuple[Any, ...]) -> None:
+    try:
+        if op == "prepare":
+            value = await backend.prepare(args[0])
+        elif op == "extract":
+            value = await backend.extract_into(args[0], Path(args[1]))
+        elif op == "release":
+            value = await backend.after_extraction(args[0])
+        else:
+            raise WorkerError(f"unknown request {op!r}", False)
+    except asyncio.CancelledError:
+        sender.send(("err", job, pickle.dumps(WorkerError("cancelled", False))))
+        raise
+    except BaseException as exc:
+        sender.send(("err", job, error_payload(exc)))
+        return
+    sender.send(("ok", job, value))
