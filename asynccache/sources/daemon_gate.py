@@ -21,6 +21,7 @@ import anyio
 from asynccache import config
 from asynccache.errors import DaemonGone, DaemonUnavailable
 from asynccache.sources.ratelimit import StatusCallback
+from asynccache.sources.shared_state import SharedFields, optional_time
 
 log = logging.getLogger(__name__)
 
@@ -57,53 +58,21 @@ class DaemonGateState:
         yield
 
 
-class SharedDaemonGateState(DaemonGateState):
-    """A daemon gate's state in shared memory, so that worker processes pause together.
-
-    ``time.monotonic`` is the system-wide CLOCK_MONOTONIC on Linux, so the times compare
-    across the processes of one machine.
-    """
+class SharedDaemonGateState(SharedFields, DaemonGateState):
+    """A daemon gate's state in shared memory, so that worker processes pause together."""
 
     _FIELDS = ("down_since", "waiting", "exhausted", "outages")
     _KINDS: ClassVar[dict[str, Callable[[float], Any]]] = {
-        "down_since": lambda value: None if math.isnan(value) else value,
+        "down_since": optional_time,
         "waiting": bool,
         "exhausted": bool,
         "outages": int,
     }
 
-    def __init__(self, values: Any) -> None:
-        object.__setattr__(self, "_values", values)
-
     @classmethod
     def create(cls, context: Any) -> SharedDaemonGateState:
         """New shared state from a multiprocessing context (pass ``.values`` to workers)."""
         return cls(context.Array("d", [math.nan, 0.0, 0.0, 0.0]))
-
-    @property
-    def values(self) -> Any:
-        """The shared array, to hand to a worker process."""
-        return object.__getattribute__(self, "_values")
-
-    def __getattribute__(self, name: str) -> Any:
-        fields = SharedDaemonGateState._FIELDS
-        if name in fields:
-            value = object.__getattribute__(self, "_values")[fields.index(name)]
-            return SharedDaemonGateState._KINDS[name](value)
-        return object.__getattribute__(self, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        fields = SharedDaemonGateState._FIELDS
-        if name not in fields:
-            raise AttributeError(name)
-        number = math.nan if value is None else float(value)
-        object.__getattribute__(self, "_values")[fields.index(name)] = number
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the shared state still across processes."""
-        with self.values.get_lock():
-            yield
 
 
 class DaemonGate:

@@ -8,12 +8,13 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 
 from asynccache import config
 from asynccache.errors import RateLimited, RateLimitExhausted
+from asynccache.sources.shared_state import SharedFields, optional_time
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +38,20 @@ class GateState:
         yield
 
 
-class SharedGateState(GateState):
-    """A gate's state in shared memory, so that worker processes pause together.
-
-    ``time.monotonic`` is the system-wide CLOCK_MONOTONIC on Linux, so the times compare
-    across the processes of one machine.
-    """
+class SharedGateState(SharedFields, GateState):
+    """A gate's state in shared memory, so that worker processes pause together."""
 
     _FIELDS = ("resume_at", "limited_since", "exhausted", "pauses", "next_pause")
-
-    def __init__(self, values: Any) -> None:
-        object.__setattr__(self, "_values", values)
+    _KINDS: ClassVar[dict[str, Callable[[float], Any]]] = {
+        "limited_since": optional_time,
+        "exhausted": bool,
+        "pauses": int,
+    }
 
     @classmethod
     def create(cls, context: Any, first_pause: float) -> SharedGateState:
         """New shared state from a multiprocessing context (pass ``.values`` to workers)."""
         return cls(context.Array("d", [0.0, math.nan, 0.0, 0.0, first_pause]))
-
-    @property
-    def values(self) -> Any:
-        """The shared array, to hand to a worker process."""
-        return object.__getattribute__(self, "_values")
-
-    def __getattribute__(self, name: str) -> Any:
-        fields = SharedGateState._FIELDS
-        if name in fields:
-            value = object.__getattribute__(self, "_values")[fields.index(name)]
-            if name == "limited_since":
-                return None if math.isnan(value) else value
-            if name == "exhausted":
-                return bool(value)
-            if name == "pauses":
-                return int(value)
-            return value
-        return object.__getattribute__(self, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        fields = SharedGateState._FIELDS
-        if name not in fields:
-            raise AttributeError(name)
-        number = math.nan if value is None else float(value)
-        object.__getattribute__(self, "_values")[fields.index(name)] = number
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the shared state still across processes."""
-        with self.values.get_lock():
-            yield
 
 
 class PullGate:
