@@ -15,6 +15,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asynccache import config
+from asynccache.cache.history import HistoryCloser
 from asynccache.cache.index import load_and_repair
 from asynccache.cache.layout import CacheDir, shard_tag
 from asynccache.cache.parts import known_records
@@ -29,11 +30,12 @@ from asynccache.shards import parse_shard
 from asynccache.sources.base import Source
 from asynccache.sources.docker import DockerBackend
 from asynccache.sources.factory import make_backend, pull_gate
+from asynccache.sources.finishing import finishing
 from asynccache.sources.pool import ProcessPoolSource
 from asynccache.sources.ratelimit import StatusCallback
-from asynccache.tree.dedup import TreeOptions
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.git_guard import git_executable
+from asynccache.tree.options import TreeOptions
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,8 @@ def exclude_rules(options: CacheOptions) -> ExcludeRules | None:
 
 
 def tree_options(options: CacheOptions, cache_root: Path) -> TreeOptions:
-    """One process's TreeOptions for a run: its own open view of the store, the exclusions.
+    """One process's TreeOptions for a run: its own open view of the store, the exclusions,
+    and each tree's last step (history past HEAD removed, digest taken: cache/history.py).
 
     Each process (the main one, every worker) opens the store for itself: each changes it
     through a work folder of its own (see cache/store.py).
@@ -225,7 +228,12 @@ def tree_options(options: CacheOptions, cache_root: Path) -> TreeOptions:
     if options.dedup:
         store = Store(cache_root, max_links=options.store_max_links)
         store.open()
-    return TreeOptions(store, exclude_rules(options))
+    closer = HistoryCloser(
+        CacheDir(cache_root, options.shard).tmp_dir,
+        keep_git_history=options.keep_git_history,
+        store=store,
+    )
+    return TreeOptions(store, exclude_rules(options), closer)
 
 
 def _load(cache: CacheDir) -> tuple[dict[str, IndexRecord], list[str]]:
@@ -256,7 +264,7 @@ async def _open_source(
 ) -> AsyncIterator[Source]:
     """The given source, or the backend options name, open until exit (notes what it swept)."""
     if given is not None:
-        yield given
+        yield finishing(given, tree.finish)
         return
     work_name = shard_tag(cache.shard) if cache.shard is not None else None
     if min(options.processes, options.concurrency) > 1:
@@ -267,13 +275,13 @@ async def _open_source(
     backend = make_backend(options, cache.root, gate, work_name, on_status=on_status, tree=tree)
     if not isinstance(backend, DockerBackend):
         async with backend as registry:
-            yield registry
+            yield finishing(registry, tree.finish)
         return
     async with backend:
         leaked = await backend.remove_leaked_containers()
         if leaked:
             notes.append(f"removed {leaked} containers of an earlier run")
-        yield backend
+        yield finishing(backend, tree.finish)
         await _sweep_late(backend)
 
 

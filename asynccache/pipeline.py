@@ -170,7 +170,6 @@ class Pipeline:
         self.publisher = Publisher(
             cache,
             options.record_fields(),
-            keep_git_history=options.keep_git_history,
             store=store,
         )
         self._scope: anyio.CancelScope | None = None
@@ -391,9 +390,9 @@ class Pipeline:
             await self.source.prepare(entry)
             # Pulls overlap freely; extractions are CPU work, so only a few run at once.
             async with self._extract_slots:
+                # The source also removes the history past HEAD (cache/history.py): no ref
+                # or object past HEAD may be published.
                 result = await self.source.extract_into(entry, work_dir)
-                # Before the tree has a name: no ref or object past HEAD may be published.
-                result = await self.publisher.close_history(work_dir, result)
             seconds = time.monotonic() - started
             record = await self.publisher.publish(entry, work_dir, result, seconds)
             if self._releases is not None:

@@ -1,11 +1,9 @@
-"""Work folder -> history past HEAD removed -> .meta record -> final name -> digest; failures."""
+"""Work folder -> .meta record -> final name -> digest; failures (the tree's history past HEAD
+is removed before, where it was extracted: see history.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import os
-import stat
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -19,12 +17,10 @@ from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_
 from asynccache.cache.store import Store
 from asynccache.entries import Entry
 from asynccache.errors import DiskFull
-from asynccache.tree.digest import entries_under, identity_of, tree_digest, tree_stats
+from asynccache.tree.digest import tree_digest
 from asynccache.tree.extract import ExtractResult
-from asynccache.tree.folder import store_unstored
-from asynccache.tree.git_guard import guard_tree
 
-__all__ = ["Failure", "Publisher", "close_history", "make_record"]
+__all__ = ["Failure", "Publisher", "make_record"]
 
 #: One failed entry of a run: (instance_id, docker_image, reason).
 Failure = tuple[str, str, str]
@@ -58,44 +54,6 @@ def make_record(
     }
 
 
-def close_history(tree: Path, result: ExtractResult, scratch: Path) -> ExtractResult:
-    """Remove the git history past HEAD from an extracted tree (git_guard); return its result
-    with .git's files and bytes counted anew and no digest (the tree is read back for it)."""
-    dotgit = tree / ".git"
-    if not dotgit.is_dir() or dotgit.is_symlink():
-        guard_tree(tree, scratch=scratch)  # nothing to do, or the error naming what is wrong
-        return result
-    files, size = tree_stats(dotgit)
-    guard_tree(tree, scratch=scratch)
-    files_now, size_now = tree_stats(dotgit)
-    return dataclasses.replace(
-        result,
-        file_count=result.file_count - files + files_now,
-        size_bytes=result.size_bytes - size + size_now,
-        digest=None,
-    )
-
-
-def _stored_only_here(dotgit: Path, result: ExtractResult) -> list[tuple[str, int]]:
-    """Objects (sha256, mode) that only this tree's .git links, as the extraction hashed them."""
-    known = result.file_hashes
-    found: list[tuple[str, int]] = []
-    for name, entry in entries_under(os.fsencode(dotgit)):
-        info = entry.stat(follow_symlinks=False)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 2:
-            hashed = known.get(b".git/" + name)
-            if hashed is not None and hashed[0] == identity_of(info):
-                found.append((hashed[1], stat.S_IMODE(info.st_mode)))
-    return found
-
-
-def _restore(store: Store, dotgit: Path, held: list[tuple[str, int]]) -> None:
-    """After the git guard: store what it wrote, free what only the packs it replaced held."""
-    store_unstored(os.fsencode(dotgit), store)
-    for digest, mode in held:
-        store.free_object(digest, mode)
-
-
 class Publisher:
     """Puts extracted trees into a locked cache folder; nothing partial ever has a final name.
 
@@ -109,12 +67,10 @@ class Publisher:
         cache: CacheDir,
         record_fields: Mapping[str, object] | None = None,
         *,
-        keep_git_history: bool = False,
         store: Store | None = None,
     ) -> None:
         self.cache = cache
         self.record_fields = dict(record_fields or {})
-        self.keep_git_history = keep_git_history
         #: The object store trees link from: what only a replaced tree linked is freed with it.
         self.store = store
 
@@ -134,20 +90,6 @@ class Publisher:
             with anyio.CancelScope(shield=True):
                 if path.exists():
                     await anyio.to_thread.run_sync(remove_tree, path)
-
-    async def close_history(self, work_dir: Path, result: ExtractResult) -> ExtractResult:
-        """Unless the run keeps git history: remove what reaches past HEAD (in a thread)."""
-        if self.keep_git_history:
-            return result
-        dotgit = work_dir / ".git"
-        store = self.store if dotgit.is_dir() and not dotgit.is_symlink() else None
-        held = []
-        if store is not None:
-            held = await anyio.to_thread.run_sync(_stored_only_here, dotgit, result)
-        result = await anyio.to_thread.run_sync(close_history, work_dir, result, self.cache.tmp_dir)
-        if store is not None:
-            await anyio.to_thread.run_sync(_restore, store, dotgit, held)
-        return result
 
     def _discard_stored(self, path: Path) -> None:
         """Remove a failed work folder and free what it alone stored: the disk is full."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from asynccache import config
 from asynccache.config import CacheOptions
 from asynccache.sources.ratelimit import GateState, PullGate, StatusCallback
-from asynccache.tree.dedup import TreeOptions
+from asynccache.tree.options import TreeOptions
 
 if TYPE_CHECKING:
     from asynccache.sources.daemon_gate import DaemonGateState

@@ -39,7 +39,7 @@ from asynccache.sources.base import ExtractResult
 from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.pool_worker import worker_main
 from asynccache.sources.ratelimit import SharedGateState, StatusCallback
-from asynccache.tree.dedup import TreeFactory
+from asynccache.tree.options import TreeFactory
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,13 @@ from typing import Any
 
 from asynccache.config import CacheOptions
 from asynccache.errors import CacheError
+from asynccache.sources.base import Source
 from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.factory import make_backend, pull_gate
+from asynccache.sources.finishing import finishing
 from asynccache.sources.ratelimit import SharedGateState
-from asynccache.tree.dedup import TreeFactory, TreeOptions
+from asynccache.tree.extract import ExtractResult
+from asynccache.tree.options import TreeFactory, TreeOptions
 
 _PR_SET_PDEATHSIG = 1
 
@@ -177,6 +180,8 @@ async def _serve(
         tree.close()
         sender.send(("failed", error_payload(exc)))
         return
+    # each tree is finished (its history past HEAD removed, its digest taken) here too
+    source = finishing(backend, tree.finish)
     threading.Thread(target=read, name="asynccache-requests", daemon=True).start()
     sender.send(("ready",))
     running: dict[int, asyncio.Task[None]] = {}
@@ -192,7 +197,7 @@ async def _serve(
                     task.cancel()
                 continue
             job: int = message[1]
-            task = asyncio.create_task(_run(backend, sender, op, job, message[2:]))
+            task = asyncio.create_task(_run(source, sender, op, job, message[2:]))
             running[job] = task
             task.add_done_callback(functools.partial(_forget, running, job))
     finally:
@@ -212,14 +217,15 @@ def _forget(running: dict[int, asyncio.Task[None]], job: int, _task: object) -> 
     running.pop(job, None)
 
 
-async def _run(backend: Any, sender: _Sender, op: str, job: int, args: tuple[Any, ...]) -> None:
+async def _run(source: Source, sender: _Sender, op: str, job: int, args: tuple[Any, ...]) -> None:
+    value: ExtractResult | None = None
     try:
         if op == "prepare":
-            value = await backend.prepare(args[0])
+            await source.prepare(args[0])
         elif op == "extract":
-            value = await backend.extract_into(args[0], Path(args[1]))
+            value = await source.extract_into(args[0], Path(args[1]))
         elif op == "release":
-            value = await backend.after_extraction(args[0])
+            await source.after_extraction(args[0])
         else:
             raise WorkerError(f"unknown request {op!r}", False)
     except asyncio.CancelledError:

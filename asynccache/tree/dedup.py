@@ -9,15 +9,9 @@ afterwards. The tree package defines the hook; ``cache/store.py`` implements it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from asynccache.config import CacheOptions
-from asynccache.tree.exclude import ExcludeRules
-
-__all__ = ["ContentStore", "TreeFactory", "TreeOptions"]
+__all__ = ["ContentStore"]
 
 
 class ContentStore(Protocol):
@@ -40,21 +34,3 @@ class ContentStore(Protocol):
     def close(self) -> None:
         """This process is done with the store."""
         ...
-
-
-@dataclass(frozen=True)
-class TreeOptions:
-    """What a source gives each of its extractions: a store to link from, paths to leave out."""
-
-    store: ContentStore | None = None
-    exclude: ExcludeRules | None = None
-
-    def close(self) -> None:
-        """Close the store (the process is done extracting)."""
-        if self.store is not None:
-            self.store.close()
-
-
-#: Makes one process's TreeOptions for a run (its options, the cache folder). A module-level
-#: function, so that worker processes are given it by name.
-TreeFactory = Callable[[CacheOptions, Path], TreeOptions]

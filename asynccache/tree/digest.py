@@ -18,6 +18,7 @@ __all__ = [
     "identity_of",
     "sha256_of",
     "tree_digest",
+    "tree_lines",
     "tree_stats",
     "walk",
 ]
@@ -103,13 +104,30 @@ def tree_digest(
     (st_dev, st_ino)); each is used only while the file's inode, size and mtime are still
     those it was taken with, else the file is read.
     """
+    lines, _, _ = tree_lines(os.fsencode(path), known, by_inode)
+    return digest_of_lines(lines)
+
+
+def tree_lines(
+    top: bytes,
+    known: Mapping[bytes, FileHash] | None = None,
+    by_inode: Mapping[tuple[int, int], FileHash] | None = None,
+    prefix: bytes = b"",
+) -> tuple[list[bytes], int, int]:
+    """The digest lines of everything under ``top`` (see tree_digest), and its regular files'
+    count and total size. Paths, and the keys of ``known``, are relative to the digested tree:
+    ``prefix`` is top's own path in it (b".git/" for its .git folder)."""
     known = known or {}
     by_inode = by_inode or {}
     lines: list[bytes] = []
-    for name, entry in entries_under(os.fsencode(path)):
+    files = size = 0
+    for rel, entry in entries_under(top):
+        name = prefix + rel
         info = entry.stat(follow_symlinks=False)
         hashed = None
         if stat.S_ISREG(info.st_mode):
+            files += 1
+            size += info.st_size
             identity = identity_of(info)
             for candidate in (known.get(name), by_inode.get((info.st_dev, info.st_ino))):
                 if candidate is not None and candidate[0] == identity:
@@ -121,7 +139,7 @@ def tree_digest(
             kind, detail = _describe(entry.path, info)
         mode = 0 if kind == b"l" else stat.S_IMODE(info.st_mode)
         lines.append(entry_line(name, kind, mode, detail))
-    return digest_of_lines(lines)
+    return lines, files, size
 
 
 def entry_line(name: bytes, kind: bytes, mode: int, detail: bytes) -> bytes:

@@ -13,7 +13,7 @@ import functools
 import os
 import stat
 import tarfile
-from collections.abc import AsyncIterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from asynccache._threads import Read, feed_thread
 from asynccache.errors import DiskFull, TruncatedArchive, UnsafeArchive
 from asynccache.tree.budget import Budget
 from asynccache.tree.dedup import ContentStore
-from asynccache.tree.digest import FileHash
+from asynccache.tree.digest import FileHash, digest_of_lines
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.folder import Folder, FolderRules, kind_of
 from asynccache.tree.paths import BadName, MemberPaths, Outside, link_target
@@ -68,6 +68,9 @@ class ExtractResult:
     file_hashes: Mapping[bytes, FileHash] = field(default_factory=dict, repr=False, compare=False)
     #: The tree's content digest (digest.tree_digest) from what was written, when known.
     digest: str | None = field(default=None, compare=False)
+    #: The sorted lines that digest was taken over (so that a later change to one part of
+    #: the tree, such as the git guard's to .git, need not read the rest back).
+    digest_lines: Sequence[bytes] | None = field(default=None, repr=False, compare=False)
     #: Regular files created and written, and those linked from a content store instead.
     files_written: int = field(default=0, compare=False)
     files_linked: int = field(default=0, compare=False)
@@ -342,12 +345,14 @@ class Extractor:
                 f"dropped write permission for others from {self.world_writable} members "
                 f"({names}{more})",
             )
+        lines = folder.digest_lines()
         return ExtractResult(
             file_count=folder.files,
             size_bytes=folder.size,
             warnings=warnings,
             file_hashes=folder.record.hashes,
-            digest=folder.digest(),
+            digest=None if lines is None else digest_of_lines(lines),
+            digest_lines=lines,
             files_written=folder.files_written,
             files_linked=folder.files_linked,
         )

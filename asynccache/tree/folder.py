@@ -421,9 +421,9 @@ class Folder:
             if mtime is not None:
                 os.utime(self.dest, ns=(mtime, mtime), follow_symlinks=False)
 
-    def digest(self) -> str | None:
-        """The tree digest of what was written, when the record followed every change."""
-        return self.record.tree_digest((rel, attrs[0]) for rel, attrs in self.dirs.items())
+    def digest_lines(self) -> list[bytes] | None:
+        """The tree digest's lines of what was written, when the record followed every change."""
+        return self.record.digest_lines((rel, attrs[0]) for rel, attrs in self.dirs.items())
 
 
 def store_unstored(

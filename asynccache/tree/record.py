@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from asynccache.tree.digest import FileHash, digest_of_lines, entry_line
+from asynccache.tree.digest import FileHash, entry_line
 
 __all__ = ["MAX_KEPT_HASHES", "TreeRecord"]
 
@@ -72,8 +72,8 @@ class TreeRecord:
             if source in self.hashes:
                 self.hashes[rel] = self.hashes[source]
 
-    def tree_digest(self, folders: Iterable[tuple[bytes, int]]) -> str | None:
-        """digest.tree_digest of the tree, given its folders and final modes; None when unknown.
+    def digest_lines(self, folders: Iterable[tuple[bytes, int]]) -> list[bytes] | None:
+        """digest.tree_lines of the tree, given its folders and final modes; None when unknown.
 
         ``folders`` may include the root (b""), which a tree digest leaves out.
         """
@@ -82,4 +82,4 @@ class TreeRecord:
             return None
         lines = [entry_line(rel, *entry) for rel, entry in entries.items()]
         lines += [entry_line(rel, b"d", mode, b"") for rel, mode in folders if rel]
-        return digest_of_lines(lines)
+        return lines

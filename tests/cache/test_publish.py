@@ -1,4 +1,4 @@
-"""Publishing: work folder -> history past HEAD removed -> .meta record -> final name -> digest."""
+"""Publishing: work folder -> .meta record -> final name -> digest."""
 
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ from asynccache.cache.layout import CacheDir
 from asynccache.cache.publish import Publisher
 from asynccache.cache.records import meta_path, read_digest, write_digest
 from asynccache.entries import Entry
-from asynccache.errors import GitGuardFailed
 from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult
-from asynccache.tree.git_guard import check_tree
 from tests.support.cache_trees import build_sample_tree
-from tests.support.leaky_repo import LeakyRepo, copy_repo
 
 ENTRY = Entry("alpha__aaaaaaaaaaaa", "alpha", "namanjain12/alpha_final:" + "a" * 40, "a" * 40)
 
@@ -103,66 +100,3 @@ def test_failures_json_is_written_when_there_is_or_was_a_failure(publisher: Publ
     }
     publisher.write_failures([])
     assert json.loads(path.read_text()) == {}
-
-
-@pytest.mark.anyio
-async def test_history_past_head_is_removed_before_the_tree_is_named(
-    publisher: Publisher, leaky_repo: LeakyRepo
-) -> None:
-    root = publisher.cache.root
-    async with publisher.work_dir(ENTRY.instance_id) as work_dir:
-        copy_repo(leaky_repo.path, work_dir)
-        extracted = _result(work_dir, digest="digest of the tree as extracted")
-        closed = await publisher.close_history(work_dir, extracted)
-        assert check_tree(work_dir) == []
-        assert (closed.file_count, closed.size_bytes) == tree_stats(work_dir)
-        assert (closed.file_count, closed.size_bytes) != (
-            extracted.file_count,
-            extracted.size_bytes,
-        )
-        assert closed.digest is None  # the tree changed: its digest is read back
-        record = await publisher.publish(ENTRY, work_dir, closed, 1.0)
-        await publisher.record_digest(ENTRY.instance_id, closed)
-    final = root / ENTRY.instance_id
-    assert (record["file_count"], record["size_bytes"]) == tree_stats(final)
-    assert read_digest(root, ENTRY.instance_id) == tree_digest(final)
-    assert list(publisher.cache.tmp_dir.iterdir()) == []  # no shadow git folder left behind
-
-
-@pytest.mark.anyio
-async def test_keep_git_history_publishes_git_as_extracted(
-    tmp_path: Path, leaky_repo: LeakyRepo
-) -> None:
-    cache = CacheDir(tmp_path / "cache")
-    cache.check_usable()
-    cache.remove_stale_work()
-    publisher = Publisher(cache, keep_git_history=True)
-    async with publisher.work_dir(ENTRY.instance_id) as work_dir:
-        copy_repo(leaky_repo.path, work_dir)
-        before = tree_digest(work_dir)
-        extracted = _result(work_dir, digest=before)
-        assert await publisher.close_history(work_dir, extracted) is extracted
-        assert tree_digest(work_dir) == before
-
-
-@pytest.mark.anyio
-async def test_a_tree_without_git_is_published_as_extracted(publisher: Publisher) -> None:
-    async with publisher.work_dir(ENTRY.instance_id) as work_dir:
-        build_sample_tree(work_dir)
-        extracted = _result(work_dir, digest=tree_digest(work_dir))
-        assert await publisher.close_history(work_dir, extracted) is extracted
-
-
-@pytest.mark.anyio
-async def test_a_repository_the_guard_cannot_clean_is_never_published(
-    publisher: Publisher, leaky_repo: LeakyRepo
-) -> None:
-    with pytest.raises(GitGuardFailed, match="HEAD does not name a commit"):
-        async with publisher.work_dir(ENTRY.instance_id) as work_dir:
-            copy_repo(leaky_repo.path, work_dir)
-            (work_dir / ".git/HEAD").write_text("0" * 39 + "1\n")
-            closed = await publisher.close_history(work_dir, _result(work_dir))
-            await publisher.publish(ENTRY, work_dir, closed, 1.0)
-    assert not (publisher.cache.root / ENTRY.instance_id).exists()
-    assert not meta_path(publisher.cache.root, ENTRY.instance_id).exists()
-    assert list(publisher.cache.tmp_dir.iterdir()) == []

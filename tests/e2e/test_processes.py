@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -91,6 +92,36 @@ def test_two_processes_give_the_trees_docker_cp_gives(
         args += ["--insecure_registry", docker_services]
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
+def test_the_leak_guard_and_the_digest_run_in_the_worker_processes(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    # a git on PATH that notes which process ran it, then runs the real one
+    real_git = shutil.which("git")
+    assert real_git is not None
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    callers = tmp_path / "git-callers"
+    (wrappers / "git").write_text(f'#!/bin/sh\necho $PPID >> {callers}\nexec {real_git} "$@"\n')
+    (wrappers / "git").chmod(0o755)
+    dataset = dataset_through(tmp_path, images, None)
+    cache_dir = tmp_path / "cache"
+    run = start_cli(
+        "--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2",
+        "--backend", "registry", "--insecure_registry", docker_services,
+        PATH=f"{wrappers}:{os.environ['PATH']}",
+    )  # fmt: skip
+    _stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    ran_git = {int(pid) for pid in callers.read_text().split()}
+    assert ran_git and run.pid not in ran_git
     index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
     assert len(index) == len(images)
 

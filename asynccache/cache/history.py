@@ -1,0 +1,121 @@
+"""An extracted tree's last step before it is named: its git history past HEAD removed (with
+the object store told what the guard wrote and freed), and its digest taken.
+
+It runs where the tree was extracted (a worker process, beside its siblings), so that neither
+the guard's bookkeeping nor the digest waits on the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from asynccache.cache.store import Store
+from asynccache.tree.digest import (
+    FileHash,
+    digest_of_lines,
+    entries_under,
+    entry_line,
+    identity_of,
+    tree_digest,
+    tree_lines,
+    tree_stats,
+)
+from asynccache.tree.extract import ExtractResult
+from asynccache.tree.folder import store_unstored
+from asynccache.tree.git_guard import guard_tree
+
+__all__ = ["HistoryCloser", "close_history"]
+
+_GIT = b".git"
+
+
+@dataclass(frozen=True)
+class HistoryCloser:
+    """The tree finisher of a run (see tree/options.py): the guard unless the run keeps git
+    history, then the digest, read back only where the extraction could not follow."""
+
+    scratch: Path
+    keep_git_history: bool = False
+    store: Store | None = None
+
+    def __call__(self, tree: Path, result: ExtractResult) -> ExtractResult:
+        if not self.keep_git_history:
+            result = close_history(tree, result, self.scratch, self.store)
+        digest = result.digest
+        if digest is None:
+            digest = tree_digest(tree, result.file_hashes)
+        # what the digest needed stays here: a worker's result crosses a pipe
+        return dataclasses.replace(result, digest=digest, file_hashes={}, digest_lines=None)
+
+
+def close_history(
+    tree: Path, result: ExtractResult, scratch: Path, store: Store | None = None
+) -> ExtractResult:
+    """Remove the git history past HEAD from an extracted tree (git_guard); return its result
+    with .git's files and bytes counted anew and its digest taken again (.git read back, the
+    rest from the extraction's lines when it kept them, else None)."""
+    dotgit = tree / ".git"
+    if not dotgit.is_dir() or dotgit.is_symlink():
+        guard_tree(tree, scratch=scratch)  # nothing to do, or the error naming what is wrong
+        return result
+    files, size = tree_stats(dotgit)
+    held = _stored_only_here(dotgit, result) if store is not None else []
+    guard_tree(tree, scratch=scratch)
+    known = dict(result.file_hashes)
+    if store is not None:
+        known.update(_restore(store, dotgit, held))
+    git_lines, files_now, size_now = tree_lines(os.fsencode(dotgit), known, prefix=_GIT + b"/")
+    return dataclasses.replace(
+        result,
+        file_count=result.file_count - files + files_now,
+        size_bytes=result.size_bytes - size + size_now,
+        digest=_digest_with_git(result, dotgit, git_lines),
+        digest_lines=None,
+    )
+
+
+def _digest_with_git(result: ExtractResult, dotgit: Path, git_lines: list[bytes]) -> str | None:
+    """The digest of the tree from the extraction's lines outside .git and .git's as read."""
+    if result.digest_lines is None:
+        return None
+    outside = [line for line in result.digest_lines if not _in_git(line)]
+    mode = stat.S_IMODE(os.lstat(dotgit).st_mode)
+    return digest_of_lines([*outside, entry_line(_GIT, b"d", mode, b""), *git_lines])
+
+
+def _in_git(line: bytes) -> bool:
+    """True for the digest line of .git itself or of anything under it."""
+    return line.startswith(_GIT + b"\0") or line.startswith(_GIT + b"/")
+
+
+def _stored_only_here(dotgit: Path, result: ExtractResult) -> list[tuple[str, int]]:
+    """Objects (sha256, mode) that only this tree's .git links, as the extraction hashed them."""
+    known = result.file_hashes
+    found: list[tuple[str, int]] = []
+    for name, entry in entries_under(os.fsencode(dotgit)):
+        info = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 2:
+            hashed = known.get(_GIT + b"/" + name)
+            if hashed is not None and hashed[0] == identity_of(info):
+                found.append((hashed[1], stat.S_IMODE(info.st_mode)))
+    return found
+
+
+def _restore(store: Store, dotgit: Path, held: list[tuple[str, int]]) -> dict[bytes, FileHash]:
+    """After the git guard: store what it wrote, free what only the packs it replaced held.
+
+    Returns the content hash of each file stored, by its path in the tree (for the digest).
+    """
+    stored: dict[bytes, FileHash] = {}
+
+    def keep(path: bytes, _mode: int, digest: str, found: os.stat_result) -> None:
+        stored[_GIT + b"/" + path] = (identity_of(found), digest)
+
+    store_unstored(os.fsencode(dotgit), store, keep)
+    for digest, mode in held:
+        store.free_object(digest, mode)
+    return stored
