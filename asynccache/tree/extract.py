@@ -27,8 +27,8 @@ from asynccache.tree.digest import FileHash, digest_of_lines
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.folder import Folder, FolderRules, kind_of
 from asynccache.tree.paths import BadName, MemberPaths, Outside, link_target
+from asynccache.tree.tar_headers import Member
 from asynccache.tree.tarstream import (
-    Member,
     Sink,
     Source,
     SourceError,

@@ -17,7 +17,8 @@ import pytest
 
 import asynccache.tree.tarstream as tarstream
 from asynccache.errors import TruncatedArchive, UnsafeArchive
-from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members, plain_header
+from asynccache.tree.tar_headers import plain_header
+from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members
 from tests.support.tars import MTIME, lines_run, pax_record
 
 FIELDS = (
