@@ -26,11 +26,8 @@ ENTRY = Entry("alpha__aaaaaaaaaaaa", "alpha", "namanjain12/alpha_final:" + "a" *
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> CacheDir:
-    made = CacheDir(tmp_path / "cache")
-    made.check_usable()
-    made.remove_stale_work()
-    return made
+def cache(empty_cache: CacheDir) -> CacheDir:
+    return empty_cache
 
 
 @pytest.fixture

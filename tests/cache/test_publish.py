@@ -21,11 +21,8 @@ ENTRY = Entry("alpha__aaaaaaaaaaaa", "alpha", "namanjain12/alpha_final:" + "a" *
 
 
 @pytest.fixture
-def publisher(tmp_path: Path) -> Publisher:
-    cache = CacheDir(tmp_path / "cache")
-    cache.check_usable()
-    cache.remove_stale_work()
-    return Publisher(cache)
+def publisher(empty_cache: CacheDir) -> Publisher:
+    return Publisher(empty_cache)
 
 
 def _result(tree: Path, digest: str | None = None) -> ExtractResult:
