@@ -228,11 +228,7 @@ def tree_options(options: CacheOptions, cache_root: Path) -> TreeOptions:
     if options.dedup:
         store = Store(cache_root, max_links=options.store_max_links)
         store.open()
-    closer = HistoryCloser(
-        CacheDir(cache_root, options.shard).tmp_dir,
-        keep_git_history=options.keep_git_history,
-        store=store,
-    )
+    closer = HistoryCloser(keep_git_history=options.keep_git_history, store=store)
     return TreeOptions(store, exclude_rules(options), closer)
 
 

@@ -13,6 +13,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from asynccache._fs import remove_tree
+from asynccache.cache.layout import scratch_of
 from asynccache.cache.store import Store
 from asynccache.tree.digest import (
     FileHash,
@@ -38,13 +40,12 @@ class HistoryCloser:
     """The tree finisher of a run (see tree/options.py): the guard unless the run keeps git
     history, then the digest, read back only where the extraction could not follow."""
 
-    scratch: Path
     keep_git_history: bool = False
     store: Store | None = None
 
     def __call__(self, tree: Path, result: ExtractResult) -> ExtractResult:
         if not self.keep_git_history:
-            result = close_history(tree, result, self.scratch, self.store)
+            result = close_history(tree, result, self.store)
         digest = result.digest
         if digest is None:
             digest = tree_digest(tree, result.file_hashes)
@@ -52,19 +53,26 @@ class HistoryCloser:
         return dataclasses.replace(result, digest=digest, file_hashes={}, digest_lines=None)
 
 
-def close_history(
-    tree: Path, result: ExtractResult, scratch: Path, store: Store | None = None
-) -> ExtractResult:
+def close_history(tree: Path, result: ExtractResult, store: Store | None = None) -> ExtractResult:
     """Remove the git history past HEAD from an extracted tree (git_guard); return its result
     with .git's files and bytes counted anew and its digest taken again (.git read back, the
-    rest from the extraction's lines when it kept them, else None)."""
+    rest from the extraction's lines when it kept them, else None).
+
+    The guard's shadow repositories live in the tree's scratch folder (layout.scratch_of),
+    removed here, and by the main process with the tree if this process dies first.
+    """
     dotgit = tree / ".git"
     if not dotgit.is_dir() or dotgit.is_symlink():
-        guard_tree(tree, scratch=scratch)  # nothing to do, or the error naming what is wrong
+        guard_tree(tree)  # nothing to do, or the error naming what is wrong
         return result
     files, size = tree_stats(dotgit)
     held = _stored_only_here(dotgit, result) if store is not None else []
-    guard_tree(tree, scratch=scratch)
+    scratch = scratch_of(tree)
+    scratch.mkdir(exist_ok=True)
+    try:
+        guard_tree(tree, scratch=scratch)
+    finally:
+        remove_tree(scratch)
     known = dict(result.file_hashes)
     if store is not None:
         known.update(_restore(store, dotgit, held))

@@ -48,6 +48,12 @@ SHARD_LOCK_PATIENCE = 2.0
 _SHARD_TAG = re.compile(r"^(\d+)-of-(\d+)$")
 
 
+def scratch_of(work_dir: Path) -> Path:
+    """A work folder's scratch folder (the git guard's shadow repositories), beside it: whoever
+    removes the work folder removes it too, so a worker killed mid-entry leaves neither."""
+    return work_dir.with_name(work_dir.name + ".scratch")
+
+
 def shard_tag(shard: Shard) -> str:
     """The name of a shard's files and work folder: ``3-of-16``."""
     return f"{shard.index}-of-{shard.count}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 
 from asynccache._fs import remove_tree, write_json_atomic
-from asynccache.cache.layout import CacheDir
+from asynccache.cache.layout import CacheDir, scratch_of
 from asynccache.cache.records import IndexRecord, remove_digest, size_mb, write_digest, write_meta
 from asynccache.cache.store import Store
 from asynccache.entries import Entry
@@ -88,8 +88,9 @@ class Publisher:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                if path.exists():
-                    await anyio.to_thread.run_sync(remove_tree, path)
+                for leftover in (path, scratch_of(path)):
+                    if leftover.exists():
+                        await anyio.to_thread.run_sync(remove_tree, leftover)
 
     def _discard_stored(self, path: Path) -> None:
         """Remove a failed work folder and free what it alone stored: the disk is full."""

@@ -57,7 +57,7 @@ def test_history_past_head_is_removed_and_the_counts_follow(
 ) -> None:
     work_dir = copy_repo(leaky_repo.path, cache.new_work_dir(ENTRY.instance_id))
     extracted = _result(work_dir, digest="digest of the tree as extracted")
-    closed = close_history(work_dir, extracted, cache.tmp_dir)
+    closed = close_history(work_dir, extracted)
     assert check_tree(work_dir) == []
     assert (closed.file_count, closed.size_bytes) == tree_stats(work_dir)
     assert (closed.file_count, closed.size_bytes) != (extracted.file_count, extracted.size_bytes)
@@ -72,7 +72,7 @@ def test_the_digest_after_the_guard_is_the_tree_as_read_back(
     work_dir = cache.new_work_dir(ENTRY.instance_id)
     extracted = _extracted(leaky_repo.path, work_dir, store if dedup else None)
     assert extracted.digest == tree_digest(work_dir)
-    closed = close_history(work_dir, extracted, cache.tmp_dir, store if dedup else None)
+    closed = close_history(work_dir, extracted, store if dedup else None)
     assert check_tree(work_dir) == []
     # taken from the extraction's lines outside .git and .git read back, not the whole tree
     assert closed.digest == tree_digest(work_dir)
@@ -85,14 +85,14 @@ def test_the_closer_gives_a_digest_and_keeps_nothing_the_main_process_does_not_n
 ) -> None:
     work_dir = cache.new_work_dir(ENTRY.instance_id)
     extracted = _extracted(leaky_repo.path, work_dir, store)
-    closed = HistoryCloser(cache.tmp_dir, store=store)(work_dir, extracted)
+    closed = HistoryCloser(store=store)(work_dir, extracted)
     assert check_tree(work_dir) == []
     assert closed.digest == tree_digest(work_dir)
     assert closed.file_hashes == {} and closed.digest_lines is None
     # without lines (a record that lost track), the tree is read back
     copy = cache.new_work_dir("beta__bbbbbbbbbbbb")
     copy_repo(leaky_repo.path, copy)
-    read_back = HistoryCloser(cache.tmp_dir)(copy, _result(copy))
+    read_back = HistoryCloser()(copy, _result(copy))
     assert read_back.digest == tree_digest(copy)
 
 
@@ -101,7 +101,7 @@ def test_keep_git_history_publishes_git_as_extracted(
 ) -> None:
     work_dir = cache.new_work_dir(ENTRY.instance_id)
     extracted = _extracted(leaky_repo.path, work_dir)
-    closed = HistoryCloser(cache.tmp_dir, keep_git_history=True)(work_dir, extracted)
+    closed = HistoryCloser(keep_git_history=True)(work_dir, extracted)
     assert check_tree(work_dir) != []
     assert closed.digest == extracted.digest == tree_digest(work_dir)
     assert (closed.file_count, closed.size_bytes) == (extracted.file_count, extracted.size_bytes)
@@ -111,7 +111,7 @@ def test_a_tree_without_git_is_published_as_extracted(cache: CacheDir) -> None:
     work_dir = cache.new_work_dir(ENTRY.instance_id)
     build_sample_tree(work_dir)
     extracted = _result(work_dir, digest=tree_digest(work_dir))
-    assert close_history(work_dir, extracted, cache.tmp_dir) is extracted
+    assert close_history(work_dir, extracted) is extracted
 
 
 @pytest.mark.anyio
@@ -123,7 +123,7 @@ async def test_a_repository_the_guard_cannot_clean_is_never_published(
         async with publisher.work_dir(ENTRY.instance_id) as work_dir:
             copy_repo(leaky_repo.path, work_dir)
             (work_dir / ".git/HEAD").write_text("0" * 39 + "1\n")
-            closed = HistoryCloser(cache.tmp_dir)(work_dir, _result(work_dir))
+            closed = HistoryCloser()(work_dir, _result(work_dir))
             await publisher.publish(ENTRY, work_dir, closed, 1.0)
     assert not (cache.root / ENTRY.instance_id).exists()
     assert not meta_path(cache.root, ENTRY.instance_id).exists()

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from asynccache.cache.index import load_and_repair
-from asynccache.cache.layout import CacheDir
+from asynccache.cache.layout import CacheDir, scratch_of
 from asynccache.cache.publish import Publisher
 from asynccache.cache.records import meta_path, read_digest, write_digest
 from asynccache.entries import Entry
@@ -97,3 +97,16 @@ def test_failures_json_is_written_when_there_is_or_was_a_failure(publisher: Publ
     }
     publisher.write_failures([])
     assert json.loads(path.read_text()) == {}
+
+
+@pytest.mark.anyio
+async def test_a_work_folder_goes_with_its_scratch_folder_whatever_happened(
+    publisher: Publisher,
+) -> None:
+    # a worker killed in the git guard leaves its shadow repositories in the scratch folder
+    with pytest.raises(RuntimeError, match="worker died"):
+        async with publisher.work_dir(ENTRY.instance_id) as work_dir:
+            build_sample_tree(work_dir)
+            (scratch_of(work_dir) / ".git-guard-x" / "git").mkdir(parents=True)
+            raise RuntimeError("worker died")
+    assert list(publisher.cache.tmp_dir.iterdir()) == []
