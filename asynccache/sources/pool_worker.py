@@ -22,6 +22,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+
 from asynccache.config import CacheOptions
 from asynccache.errors import CacheError
 from asynccache.sources.base import Source
@@ -184,7 +187,7 @@ async def _serve(
     source = finishing(backend, tree.finish)
     threading.Thread(target=read, name="asynccache-requests", daemon=True).start()
     sender.send(("ready",))
-    running: dict[int, asyncio.Task[None]] = {}
+    running: dict[int, tuple[asyncio.Task[None], anyio.CancelScope]] = {}
     try:
         while True:
             message = await requests.get()
@@ -192,19 +195,21 @@ async def _serve(
             if op == "stop":
                 break
             if op == "cancel":
-                task = running.get(message[1])
-                if task is not None:
-                    task.cancel()
+                found = running.get(message[1])
+                if found is not None:
+                    found[1].cancel()
                 continue
             job: int = message[1]
-            task = asyncio.create_task(_run(source, sender, op, job, message[2:]))
-            running[job] = task
+            scope = anyio.CancelScope()
+            task = asyncio.create_task(_run(source, sender, op, job, message[2:], scope))
+            running[job] = (task, scope)
             task.add_done_callback(functools.partial(_forget, running, job))
     finally:
-        for task in list(running.values()):
-            task.cancel()
-        if running:
-            await asyncio.gather(*running.values(), return_exceptions=True)
+        jobs = list(running.values())
+        for _task, scope in jobs:
+            scope.cancel()
+        if jobs:
+            await asyncio.gather(*(task for task, _scope in jobs), return_exceptions=True)
         with contextlib.suppress(Exception):
             await backend.__aexit__(None, None, None)
         tree.close()
@@ -213,25 +218,48 @@ async def _serve(
             sender.send(("totals", totals()))
 
 
-def _forget(running: dict[int, asyncio.Task[None]], job: int, _task: object) -> None:
+def _cancelled() -> bytes:
+    """The answer to a request cancelled before it finished."""
+    return pickle.dumps(WorkerError("cancelled", False))
+
+
+def _forget(
+    running: dict[int, tuple[asyncio.Task[None], anyio.CancelScope]], job: int, _task: object
+) -> None:
     running.pop(job, None)
 
 
-async def _run(source: Source, sender: _Sender, op: str, job: int, args: tuple[Any, ...]) -> None:
+async def _run(
+    source: Source,
+    sender: _Sender,
+    op: str,
+    job: int,
+    args: tuple[Any, ...],
+    scope: anyio.CancelScope,
+) -> None:
+    """Do one request and answer it. Cancelled through ``scope`` (the main process's
+    "cancel"), it answers only once the entry's threads have returned: a cancel scope waits
+    for a thread (the extraction's, the git guard's) where a bare task.cancel() would leave it
+    running in a work folder that the main process removes on the answer."""
     value: ExtractResult | None = None
     try:
-        if op == "prepare":
-            await source.prepare(args[0])
-        elif op == "extract":
-            value = await source.extract_into(args[0], Path(args[1]))
-        elif op == "release":
-            await source.after_extraction(args[0])
-        else:
-            raise WorkerError(f"unknown request {op!r}", False)
+        with scope:
+            await anyio.lowlevel.checkpoint()  # cancelled before it started: nothing starts
+            if op == "prepare":
+                await source.prepare(args[0])
+            elif op == "extract":
+                value = await source.extract_into(args[0], Path(args[1]))
+            elif op == "release":
+                await source.after_extraction(args[0])
+            else:
+                raise WorkerError(f"unknown request {op!r}", False)
     except asyncio.CancelledError:
-        sender.send(("err", job, pickle.dumps(WorkerError("cancelled", False))))
+        sender.send(("err", job, _cancelled()))
         raise
     except BaseException as exc:
         sender.send(("err", job, error_payload(exc)))
+        return
+    if scope.cancel_called:  # what it gave no longer matters to the main process
+        sender.send(("err", job, _cancelled()))
         return
     sender.send(("ok", job, value))
