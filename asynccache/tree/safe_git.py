@@ -77,6 +77,17 @@ def git_executable() -> str | None:
     return shutil.which("git")
 
 
+def dies_with_parent() -> list[str]:
+    """The prefix that makes a command die (SIGKILL) when the thread that started it ends.
+
+    git runs in a session of its own (so that a timeout can kill it and what it started), so a
+    worker process killed mid-guard would leave it running, unbounded, in a work folder being
+    removed; util-linux's ``setpriv --pdeathsig`` prevents that. Empty without setpriv.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
 class ShadowGit:
     """A shadow git folder for one repository's git folder, and a bounded git runner in it."""
 
@@ -87,6 +98,7 @@ class ShadowGit:
         self.gitdir = gitdir
         self.where = where
         self._git = git
+        self._prefix = dies_with_parent()
         self._deadline = deadline
         self._root = Path(tempfile.mkdtemp(prefix=".git-guard-", dir=scratch))
         try:
@@ -157,7 +169,7 @@ class ShadowGit:
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(stdout_to, "wb")) if stdout_to else subprocess.PIPE
             proc = subprocess.Popen(
-                [self._git, *_SAFE_OPTIONS, *args],
+                [*self._prefix, self._git, *_SAFE_OPTIONS, *args],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.PIPE,

@@ -126,6 +126,64 @@ def test_the_leak_guard_and_the_digest_run_in_the_worker_processes(
     assert len(index) == len(images)
 
 
+def _running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_killed_in_the_leak_guard_leaves_no_git_running(
+    tmp_path: Path,
+    images: list[FixtureImage],
+    docker_services: str,
+    reference_trees: ReferenceTrees,
+    leftover_containers: Callable[[Path], list[str]],
+) -> None:
+    # the first `git repack` of the run notes its pid and hangs, as a repack of a huge (or
+    # hostile) pack would; every other git call runs the real git
+    real_git = shutil.which("git")
+    assert real_git is not None
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    hung, first = tmp_path / "hung-pid", tmp_path / "first-repack"
+    (wrappers / "git").write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" repack "*) if mkdir {first} 2>/dev/null; then\n'
+        f"  echo $$ > {hung}.tmp && mv {hung}.tmp {hung}; exec sleep 300; fi;; esac\n"
+        f'exec {real_git} "$@"\n'
+    )
+    (wrappers / "git").chmod(0o755)
+    dataset = dataset_through(tmp_path, images, None)
+    cache_dir = tmp_path / "cache"
+    run = start_cli(
+        "--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2",
+        "--backend", "registry", "--insecure_registry", docker_services,
+        PATH=f"{wrappers}:{os.environ['PATH']}",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: hung.exists() or run.poll() is not None, timeout=300, what="a repack")
+        assert run.poll() is None, "the run ended before its first repack"
+        git = int(hung.read_text())
+        worker = int(Path(f"/proc/{git}/stat").read_text().rpartition(")")[2].split()[1])
+        assert worker in workers_of(run.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not _running(git), timeout=10, what="the killed worker's git to end")
+        _stdout, stderr = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        if hung.exists() and _running(int(hung.read_text())):
+            os.kill(int(hung.read_text()), signal.SIGKILL)
+    assert run.returncode == 0, stderr
+    assert "ended (exit code -9); starting another" in stderr
+    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
+    assert len(index) == len(images)
+
+
 def test_a_worker_killed_mid_entry_is_replaced_and_the_run_goes_on(
     tmp_path: Path,
     images: list[FixtureImage],
