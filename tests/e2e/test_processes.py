@@ -96,6 +96,27 @@ def test_two_processes_give_the_trees_docker_cp_gives(
     assert len(index) == len(images)
 
 
+def start_with_git(
+    tmp_path: Path, images: list[FixtureImage], registry: str, script: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """A two-process registry run whose ``git`` is a shell script on PATH (``REAL_GIT`` in it
+    names the real one); returns the run and its cache folder."""
+    real_git = shutil.which("git")
+    assert real_git is not None
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    (wrappers / "git").write_text("#!/bin/sh\n" + script.replace("REAL_GIT", real_git))
+    (wrappers / "git").chmod(0o755)
+    dataset = dataset_through(tmp_path, images, None)
+    cache_dir = tmp_path / "cache"
+    run = start_cli(
+        "--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2",
+        "--backend", "registry", "--insecure_registry", registry,
+        PATH=f"{wrappers}:{os.environ['PATH']}",
+    )  # fmt: skip
+    return run, cache_dir
+
+
 def test_the_leak_guard_and_the_digest_run_in_the_worker_processes(
     tmp_path: Path,
     images: list[FixtureImage],
@@ -104,20 +125,9 @@ def test_the_leak_guard_and_the_digest_run_in_the_worker_processes(
     leftover_containers: Callable[[Path], list[str]],
 ) -> None:
     # a git on PATH that notes which process ran it, then runs the real one
-    real_git = shutil.which("git")
-    assert real_git is not None
-    wrappers = tmp_path / "bin"
-    wrappers.mkdir()
     callers = tmp_path / "git-callers"
-    (wrappers / "git").write_text(f'#!/bin/sh\necho $PPID >> {callers}\nexec {real_git} "$@"\n')
-    (wrappers / "git").chmod(0o755)
-    dataset = dataset_through(tmp_path, images, None)
-    cache_dir = tmp_path / "cache"
-    run = start_cli(
-        "--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2",
-        "--backend", "registry", "--insecure_registry", docker_services,
-        PATH=f"{wrappers}:{os.environ['PATH']}",
-    )  # fmt: skip
+    script = f'echo $PPID >> {callers}\nexec REAL_GIT "$@"\n'
+    run, cache_dir = start_with_git(tmp_path, images, docker_services, script)
     _stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     ran_git = {int(pid) for pid in callers.read_text().split()}
@@ -144,25 +154,13 @@ def test_a_worker_killed_in_the_leak_guard_leaves_no_git_running(
 ) -> None:
     # the first `git repack` of the run notes its pid and hangs, as a repack of a huge (or
     # hostile) pack would; every other git call runs the real git
-    real_git = shutil.which("git")
-    assert real_git is not None
-    wrappers = tmp_path / "bin"
-    wrappers.mkdir()
     hung, first = tmp_path / "hung-pid", tmp_path / "first-repack"
-    (wrappers / "git").write_text(
-        "#!/bin/sh\n"
+    script = (
         f'case " $* " in *" repack "*) if mkdir {first} 2>/dev/null; then\n'
         f"  echo $$ > {hung}.tmp && mv {hung}.tmp {hung}; exec sleep 300; fi;; esac\n"
-        f'exec {real_git} "$@"\n'
+        'exec REAL_GIT "$@"\n'
     )
-    (wrappers / "git").chmod(0o755)
-    dataset = dataset_through(tmp_path, images, None)
-    cache_dir = tmp_path / "cache"
-    run = start_cli(
-        "--dataset", dataset, "--cache_dir", cache_dir, "--processes", "2",
-        "--backend", "registry", "--insecure_registry", docker_services,
-        PATH=f"{wrappers}:{os.environ['PATH']}",
-    )  # fmt: skip
+    run, cache_dir = start_with_git(tmp_path, images, docker_services, script)
     try:
         wait_for(lambda: hung.exists() or run.poll() is not None, timeout=300, what="a repack")
         assert run.poll() is None, "the run ended before its first repack"
