@@ -328,6 +328,44 @@ async def test_links_planted_inside_the_blob_cache_are_never_followed(
     later.close()
 
 
+def _open_together(
+    store: LayerStore, start: threading.Barrier, failures: list[BaseException]
+) -> None:
+    start.wait()
+    try:
+        store.open()
+    except BaseException as exc:
+        failures.append(exc)
+
+
+def test_stores_opened_at_once_each_get_the_folder_that_replaced_a_planted_link(
+    tmp_path: Path, victim: Path
+) -> None:
+    # a pool's workers open one blob cache at the same moment: whichever removes the planted
+    # .partial link first, the others must open the folder it made, not fail
+    before = outside_state(victim)
+    for round_number in range(30):
+        layers = tmp_path / f"layers-{round_number}"
+        layers.mkdir()
+        (layers / ".partial").symlink_to(victim / ".partial")
+        stores = [LayerStore(layers, work_name=f"w{n}") for n in range(6)]
+        start = threading.Barrier(len(stores))
+        failures: list[BaseException] = []
+        threads = [
+            threading.Thread(target=_open_together, args=(store, start, failures))
+            for store in stores
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for store in stores:
+            store.close()
+        assert failures == []
+        assert (layers / ".partial").is_dir() and not (layers / ".partial").is_symlink()
+    assert outside_state(victim) == before
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("planted", ["link", "fifo"])
 async def test_a_cached_blob_swapped_for_a_link_is_neither_read_nor_touched(

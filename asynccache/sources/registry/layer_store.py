@@ -42,6 +42,8 @@ DEFAULT_CACHE_BYTES = 2 << 30
 _PARTIAL_DIR = ".partial"
 #: A partial download untouched this long belongs to no live run (runs share the folder).
 _STALE_PARTIAL_SECONDS = 3600.0
+#: Attempts at making a folder whose name something else keeps taking.
+_OWN_FOLDER_TRIES = 8
 _UNTOUCHED_FILE = "untouched"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Flags of every file opened in the cache (a FIFO planted there must not block the open).
@@ -84,18 +86,27 @@ def _top_folder(path: Path) -> int:
 
 
 def _own_folder(name: str | Path, dir_fd: int | None = None) -> int:
-    """Open the folder name (creating it) without following a link: what else is there goes."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o755, dir_fd=dir_fd)
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-    # a link or a file planted in its place: removed (never followed), the folder made anew
-    os.unlink(name, dir_fd=dir_fd)
-    os.mkdir(name, 0o755, dir_fd=dir_fd)
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    """Open the folder name (creating it) without following a link: what else is there goes.
+
+    Other processes (a pool's workers, other runs) may do the same at once: whichever removes
+    a planted link first, the others open the folder it made. Bounded: a name that keeps being
+    replaced fails.
+    """
+    for _ in range(_OWN_FOLDER_TRIES):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue  # removed by another process between the two calls
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+        # a link or a file planted in its place: removed (never followed), made anew; gone
+        # already, or a folder again, when another process did it first
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(name, dir_fd=dir_fd)
+    raise OSError(errno.ELOOP, "replaced again each time it was made", os.fspath(name))
 
 
 def _open_regular(name: str, dir_fd: int, flags: int = _READ_FLAGS) -> int | None:
