@@ -24,7 +24,6 @@ from asynccache.tree.digest import (
     identity_of,
     tree_digest,
     tree_lines,
-    tree_stats,
 )
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.folder import store_unstored
@@ -33,6 +32,8 @@ from asynccache.tree.git_guard import guard_tree
 __all__ = ["HistoryCloser", "close_history"]
 
 _GIT = b".git"
+#: A stored object: (sha256, mode).
+_Object = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ def close_history(tree: Path, result: ExtractResult, store: Store | None = None)
     if not dotgit.is_dir() or dotgit.is_symlink():
         guard_tree(tree)  # nothing to do, or the error naming what is wrong
         return result
-    files, size = tree_stats(dotgit)
-    held = _stored_only_here(dotgit, result) if store is not None else []
+    files, size, held = _git_as_extracted(dotgit, result)
     scratch = scratch_of(tree)
     scratch.mkdir(exist_ok=True)
     try:
@@ -100,21 +100,28 @@ def _in_git(line: bytes) -> bool:
     return line.startswith(_GIT + b"\0") or line.startswith(_GIT + b"/")
 
 
-def _stored_only_here(dotgit: Path, result: ExtractResult) -> list[tuple[str, int]]:
-    """Objects (sha256, mode) that only this tree's .git links, as the extraction hashed them."""
+def _git_as_extracted(dotgit: Path, result: ExtractResult) -> tuple[int, int, list[_Object]]:
+    """.git's regular files and bytes before the guard, in one walk, with the stored objects
+    (sha256, mode) they are, as the extraction hashed them: what the guard removes of them is
+    freed once nothing else links it."""
     known = result.file_hashes
-    found: list[tuple[str, int]] = []
+    files = size = 0
+    held: list[_Object] = []
     for name, entry in entries_under(os.fsencode(dotgit)):
         info = entry.stat(follow_symlinks=False)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 2:
-            hashed = known.get(_GIT + b"/" + name)
-            if hashed is not None and hashed[0] == identity_of(info):
-                found.append((hashed[1], stat.S_IMODE(info.st_mode)))
-    return found
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        files += 1
+        size += info.st_size
+        hashed = known.get(_GIT + b"/" + name)
+        if hashed is not None and hashed[0] == identity_of(info):
+            held.append((hashed[1], stat.S_IMODE(info.st_mode)))
+    return files, size, held
 
 
-def _restore(store: Store, dotgit: Path, held: list[tuple[str, int]]) -> dict[bytes, FileHash]:
-    """After the git guard: store what it wrote, free what only the packs it replaced held.
+def _restore(store: Store, dotgit: Path, held: list[_Object]) -> dict[bytes, FileHash]:
+    """After the git guard: store what it wrote, free what only the files it replaced linked
+    (free_object frees a copy only when the store alone links it).
 
     Returns the content hash of each file stored, by its path in the tree (for the digest).
     """
@@ -124,6 +131,6 @@ def _restore(store: Store, dotgit: Path, held: list[tuple[str, int]]) -> dict[by
         stored[_GIT + b"/" + path] = (identity_of(found), digest)
 
     store_unstored(os.fsencode(dotgit), store, keep)
-    for digest, mode in held:
+    for digest, mode in set(held):
         store.free_object(digest, mode)
     return stored

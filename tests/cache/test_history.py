@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from asynccache.cache.records import meta_path, read_digest
 from asynccache.cache.store import Store
 from asynccache.entries import Entry
 from asynccache.errors import GitGuardFailed
-from asynccache.tree.digest import tree_digest, tree_stats
+from asynccache.tree.digest import file_sha256, tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult, extract_tar
 from asynccache.tree.git_guard import check_tree
 from tests.support.cache_trees import build_sample_tree
@@ -78,6 +79,31 @@ def test_the_digest_after_the_guard_is_the_tree_as_read_back(
     assert closed.digest == tree_digest(work_dir)
     assert closed.digest != extracted.digest
     assert (closed.file_count, closed.size_bytes) == tree_stats(work_dir)
+
+
+def _git_objects(tree: Path) -> dict[tuple[str, int], int]:
+    """(sha256, mode) of each regular file under tree/.git, with its link count."""
+    found: dict[tuple[str, int], int] = {}
+    for path in (tree / ".git").rglob("*"):
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            found[(file_sha256(path), stat.S_IMODE(info.st_mode))] = info.st_nlink
+    return found
+
+
+def test_the_store_keeps_what_the_guard_wrote_and_frees_what_only_the_old_git_held(
+    cache: CacheDir, store: Store, leaky_repo: LeakyRepo
+) -> None:
+    work_dir = cache.new_work_dir(ENTRY.instance_id)
+    extracted = _extracted(leaky_repo.path, work_dir, store)
+    before = _git_objects(work_dir)
+    close_history(work_dir, extracted, store)
+    after = _git_objects(work_dir)
+    assert after and all(links >= 2 for links in after.values())  # each one stored
+    gone = before.keys() - after.keys()
+    assert gone  # the guard's repack replaced packs and refs
+    for digest, mode in gone:
+        assert not store.has(digest, mode)  # nothing links them any more: freed
 
 
 def test_the_closer_gives_a_digest_and_keeps_nothing_the_main_process_does_not_need(
