@@ -14,6 +14,7 @@ git runs in a shadow git folder (``safe_git``): nothing the image's repository n
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
 import time
@@ -57,6 +58,10 @@ _UPSTREAM_KEYS = ("remote", "merge", "pushremote")
 _REFLOG_TAIL = 4 << 20
 _CHECKOUT = b"checkout: moving from "
 _HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+#: A loose objects' folder: the first two hex digits of their names.
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+#: What a ref name may hold (see git-check-ref-format); the rest is checked in _is_ref_name.
+_REF_NAME = re.compile(r"refs/[^\x00-\x20\x7f~^:?*\[\\]+(?<![/.])")
 
 
 @dataclass(frozen=True)
@@ -171,31 +176,28 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     checkout = _last_checkout(gitdir / "logs" / "HEAD") if head and branch is None else None
     abbrev_before = _abbrev(git, head, checkout)
     every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
-    kept: list[tuple[str, str]] = []
+    kept: list[_KeptRef] = []
     if head:
         listing = git.run(
-            "for-each-ref", "--merged=HEAD", "--format=%(objectname) %(refname)",
+            "for-each-ref", "--merged=HEAD", "--format=%(objectname) %(refname) %(*objectname)",
             "refs/heads", "refs/tags",
         )[1]  # fmt: skip
-        pairs = (line.partition(" ") for line in listing.splitlines())
-        kept = [(oid, name) for oid, _, name in pairs if name]
-        if branch and branch not in {name for _, name in kept}:
-            kept.append((head, branch))  # HEAD's own branch, wherever it lives, stays
+        fields = (line.split(" ") for line in listing.splitlines())
+        kept = [_KeptRef(oid, name, peeled) for oid, name, peeled in fields]
+        if branch and branch not in {ref.name for ref in kept}:
+            kept.append(_KeptRef(head, branch, ""))  # HEAD's own branch, wherever it lives
     if checkout and checkout.new != head and not _is_ancestor(git, checkout.new):
         checkout = _Checkout(head or checkout.new, checkout.rest)  # never keep a later commit
 
     git.reset_refs()
-    if kept:
-        commands = "".join(f"create {name} {oid}\n" for oid, name in kept)
-        git.run("update-ref", "--stdin", stdin=commands.encode())
-    git.run("pack-refs", "--all", "--prune")
+    _write_packed_refs(git, kept)
     # -a -d without -A/-k: the new pack holds exactly what HEAD, the kept refs and the index
     # reach; deltas and compressed data are reused (no -f); -n: no info/refs listing.
     # --window=0: no new delta search. An object whose delta base is gone is stored whole
     # (a few percent more pack on the bench repositories) instead of searched against its
     # neighbours, which was 40% of the guard's CPU and grows with what a hostile pack holds.
     git.run("repack", "-a", "-d", "-n", "-q", "--no-write-bitmap-index", "--window=0")
-    git.run("prune", "--expire=now")
+    _remove_loose_objects(gitdir / "objects")
 
     _remove_state(gitdir)
     git.install_refs()
@@ -206,8 +208,57 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
         )
     abbrev_after = _abbrev(git, head, checkout)
     pin = abbrev_before if abbrev_after < abbrev_before else 0
-    _clean_config(git, {name.removeprefix("refs/heads/") for _, name in kept}, pin)
+    _clean_config(git, {ref.name.removeprefix("refs/heads/") for ref in kept}, pin)
     return len(kept), len(every_ref) - len(kept)
+
+
+@dataclass(frozen=True)
+class _KeptRef:
+    """A ref the guard keeps: its object, its name, and the commit a tag object peels to."""
+
+    oid: str
+    name: str
+    peeled: str
+
+
+def _write_packed_refs(git: ShadowGit, kept: list[_KeptRef]) -> None:
+    """Write the kept refs as the shadow's packed-refs, as `git pack-refs --all` would.
+
+    Written here rather than by ``update-ref`` then ``pack-refs``: two git processes less a
+    repository. Every name came from git's own listing; one that git would not write fails.
+    """
+    lines = [b"# pack-refs with: peeled fully-peeled sorted \n"]
+    for ref in sorted(kept, key=lambda ref: os.fsencode(ref.name)):
+        if not _is_ref_name(ref.name) or not _HEX.fullmatch(ref.oid):
+            raise git.fail(f"cannot keep the ref {ref.name!r}")
+        lines.append(f"{ref.oid} {ref.name}\n".encode())
+        if ref.peeled:
+            if not _HEX.fullmatch(ref.peeled):
+                raise git.fail(f"cannot keep the ref {ref.name!r}")
+            lines.append(f"^{ref.peeled}\n".encode())
+    (git.shadow / "packed-refs").write_bytes(b"".join(lines))
+
+
+def _is_ref_name(name: str) -> bool:
+    """A full ref name that `git check-ref-format` accepts (refs/..., no odd component)."""
+    if not _REF_NAME.fullmatch(name) or ".." in name or "@{" in name or "//" in name:
+        return False
+    return not any(part.startswith(".") or part.endswith(".lock") for part in name.split("/"))
+
+
+def _remove_loose_objects(objects: Path) -> None:
+    """Remove every loose object (and git's temporary files) left after ``repack -a -d``.
+
+    That repack packs every object HEAD, the kept refs and the index reach and removes their
+    loose copies, so what is still loose nothing reaches; this is what ``git prune`` would
+    remove, without its second walk of the whole history.
+    """
+    for folder in (objects, objects / "pack"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith("tmp_") or (folder == objects and _FANOUT.fullmatch(path.name)):
+                _remove(path)
 
 
 def _check_git_dir(git: ShadowGit) -> list[str]:
@@ -368,7 +419,7 @@ def _clean_config(git: ShadowGit, kept_branches: set[str], abbrev: int) -> None:
     path = git.gitdir / "config"
     if not path.exists():
         return
-    keys = git.config_keys(path)
+    keys = git.config_keys_read  # the file as the shadow read it: nothing wrote it since
     for remote in sections(keys, "remote"):
         git.run("config", "--file", str(path), "--remove-section", _section("remote", remote))
     for branch in sections(keys, "branch"):

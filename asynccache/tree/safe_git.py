@@ -127,7 +127,8 @@ class ShadowGit:
             }
             # A first config lets `git config --file` read the image's config as data.
             self._write_config("0", {})
-            self.config = self.read_config(gitdir / "config")
+            #: The image's config as read: every key in order, and the last value of each.
+            self.config_keys_read, self.config = self.list_config(gitdir / "config")
             self._write_config(
                 self.config.get("core.repositoryformatversion", "0"),
                 {
@@ -190,19 +191,21 @@ class ShadowGit:
             raise self.fail(f"`git {args[0]}` failed: {_last_line(stderr)}")
         return proc.returncode, text
 
-    def read_config(self, path: Path) -> dict[str, str]:
-        """A config file's entries as data (includes not followed); the last value of each key."""
+    def list_config(self, path: Path) -> tuple[list[str], dict[str, str]]:
+        """A config file's keys in order and the last value of each (includes not followed)."""
         if not path.exists():
-            return {}
+            return [], {}
         if path.stat().st_size > _MAX_COPIED_BYTES:
             raise self.fail("config is too large")
         _, out = self.run("config", "--file", str(path), "--no-includes", "--null", "--list")
+        keys: list[str] = []
         entries: dict[str, str] = {}
         for record in out.split("\0"):
             if record:
                 key, _, value = record.partition("\n")
+                keys.append(key)
                 entries[key] = value
-        return entries
+        return keys, entries
 
     def config_keys(self, path: Path) -> list[str]:
         """Every key of a config file, in order, includes not followed."""

@@ -105,6 +105,34 @@ def test_only_refs_at_head_or_its_ancestors_remain(guarded: tuple[LeakyRepo, Pat
     assert git(repo.path, "config", "--get-regexp", r"^(remote|branch)\.", check=False) == ""
 
 
+def test_kept_refs_are_packed_as_git_packs_them(guarded: tuple[LeakyRepo, Path]) -> None:
+    """The guard writes packed-refs itself: git reads it, and packing again changes nothing."""
+    repo, _ = guarded
+    packed = repo.path / ".git/packed-refs"
+    written = packed.read_bytes()
+    assert written.startswith(b"# pack-refs with: peeled fully-peeled sorted \n")
+    peeled = git(repo.path, "rev-parse", "v0.2^{commit}").strip()
+    assert f"^{peeled}\n".encode() in written  # the annotated tag, peeled
+    shown = git(repo.path, "show-ref", "--dereference")
+    git(repo.path, "pack-refs", "--all", "--prune")
+    assert packed.read_bytes() == written
+    assert git(repo.path, "show-ref", "--dereference") == shown
+
+
+def test_leftover_temporary_and_loose_files_are_removed(leaky: LeakyRepo) -> None:
+    objects = leaky.path / ".git/objects"
+    (objects / "pack/tmp_pack_leak").write_text("the fix, in a temporary file\n")
+    (objects / "tmp_obj_leak").write_text("the fix, in a temporary file\n")
+    (objects / "ab").mkdir(exist_ok=True)
+    (objects / "ab/not-an-object").write_text("the fix\n")
+    guard_tree(leaky.path)
+    assert not (objects / "pack/tmp_pack_leak").exists()
+    assert not (objects / "tmp_obj_leak").exists()
+    assert not (objects / "ab").exists()
+    assert git(leaky.path, "count-objects", "-v").splitlines()[0] == "count: 0"
+    git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
+
+
 def test_no_reflog_or_pseudo_ref_reaches_past_head(guarded: tuple[LeakyRepo, Path]) -> None:
     repo, _ = guarded
     dotgit = repo.path / ".git"
