@@ -17,7 +17,7 @@ import pytest
 
 import asynccache.tree.tarstream as tarstream
 from asynccache.errors import TruncatedArchive, UnsafeArchive
-from asynccache.tree.tar_headers import plain_header
+from asynccache.tree.tar_headers import byte_sum, plain_header
 from asynccache.tree.tarstream import HEADER_BUDGET, Source, Truncated, members
 from tests.support.tars import MTIME, lines_run, pax_record
 
@@ -220,6 +220,13 @@ def test_the_quick_header_parser_agrees_with_tarfile(seed: int) -> None:
             key: getattr(theirs, key) for key in HEADER_FIELDS
         }
     assert quick > 200  # most blocks take the quick path
+
+
+@pytest.mark.parametrize("fill", [0x00, 0x7F, 0xFF])
+def test_the_byte_sum_of_a_block_is_exact(fill: int) -> None:
+    rng = random.Random(fill)
+    for block in (bytes([fill]) * 512, bytes(rng.randrange(256) for _ in range(512))):
+        assert byte_sum(block) == sum(block)
 
 
 def globals_then_members(count: int) -> bytes:
