@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -28,7 +28,6 @@ from asynccache.errors import DaemonUnavailable, SetupError
 from asynccache.pipeline import Outcome, OutcomeCallback, Pipeline, RowSource, Summary
 from asynccache.shards import parse_shard
 from asynccache.sources.base import Source
-from asynccache.sources.docker import DockerBackend
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.finishing import finishing
 from asynccache.sources.pool import ProcessPoolSource
@@ -36,6 +35,9 @@ from asynccache.sources.ratelimit import StatusCallback
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.git_guard import git_executable
 from asynccache.tree.options import TreeOptions
+
+if TYPE_CHECKING:
+    from asynccache.sources.docker import DockerBackend
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +271,9 @@ async def _open_source(
         return
     gate = pull_gate(options, on_status)
     backend = make_backend(options, cache.root, gate, work_name, on_status=on_status, tree=tree)
+    # the Docker source (and the HTTP stack under it) is imported only when it is the backend
+    from asynccache.sources.docker import DockerBackend
+
     if not isinstance(backend, DockerBackend):
         async with backend as registry:
             yield finishing(registry, tree.finish)
@@ -316,6 +321,8 @@ async def _open_pool(
     sweeper = make_backend(
         options, cache.root, pull_gate(options, None), work_name, daemon_state=pool.daemon_state
     )
+    from asynccache.sources.docker import DockerBackend
+
     assert isinstance(sweeper, DockerBackend)
     async with sweeper:
         leaked = await sweeper.remove_leaked_containers()

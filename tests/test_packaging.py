@@ -102,6 +102,17 @@ assert loaded == [], loaded
     subprocess.run([sys.executable, "-c", script], check=True, env=cli_env(), cwd=ROOT, timeout=120)
 
 
+def test_the_command_line_loads_no_http_library_before_a_backend_needs_it() -> None:
+    """Worker processes fetch; the main process of a run with them never needs aiohttp."""
+    script = """
+import sys
+import asynccache.api, asynccache.cli.app
+loaded = sorted({"aiodocker", "aiohttp"} & set(sys.modules))
+assert loaded == [], loaded
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, env=cli_env(), cwd=ROOT, timeout=120)
+
+
 def test_the_public_names_still_resolve() -> None:
     for name in asynccache.__all__:
         assert getattr(asynccache, name) is not None, name
