@@ -113,7 +113,11 @@ async def test_short_or_long_blobs_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_hardlinks_to_files_outside_the_root_get_their_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fetched_before", [False, True])
+async def test_hardlinks_to_files_outside_the_root_get_their_data(
+    tmp_path: Path, fetched_before: bool
+) -> None:
+    """Their data comes from a second read of the blob: the kept copy, or a second fetch."""
     layer = tar_bytes(
         [
             folder("root/.cache/uv"),
@@ -129,10 +133,14 @@ async def test_hardlinks_to_files_outside_the_root_get_their_data(tmp_path: Path
     blob = compress(layer, "gzip")
     store = LayerStore(tmp_path / ".layers")
     store.open()
+    if fetched_before:
+        store.fetched_once.add(sha256(blob))  # so this fetch keeps the blob
+    calls: list[str] = []
     dest = tmp_path / "dest"
     dest.mkdir()
     tree = LayerTree(dest)
-    await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, []))
+    await store.apply(tree, "img", sha256(blob), len(blob), blob_opener(blob, calls))
+    assert calls == (["open"] if fetched_before else ["open", "open"])
     result = tree.finish()
     venv = dest / ".venv"
     assert (venv / "mod.py").read_text() == "print('cached')\n"
@@ -159,12 +167,76 @@ async def test_untouched_layers_are_fetched_once_and_remembered_across_runs(
         await store.apply(tree, "img", sha256(base), len(base), blob_opener(base, calls))
         await store.apply(tree, "img", sha256(mine), len(mine), blob_opener(mine, calls))
         assert listing(dest) == {"a": "a"}
-    assert calls == ["open", "open"]
-    assert (store.fetches, store.cache_hits, store.skipped) == (2, 2, 2)
+    # base: fetched once, then skipped; mine: noted, then kept, then read from the cache
+    assert calls == ["open"] * 3
+    assert (store.fetches, store.cache_hits, store.skipped) == (3, 1, 2)
     later = LayerStore(tmp_path / ".layers")
     later.open()
     assert sha256(base) in later.untouched
     assert sha256(mine) not in later.untouched
+
+
+@pytest.mark.anyio
+async def test_a_layer_blob_is_kept_once_a_second_image_needs_it(tmp_path: Path) -> None:
+    blob = compress(SAMPLE, "gzip")
+    calls: list[str] = []
+    name = sha256(blob).replace(":", "-", 1)
+    for number in range(3):  # three runs (or worker processes) on one blob cache
+        store = LayerStore(tmp_path / ".layers")
+        store.open()
+        dest = tmp_path / f"d{number}"
+        dest.mkdir()
+        await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, calls))
+        store.close()
+        assert "small.txt" in listing(dest)
+        # the first fetch only notes the layer; the second keeps its blob; the third reads it
+        assert (tmp_path / ".layers" / name).is_file() == (number > 0)
+    assert calls == ["open", "open"]
+    assert [p.name for p in (tmp_path / ".layers" / ".partial").iterdir()] == []
+
+
+@pytest.mark.anyio
+async def test_a_long_list_of_layers_fetched_once_is_started_afresh(tmp_path: Path) -> None:
+    layers = tmp_path / ".layers"
+    layers.mkdir()
+    (layers / "fetched").write_text(("sha256:" + "0" * 64 + "\n") * 60_000)
+    store = LayerStore(layers)
+    store.open()
+    assert store.fetched_once == set()
+    assert not (layers / "fetched").exists()
+
+
+@pytest.mark.anyio
+async def test_a_blob_that_differs_when_fetched_again_for_its_hardlinks_fails(
+    tmp_path: Path,
+) -> None:
+    layer = tar_bytes(
+        [
+            folder("root"),
+            file("root/mod.py", "the real data\n"),
+            folder("testbed"),
+            hardlink("testbed/mod.py", "root/mod.py"),
+        ]
+    )
+    blob = compress(layer, "none")
+    other = layer.replace(b"the real data", b"other content")  # as long, another digest
+    served = [blob, other]  # a registry that sends other bytes the second time
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[AsyncIterator[bytes]]:
+        data = served.pop(0)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        yield chunks()
+
+    store = LayerStore(tmp_path / ".layers")
+    store.open()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DigestMismatch):
+        await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), opened)
 
 
 @pytest.mark.anyio
@@ -197,9 +269,12 @@ async def test_blob_cache_keeps_the_most_recent_within_its_bound(tmp_path: Path)
     store = LayerStore(tmp_path / ".layers", max_bytes=len(blobs[0]) * 2 + 100)
     store.open()
     for number, blob in enumerate(blobs):
-        dest = tmp_path / f"d{number}"
-        dest.mkdir()
-        await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, []))
+        for again in range(2):  # kept at the second fetch
+            dest = tmp_path / f"d{number}-{again}"
+            dest.mkdir()
+            await store.apply(
+                LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, [])
+            )
     kept = sorted(p.name for p in (tmp_path / ".layers").iterdir() if p.name.startswith("sha"))
     assert kept == sorted(sha256(b).replace(":", "-") for b in blobs[1:])
 
@@ -309,7 +384,7 @@ def test_a_link_of_another_user_as_the_blob_cache_is_refused(tmp_path: Path, vic
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("name", [".partial", ".partial/2-of-4", "untouched"])
+@pytest.mark.parametrize("name", [".partial", ".partial/2-of-4", "untouched", "fetched"])
 async def test_links_planted_inside_the_blob_cache_are_never_followed(
     tmp_path: Path, victim: Path, name: str
 ) -> None:
@@ -374,10 +449,10 @@ async def test_a_cached_blob_swapped_for_a_link_is_neither_read_nor_touched(
     blob = compress(tar_bytes([folder_member("testbed"), file("testbed/a", "fetched")]), "gzip")
     layers = tmp_path / ".layers"
     calls: list[str] = []
-    for number in range(2):
+    for number in range(3):
         store = LayerStore(layers)
         store.open()
-        if number:  # known as cached, then swapped before it is read
+        if number == 2:  # kept by the second fetch, then swapped before it is read
             cached = layers / sha256(blob).replace(":", "-", 1)
             cached.unlink()
             if planted == "link":
@@ -394,5 +469,5 @@ async def test_a_cached_blob_swapped_for_a_link_is_neither_read_nor_touched(
         store.close()
         assert listing(dest) == {"a": "fetched"}
         assert outside_state(victim) == before
-    assert calls == ["open", "open"]  # fetched again: what was planted is no cached blob
+    assert calls == ["open"] * 3  # fetched again: what was planted is no cached blob
     assert cached.is_file() and not cached.is_symlink()  # replaced by the real blob

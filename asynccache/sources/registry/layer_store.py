@@ -1,5 +1,10 @@
 """Image layers applied to a tree: shared fetches, empty-layer memory, a bounded blob cache.
 
+A layer's blob is kept in the cache once a second image needs it: the first fetch only notes the
+layer (in the ``fetched`` list, which every run and worker sharing the folder reads), unless
+another entry is already waiting for it. R2E-Gym images each have ``/testbed`` layers of their
+own; keeping every blob would write each one to disk for nothing.
+
 The blob cache folder may hold links that another user planted (runs share it, and it may be
 a shared folder): it is held by a descriptor, and every folder and file in it is reached
 through that descriptor without following links (``O_NOFOLLOW``), so nothing outside it is
@@ -45,6 +50,10 @@ _STALE_PARTIAL_SECONDS = 3600.0
 #: Attempts at making a folder whose name something else keeps taking.
 _OWN_FOLDER_TRIES = 8
 _UNTOUCHED_FILE = "untouched"
+#: Layers fetched once and not kept: a second fetch keeps the blob.
+_FETCHED_FILE = "fetched"
+#: A longer list of layers fetched once (some 50,000) is started afresh.
+_MAX_FETCHED_BYTES = 4 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Flags of every file opened in the cache (a FIFO planted there must not block the open).
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -151,6 +160,9 @@ class LayerStore:
         self._dir: int | None = None
         self._partial: int | None = None
         self.untouched: set[str] = set()
+        #: Layers some run or worker fetched once without keeping the blob.
+        self.fetched_once: set[str] = set()
+        self._fetched_read = 0  # bytes of the fetched list read so far
         self._cached: dict[str, _Cached] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.fetches = 0
@@ -190,6 +202,7 @@ class LayerStore:
                 root, _, digest = line.strip().partition(" ")
                 if root == self.root and digest:
                     self.untouched.add(digest)
+        self._read_fetched()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_file(follow_symlinks=False) and entry.name.startswith("sha"):
@@ -234,7 +247,7 @@ class LayerStore:
     ) -> None:
         self.fetches += 1
         tee: _Tee | None = None
-        if self._partial is not None and size <= self.max_bytes:
+        if self._partial is not None and size <= self.max_bytes and self._wanted_again(digest):
             tee = _Tee(self._partial, f"{self._name(digest)}.{secrets.token_hex(4)}")
         kept = False
         try:
@@ -242,14 +255,59 @@ class LayerStore:
                 result = await feed_thread(
                     chunks, lambda read: _apply_stream(tree, image, digest, size, tee, read)
                 )
+            if result.links_pending:
+                # hardlinks to files outside the root: their data comes from a second read
+                self.fetches += 1
+                async with open_blob() as chunks:
+                    await feed_thread(
+                        chunks, lambda read: _fill_stream(tree, image, digest, size, read)
+                    )
             if not result.touched:
                 await self._remember_untouched(digest)
             elif tee is not None:
                 kept = await self._keep(digest, tee.name, size)
+            else:
+                await self._remember_fetched(digest)
         finally:
             if tee is not None and not kept:
                 with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                     await anyio.to_thread.run_sync(tee.remove)
+
+    def _wanted_again(self, digest: str) -> bool:
+        """Keep this layer's blob? Yes once it was fetched before (by any run or worker sharing
+        the folder: their notes are read as they come) or when another entry waits for it."""
+        if digest not in self.fetched_once:
+            self._read_fetched()
+        lock = self._locks.get(digest)
+        waiting = lock is not None and lock.statistics().tasks_waiting > 0
+        return waiting or digest in self.fetched_once
+
+    def _read_fetched(self) -> None:
+        """Read what was added to the fetched list since the last read (a long one is reset)."""
+        if self._dir is None:
+            return
+        fd = _open_regular(_FETCHED_FILE, self._dir)
+        if fd is None:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size > _MAX_FETCHED_BYTES:
+                with contextlib.suppress(OSError):
+                    os.unlink(_FETCHED_FILE, dir_fd=self._dir)
+                self._fetched_read = 0
+                return
+            if size < self._fetched_read:
+                self._fetched_read = 0  # started afresh by another run
+            if size == self._fetched_read:
+                return
+            data = os.pread(fd, size - self._fetched_read, self._fetched_read)
+        finally:
+            os.close(fd)
+        whole = data.rpartition(b"\n")[0]  # a line being appended right now is read later
+        self._fetched_read += len(whole) + 1 if whole else 0
+        for line in whole.decode("ascii", "replace").split("\n"):
+            if line.strip():
+                self.fetched_once.add(line.strip())
 
     async def _apply_cached(self, tree: LayerTree, image: str, digest: str, size: int) -> bool:
         """Apply a cached blob; False when it vanished (then it is forgotten)."""
@@ -275,21 +333,29 @@ class LayerStore:
 
     async def _remember_untouched(self, digest: str) -> None:
         self.untouched.add(digest)
+        await self._append(_UNTOUCHED_FILE, f"{self.root} {digest}\n")
+
+    async def _remember_fetched(self, digest: str) -> None:
+        self.fetched_once.add(digest)
+        await self._append(_FETCHED_FILE, f"{digest}\n")
+
+    async def _append(self, name: str, line: str) -> None:
+        """Append a line to one of the folder's lists (a link planted there is replaced)."""
         if self._dir is None:
             return
-        line = f"{self.root} {digest}\n".encode()
+        data = line.encode()
 
         def append() -> None:
             assert self._dir is not None
-            fd = _open_regular(_UNTOUCHED_FILE, self._dir, _APPEND_FLAGS)
+            fd = _open_regular(name, self._dir, _APPEND_FLAGS)
             if fd is None:
                 # a link or something else planted in its place: replaced, never followed
-                os.unlink(_UNTOUCHED_FILE, dir_fd=self._dir)
-                fd = _open_regular(_UNTOUCHED_FILE, self._dir, _APPEND_FLAGS)
+                os.unlink(name, dir_fd=self._dir)
+                fd = _open_regular(name, self._dir, _APPEND_FLAGS)
                 if fd is None:
                     return
             try:
-                os.write(fd, line)
+                os.write(fd, data)
             finally:
                 os.close(fd)
 
@@ -382,12 +448,25 @@ def _apply_stream(
     finally:
         if out is not None:
             os.close(out)
-    if result.links_pending:
-        if tee is None:
-            raise UnsafeArchive(digest, "hardlinks to files outside the root need the blob cache")
+    if result.links_pending and tee is not None:
         with open(tee.reopen(), "rb", buffering=0) as again:
             tree.fill_links(decompressed(again.read, digest))
+        return LayerResult(result.touched, links_pending=False)
     return result
+
+
+def _fill_stream(tree: LayerTree, image: str, digest: str, size: int, read: Read) -> None:
+    """Thread: fill the last layer's hardlinks to files outside the root from the blob fetched
+    again, read to its end and checked (what was written is not kept if it does not match)."""
+    blob = Blob(read, image, digest, size, None)
+    try:
+        tree.fill_links(decompressed(blob, digest))
+    except (UnsafeArchive, TruncatedArchive) as exc:
+        mismatch = blob.mismatch()
+        if mismatch is not None:
+            raise mismatch from exc
+        raise
+    blob.finish()
 
 
 def _apply_file(

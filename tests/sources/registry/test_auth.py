@@ -76,10 +76,10 @@ async def test_bearer_tokens_are_fetched_once_and_reused(tmp_path: Path) -> None
         }
     assert registry.counts["token"] == 1
     assert registry.token_auth == [None]
-    assert (
-        registry.counts["GET blobs"]
-        == len({*sample_image("one").blobs, *sample_image("two").blobs}) - 2
-    )
+    # the base layer once (it holds no /testbed); v1's own layer twice (noted, then kept when
+    # v1 came again); v2's once; the last layer, which both share, once or twice (kept when the
+    # second extraction was already waiting for it as the first began)
+    assert registry.counts["GET blobs"] in (5, 6)
     assert registry.counts["GET manifests"] == 2
 
 
