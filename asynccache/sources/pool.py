@@ -41,6 +41,7 @@ from asynccache.sources.base import ExtractResult
 from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.pool_worker import worker_main
 from asynccache.sources.ratelimit import SharedGateState, StatusCallback
+from asynccache.sources.registry.totals import totals_line
 from asynccache.tree.options import TreeFactory
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,4 @@ class ProcessPoolSource:
                 with contextlib.suppress(OSError):
                     worker.conn.close()
         if self.totals and self.options.backend == "registry":
-            from asynccache.sources.registry.backend import totals_line
-
             log.info("%s", totals_line(self.totals, self.options.testbed_path))

@@ -62,6 +62,9 @@ _SHADOW_CONFIG = """\
 \tuseDeltaIslands = false
 {extensions}"""
 
+#: Commands that walk the history (as long as a hostile repository makes it): started so that
+#: they die with the worker that started them. The others read a few files and end at once.
+_WALKING = frozenset({"for-each-ref", "merge-base", "repack", "fsck", "prune", "rev-list"})
 #: Files of a git folder that the shadow copies (HEAD and refs; the split index's shared parts).
 _COPIED_FILES = ("HEAD", "packed-refs", "shallow")
 #: Largest HEAD, packed-refs or shallow file copied (a large fork's packed-refs: tens of MiB).
@@ -82,7 +85,8 @@ def dies_with_parent() -> list[str]:
 
     git runs in a session of its own (so that a timeout can kill it and what it started), so a
     worker process killed mid-guard would leave it running, unbounded, in a work folder being
-    removed; util-linux's ``setpriv --pdeathsig`` prevents that. Empty without setpriv.
+    removed; util-linux's ``setpriv --pdeathsig`` prevents that. Empty without setpriv. Only
+    commands that walk the history get it (``_WALKING``): it costs an exec each.
     """
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
@@ -169,8 +173,9 @@ class ShadowGit:
             raise self.fail(f"timed out before `git {args[0]}`")
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(stdout_to, "wb")) if stdout_to else subprocess.PIPE
+            prefix = self._prefix if args[0] in _WALKING else []
             proc = subprocess.Popen(
-                [*self._prefix, self._git, *_SAFE_OPTIONS, *args],
+                [*prefix, self._git, *_SAFE_OPTIONS, *args],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.PIPE,

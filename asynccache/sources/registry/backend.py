@@ -21,6 +21,7 @@ from asynccache.sources.ratelimit import PullGate
 from asynccache.sources.registry.client import RegistryClient
 from asynccache.sources.registry.layer_store import DEFAULT_CACHE_BYTES, LayerStore
 from asynccache.sources.registry.manifest import Descriptor, ImageManifest, parse_platform
+from asynccache.sources.registry.totals import totals_line
 from asynccache.tree.budget import Budget
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.exclude import ExcludeRules
@@ -32,15 +33,6 @@ log = logging.getLogger(__name__)
 #: Seconds allowed to connect, and between two reads of one response.
 CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 120.0
-
-
-def totals_line(totals: dict[str, int], testbed_path: str) -> str:
-    """The closing log line of a run's registry traffic (one backend's, or a pool's sum)."""
-    return (
-        f"registry backend: {totals.get('bytes', 0)} bytes downloaded; layers fetched "
-        f"{totals.get('fetched', 0)}, from cache {totals.get('cached', 0)}, skipped as holding "
-        f"no {testbed_path} {totals.get('skipped', 0)}"
-    )
 
 
 class RegistryBackend:
