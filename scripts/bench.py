@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -116,48 +115,6 @@ def _proc_cpu(pid: int, children: bool = False) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / CLK_TCK
-
-
-#: prctl option: orphaned descendants are re-parented to this process, not to init.
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def adopt_orphans() -> None:
-    """Become the reaper of our descendants' orphans: a contender's processes that outlive it
-    for a moment (multiprocessing's fork server, which reaps the worker processes, and its
-    resource tracker) are waited for here, so their CPU is counted with the contender's."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def children_of(pid: int) -> set[int]:
-    """The direct children of a process (every thread's)."""
-    found: set[int] = set()
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found.update(int(child) for child in (task / "children").read_text().split())
-    return found
-
-
-def reap_orphans(known: set[int], timeout: float = 30.0) -> tuple[float, float]:
-    """Wait for the children this process adopted (any not in ``known``); their user and
-    system CPU seconds (with those of the descendants they reaped)."""
-    user = system = 0.0
-    deadline = time.monotonic() + timeout
-    while True:
-        orphans = children_of(os.getpid()) - known
-        for pid in orphans:
-            try:
-                done, _, usage = os.wait4(pid, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            if done:
-                user += usage.ru_utime
-                system += usage.ru_stime
-        if not children_of(os.getpid()) - known or time.monotonic() > deadline:
-            return user, system
-        time.sleep(0.05)
 
 
 def _pids_named(prefixes: Sequence[str]) -> dict[int, str]:
@@ -872,7 +829,6 @@ def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) ->
     daemon.start()
     registry.start()
     traffic.start()
-    known = children_of(os.getpid())
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -884,7 +840,6 @@ def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) ->
         )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    orphans_user, orphans_sys = reap_orphans(known)
     proc.returncode = os.waitstatus_to_exitcode(status)
     daemon_cpu = daemon.stop()
     registry_cpu = registry.stop()
@@ -901,8 +856,7 @@ def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) ->
     usage_counts = bt.cache_usage(cache)
     files, size = usage_counts["logical_files"], usage_counts["logical_bytes"]
     images = len(index)
-    user, system = usage.ru_utime + orphans_user, usage.ru_stime + orphans_sys
-    cpu = user + system
+    cpu = usage.ru_utime + usage.ru_stime
     result: dict[str, Any] = {
         "contender": name,
         "exit_code": proc.returncode,
@@ -918,8 +872,8 @@ def _run(contender: Contender, ctx: RunContext, label: str, cache_root: Path) ->
         "physical_mib": usage_counts["physical_bytes"] / MIB,
         "physical_ratio": usage_counts["physical_ratio"],
         "cpu_s": cpu,
-        "cpu_user_s": user,
-        "cpu_sys_s": system,
+        "cpu_user_s": usage.ru_utime,
+        "cpu_sys_s": usage.ru_stime,
         "cpu_per_image_s": cpu / images if images else None,
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "dockerd_cpu_s": daemon_cpu,
@@ -1589,7 +1543,6 @@ def take_daemon_turn() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    adopt_orphans()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per contender without Docker (median)"

@@ -36,7 +36,6 @@ from asynccache.entries import Entry, entry_from_row
 from asynccache.errors import CacheError, IndexCorrupt, InvalidEntry, SetupError
 from asynccache.pipeline import Pipeline, Summary, numbered_rows
 from asynccache.shards import SHARD_COUNT_VAR, Shard, parse_shard, shard_size
-from asynccache.sources.pool import worker_context
 from asynccache.tree.exclude import ExcludeRules
 
 log = logging.getLogger("asynccache")
@@ -381,8 +380,6 @@ async def run(args: argparse.Namespace, output: Output) -> int:
         return await dry_run(args, cache_dir, output, shard)
     if args.backend == "registry":
         _note_old_layers(cache_dir, args.layer_cache_dir or config.default_layer_cache_dir())
-    if min(args.processes, args.concurrency) > 1:
-        worker_context(args.backend)  # the workers' fork server gets ready while rows load
     split = await open_rows(args)
     total = split.total
     if total is not None and shard is not None:

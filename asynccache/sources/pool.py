@@ -19,8 +19,6 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.context
-import multiprocessing.forkserver
 import os
 import pickle
 import threading
@@ -46,31 +44,10 @@ from asynccache.tree.options import TreeFactory
 
 log = logging.getLogger(__name__)
 
-#: What a worker imports before its first entry, by backend: imported once, in the fork server.
-_WORKER_MODULES = {
-    "registry": ("asynccache.sources.registry.backend",),
-    "docker": ("asynccache.sources.docker",),
-}
-_COMMON_MODULES = ("asynccache.sources.pool_worker", "asynccache.cache.history")
-
 #: Seconds a worker has to stop an entry it was told to cancel before it is killed.
 CANCEL_GRACE = 30.0
 #: Seconds a new worker has to open its backend.
 START_TIMEOUT = 120.0
-
-
-def worker_context(backend: str) -> multiprocessing.context.ForkServerContext:
-    """Where worker processes start from: multiprocessing's fork server, started now if it is
-    not running (it does not wait for it), with the worker's modules imported there once.
-
-    Each worker is then forked from it ready to work, instead of starting an interpreter and
-    importing them anew (a third of a second of CPU each). Calling this early (the command line
-    does, before it reads the dataset) lets the server get ready meanwhile.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([*_COMMON_MODULES, *_WORKER_MODULES.get(backend, ())])
-    multiprocessing.forkserver.ensure_running()
-    return context
 
 
 class WorkerDied(CacheError):
@@ -152,7 +129,7 @@ class ProcessPoolSource:
         self.on_status = on_status
         # more workers than entries in flight would only idle
         self.size = max(1, min(options.processes, options.concurrency))
-        self._context = worker_context(options.backend)
+        self._context = multiprocessing.get_context("spawn")
         self._gate = SharedGateState.create(self._context, options.rate_limit_pause)
         #: The Docker daemon gate's state, shared by every worker: one outage pauses them all.
         self.daemon_state = SharedDaemonGateState.create(self._context)
@@ -171,11 +148,7 @@ class ProcessPoolSource:
         started = time.monotonic()
         self._token = anyio.lowlevel.current_token()
         try:
-            # in threads: a start waits for the fork server, which may still be importing
-            workers: list[_Worker] = []
-            async with anyio.create_task_group() as tg:
-                for slot in range(self.size):
-                    tg.start_soon(self._start_in_thread, slot, workers)
+            workers = [self._spawn(slot) for slot in range(self.size)]
             for worker in workers:
                 await worker.ready.wait()
                 if worker.start_error is not None:
@@ -189,9 +162,6 @@ class ProcessPoolSource:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._shutdown()
-
-    async def _start_in_thread(self, slot: int, started: list[_Worker]) -> None:
-        started.append(await anyio.to_thread.run_sync(self._spawn, slot))
 
     async def prepare(self, entry: Entry) -> None:
         """Pick the entry's worker (the least busy) and prepare the entry there."""
@@ -273,14 +243,12 @@ class ProcessPoolSource:
                     logging.getLogger("asynccache").getEffectiveLevel(),
                 ),
                 self.tree_factory,
-                # the fork server's environment is that of its start: the worker takes today's
-                dict(os.environ),
             ),
             name=f"asynccache-worker-{number}",
             daemon=True,
         )
-        # Forked by the fork server, whose one thread lives until this process ends: a worker
-        # dies with it (PR_SET_PDEATHSIG).
+        # Started from the event loop's own thread: a worker dies when the thread that started
+        # it ends (PR_SET_PDEATHSIG), and this thread lives as long as the run.
         process.start()
         theirs.close()
         worker = _Worker(number, slot, process, ours)

@@ -76,16 +76,8 @@ def worker_main(
     daemon_values: Any,
     log_levels: tuple[int, int],
     tree_factory: TreeFactory | None = None,
-    environment: dict[str, str] | None = None,
 ) -> None:
-    """Entry point of a worker process: serve requests until told to stop or orphaned.
-
-    ``environment``: the main process's variables when the pool started (a worker is forked
-    from a server started earlier, whose own may be older).
-    """
-    if environment is not None:
-        os.environ.clear()
-        os.environ.update(environment)
+    """Entry point of a worker process: serve requests until told to stop or orphaned."""
     # The main process handles signals and tells workers what to do; a worker dies with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

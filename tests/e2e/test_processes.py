@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -11,11 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio
 import pytest
 
-from asynccache import cache_repos
-from asynccache.sources.pool import worker_context
 from tests.e2e.test_reliability import (
     assert_cache_consistent,
     dataset_through,
@@ -23,7 +19,7 @@ from tests.e2e.test_reliability import (
     wait_for,
 )
 from tests.support.cli_runner import run_cli, start_cli
-from tests.support.fixtures import FixtureImage, ReferenceTrees, row_for
+from tests.support.fixtures import FixtureImage, ReferenceTrees
 from tests.support.registry_proxy import RegistryProxy, registry_proxy
 
 
@@ -32,26 +28,17 @@ def images(fixture_images: list[FixtureImage]) -> list[FixtureImage]:
     return fixture_images
 
 
-def children_of(pid: int) -> list[int]:
-    """The direct children of a process."""
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of the run ``pid`` (not multiprocessing's resource tracker)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def workers_of(pid: int) -> list[int]:
-    """The worker processes of the run ``pid``: forked by its fork server (a child of the run,
-    as multiprocessing's resource tracker is)."""
-    found: list[int] = []
-    for child in children_of(pid):
-        try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"multiprocessing.forkserver" in command:
-            found += children_of(child)
+        for child in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in command:
+                found.append(int(child))
     return found
 
 
@@ -145,42 +132,6 @@ def test_the_leak_guard_and_the_digest_run_in_the_worker_processes(
     assert run.returncode == 0, stderr
     ran_git = {int(pid) for pid in callers.read_text().split()}
     assert ran_git and run.pid not in ran_git
-    index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
-    assert len(index) == len(images)
-
-
-def test_workers_take_the_environment_of_the_moment_the_pool_starts(
-    tmp_path: Path,
-    images: list[FixtureImage],
-    docker_services: str,
-    reference_trees: ReferenceTrees,
-    leftover_containers: Callable[[Path], list[str]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # the fork server the workers come from is started first, with the PATH of then; a git
-    # put on PATH afterwards is still the one the workers run
-    worker_context("registry")
-    real_git = shutil.which("git")
-    assert real_git is not None
-    callers, wrappers = tmp_path / "git-callers", tmp_path / "bin"
-    wrappers.mkdir()
-    (wrappers / "git").write_text(f'#!/bin/sh\necho $PPID >> {callers}\nexec {real_git} "$@"\n')
-    (wrappers / "git").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
-    rows = [row_for(image.ref, image.repo, image.commit_hash) for image in images]
-    cache_dir = tmp_path / "cache"
-    summary = anyio.run(
-        lambda: cache_repos(
-            rows,
-            cache_dir=cache_dir,
-            backend="registry",
-            insecure_registries=(docker_services,),
-            processes=2,
-            concurrency=2,
-        )
-    )
-    assert summary.cached == len(images)
-    assert callers.read_text().split()  # the workers ran the git on today's PATH
     index = assert_cache_consistent(cache_dir, images, reference_trees, leftover_containers)
     assert len(index) == len(images)
 
