@@ -271,13 +271,14 @@ async def _open_source(
         return
     gate = pull_gate(options, on_status)
     backend = make_backend(options, cache.root, gate, work_name, on_status=on_status, tree=tree)
-    # the Docker source (and the HTTP stack under it) is imported only when it is the backend
-    from asynccache.sources.docker import DockerBackend
-
-    if not isinstance(backend, DockerBackend):
+    if options.backend != "docker":
         async with backend as registry:
             yield finishing(registry, tree.finish)
         return
+    # the Docker source (and the HTTP stack under it) is imported only when it is the backend
+    from asynccache.sources.docker import DockerBackend
+
+    assert isinstance(backend, DockerBackend)
     async with backend:
         leaked = await backend.remove_leaked_containers()
         if leaked:

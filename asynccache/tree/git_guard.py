@@ -179,18 +179,19 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     kept: list[_KeptRef] = []
     if head:
         listing = git.run(
-            "for-each-ref", "--merged=HEAD", "--format=%(objectname) %(refname) %(*objectname)",
+            "for-each-ref", "--merged=HEAD",
+            "--format=%(objectname) %(refname) %(*objectname) %(*objecttype)",
             "refs/heads", "refs/tags",
         )[1]  # fmt: skip
         fields = (line.split(" ") for line in listing.splitlines())
-        kept = [_KeptRef(oid, name, peeled) for oid, name, peeled in fields]
+        kept = [_KeptRef(oid, name, peeled, kind) for oid, name, peeled, kind in fields]
         if branch and branch not in {ref.name for ref in kept}:
-            kept.append(_KeptRef(head, branch, ""))  # HEAD's own branch, wherever it lives
+            kept.append(_KeptRef(head, branch, "", ""))  # HEAD's own branch, wherever it lives
     if checkout and checkout.new != head and not _is_ancestor(git, checkout.new):
         checkout = _Checkout(head or checkout.new, checkout.rest)  # never keep a later commit
 
     git.reset_refs()
-    _write_packed_refs(git, kept)
+    _pack_refs(git, kept)
     # -a -d without -A/-k: the new pack holds exactly what HEAD, the kept refs and the index
     # reach; deltas and compressed data are reused (no -f); -n: no info/refs listing.
     # --window=0: no new delta search. An object whose delta base is gone is stored whole
@@ -214,24 +215,32 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _KeptRef:
-    """A ref the guard keeps: its object, its name, and the commit a tag object peels to."""
+    """A ref the guard keeps: its object, its name, and what a tag object peels to (one level:
+    the object and its type)."""
 
     oid: str
     name: str
     peeled: str
+    peeled_type: str
 
 
-def _write_packed_refs(git: ShadowGit, kept: list[_KeptRef]) -> None:
-    """Write the kept refs as the shadow's packed-refs, as `git pack-refs --all` would.
+def _pack_refs(git: ShadowGit, kept: list[_KeptRef]) -> None:
+    """Make the kept refs the shadow's packed-refs, as `git pack-refs --all` would.
 
-    Written here rather than by ``update-ref`` then ``pack-refs``: two git processes less a
-    repository. Every name came from git's own listing; one that git would not write fails.
+    Written here rather than by ``update-ref`` then ``pack-refs`` (two git processes less a
+    repository), except when a tag peels to another tag: git peels those to the end itself.
+    Every name came from git's own listing; one that git would not write fails.
     """
+    if any(ref.peeled_type == "tag" for ref in kept):
+        commands = "".join(f"create {ref.name} {ref.oid}\n" for ref in kept)
+        git.run("update-ref", "--stdin", stdin=os.fsencode(commands))
+        git.run("pack-refs", "--all", "--prune")
+        return
     lines = [b"# pack-refs with: peeled fully-peeled sorted \n"]
     for ref in sorted(kept, key=lambda ref: os.fsencode(ref.name)):
         if not _is_ref_name(ref.name) or not _HEX.fullmatch(ref.oid):
             raise git.fail(f"cannot keep the ref {ref.name!r}")
-        lines.append(f"{ref.oid} {ref.name}\n".encode())
+        lines.append(os.fsencode(f"{ref.oid} {ref.name}\n"))
         if ref.peeled:
             if not _HEX.fullmatch(ref.peeled):
                 raise git.fail(f"cannot keep the ref {ref.name!r}")

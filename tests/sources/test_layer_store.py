@@ -196,6 +196,26 @@ async def test_a_layer_blob_is_kept_once_a_second_image_needs_it(tmp_path: Path)
 
 
 @pytest.mark.anyio
+async def test_a_layer_another_process_noted_meanwhile_is_kept(tmp_path: Path) -> None:
+    """Two worker processes on one blob cache: a layer one of them fetched once is known to the
+    other, opened before, at its next fetch; what is not a digest in the list is ignored."""
+    blob = compress(SAMPLE, "gzip")
+    mine, theirs = LayerStore(tmp_path / ".layers"), LayerStore(tmp_path / ".layers")
+    mine.open()
+    theirs.open()
+    with open(tmp_path / ".layers" / "fetched", "a") as planted:
+        planted.write("not a digest\nsha256:short\n")
+    calls: list[str] = []
+    for number, store in enumerate((theirs, mine)):
+        dest = tmp_path / f"d{number}"
+        dest.mkdir()
+        await store.apply(LayerTree(dest), "img", sha256(blob), len(blob), blob_opener(blob, calls))
+    assert calls == ["open", "open"]
+    assert (tmp_path / ".layers" / sha256(blob).replace(":", "-", 1)).is_file()  # kept by mine
+    assert mine.fetched_once == {sha256(blob)}
+
+
+@pytest.mark.anyio
 async def test_a_long_list_of_layers_fetched_once_is_started_afresh(tmp_path: Path) -> None:
     layers = tmp_path / ".layers"
     layers.mkdir()

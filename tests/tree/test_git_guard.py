@@ -105,18 +105,46 @@ def test_only_refs_at_head_or_its_ancestors_remain(guarded: tuple[LeakyRepo, Pat
     assert git(repo.path, "config", "--get-regexp", r"^(remote|branch)\.", check=False) == ""
 
 
-def test_kept_refs_are_packed_as_git_packs_them(guarded: tuple[LeakyRepo, Path]) -> None:
-    """The guard writes packed-refs itself: git reads it, and packing again changes nothing."""
-    repo, _ = guarded
-    packed = repo.path / ".git/packed-refs"
+def packed_by_git(packed: bytes, objects: Path, scratch: Path) -> bytes:
+    """What `git pack-refs --all` writes for the refs of a packed-refs file (same objects)."""
+    other = scratch / "other.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(other)], env=git_env(), check=True)
+    (other / "objects/info/alternates").write_text(f"{objects}\n")
+    for line in packed.splitlines():
+        if line and line[:1] not in (b"#", b"^"):
+            oid, name = line.split(b" ", 1)
+            subprocess.run(
+                [b"git", b"-C", bytes(other), b"update-ref", name, oid], env=git_env(), check=True
+            )
+    subprocess.run(["git", "-C", str(other), "pack-refs", "--all", "--prune"], env=git_env())
+    return (other / "packed-refs").read_bytes()
+
+
+@pytest.mark.parametrize("extra_tag", ["none", "nested", "latin-1"])
+def test_kept_refs_are_packed_as_git_packs_them(
+    leaky: LeakyRepo, tmp_path: Path, extra_tag: str
+) -> None:
+    """The guard writes packed-refs itself: byte for byte what git writes for the same refs,
+    a tag of a tag (peeled to its commit) and a name that is not UTF-8 included."""
+    if extra_tag == "nested":
+        git(leaky.path, "tag", "-a", "nested", "-m", "a tag of a tag", "v0.2")
+    elif extra_tag == "latin-1":
+        oid = git(leaky.path, "rev-parse", "v0.1").strip()
+        name = b"refs/tags/caf\xe9"  # git allows any bytes but a few in a ref name
+        subprocess.run([b"git", b"-C", bytes(leaky.path), b"update-ref", name, oid.encode()],
+                       env=git_env(), check=True)  # fmt: skip
+    guard_tree(leaky.path)
+    packed = leaky.path / ".git/packed-refs"
     written = packed.read_bytes()
-    assert written.startswith(b"# pack-refs with: peeled fully-peeled sorted \n")
-    peeled = git(repo.path, "rev-parse", "v0.2^{commit}").strip()
-    assert f"^{peeled}\n".encode() in written  # the annotated tag, peeled
-    shown = git(repo.path, "show-ref", "--dereference")
-    git(repo.path, "pack-refs", "--all", "--prune")
-    assert packed.read_bytes() == written
-    assert git(repo.path, "show-ref", "--dereference") == shown
+    assert written == packed_by_git(written, leaky.path / ".git/objects", tmp_path)
+    peeled = git(leaky.path, "rev-parse", "v0.2^{commit}").strip()
+    assert f"^{peeled}\n".encode() in written  # the annotated tag, peeled to its commit
+    if extra_tag == "nested":
+        shown = git(leaky.path, "show-ref", "--dereference", "refs/tags/nested")
+        assert f"{peeled} refs/tags/nested^{{}}" in shown
+    if extra_tag == "latin-1":
+        assert b" refs/tags/caf\xe9\n" in written
+    git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
 
 
 def test_leftover_temporary_and_loose_files_are_removed(leaky: LeakyRepo) -> None:

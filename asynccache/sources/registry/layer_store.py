@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import stat
 import time
@@ -54,6 +55,10 @@ _UNTOUCHED_FILE = "untouched"
 _FETCHED_FILE = "fetched"
 #: A longer list of layers fetched once (some 50,000) is started afresh.
 _MAX_FETCHED_BYTES = 4 << 20
+_MAX_FETCHED_NAMES = 60_000
+#: A line of the fetched list: one digest.
+_DIGEST_LINE = re.compile(r"^(sha(?:256|384|512):[0-9a-f]{64,128})$", re.MULTILINE)
+_MAX_LINE = 160
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Flags of every file opened in the cache (a FIFO planted there must not block the open).
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -163,6 +168,7 @@ class LayerStore:
         #: Layers some run or worker fetched once without keeping the blob.
         self.fetched_once: set[str] = set()
         self._fetched_read = 0  # bytes of the fetched list read so far
+        self._fetched_lock = anyio.Lock()
         self._cached: dict[str, _Cached] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.fetches = 0
@@ -247,7 +253,11 @@ class LayerStore:
     ) -> None:
         self.fetches += 1
         tee: _Tee | None = None
-        if self._partial is not None and size <= self.max_bytes and self._wanted_again(digest):
+        if (
+            self._partial is not None
+            and size <= self.max_bytes
+            and await self._wanted_again(digest)
+        ):
             tee = _Tee(self._partial, f"{self._name(digest)}.{secrets.token_hex(4)}")
         kept = False
         try:
@@ -273,17 +283,23 @@ class LayerStore:
                 with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                     await anyio.to_thread.run_sync(tee.remove)
 
-    def _wanted_again(self, digest: str) -> bool:
+    async def _wanted_again(self, digest: str) -> bool:
         """Keep this layer's blob? Yes once it was fetched before (by any run or worker sharing
         the folder: their notes are read as they come) or when another entry waits for it."""
-        if digest not in self.fetched_once:
-            self._read_fetched()
         lock = self._locks.get(digest)
-        waiting = lock is not None and lock.statistics().tasks_waiting > 0
-        return waiting or digest in self.fetched_once
+        if lock is not None and lock.statistics().tasks_waiting > 0:
+            return True
+        if digest not in self.fetched_once:
+            async with self._fetched_lock:
+                await anyio.to_thread.run_sync(self._read_fetched)
+        return digest in self.fetched_once
 
     def _read_fetched(self) -> None:
-        """Read what was added to the fetched list since the last read (a long one is reset)."""
+        """Sync: read what was added to the fetched list since the last read.
+
+        The folder may be shared with other users: only digests are taken, and a list grown
+        past its bound (or holding that many names) is started afresh.
+        """
         if self._dir is None:
             return
         fd = _open_regular(_FETCHED_FILE, self._dir)
@@ -291,10 +307,11 @@ class LayerStore:
             return
         try:
             size = os.fstat(fd).st_size
-            if size > _MAX_FETCHED_BYTES:
+            if size > _MAX_FETCHED_BYTES or len(self.fetched_once) > _MAX_FETCHED_NAMES:
                 with contextlib.suppress(OSError):
                     os.unlink(_FETCHED_FILE, dir_fd=self._dir)
                 self._fetched_read = 0
+                self.fetched_once.clear()
                 return
             if size < self._fetched_read:
                 self._fetched_read = 0  # started afresh by another run
@@ -303,11 +320,11 @@ class LayerStore:
             data = os.pread(fd, size - self._fetched_read, self._fetched_read)
         finally:
             os.close(fd)
-        whole = data.rpartition(b"\n")[0]  # a line being appended right now is read later
-        self._fetched_read += len(whole) + 1 if whole else 0
-        for line in whole.decode("ascii", "replace").split("\n"):
-            if line.strip():
-                self.fetched_once.add(line.strip())
+        end = data.rfind(b"\n") + 1  # a line being appended right now is read later...
+        if not end and len(data) > _MAX_LINE:
+            end = len(data)  # ...unless it is no line of ours at all
+        self._fetched_read += end
+        self.fetched_once.update(_DIGEST_LINE.findall(data[:end].decode("ascii", "replace")))
 
     async def _apply_cached(self, tree: LayerTree, image: str, digest: str, size: int) -> bool:
         """Apply a cached blob; False when it vanished (then it is forgotten)."""
