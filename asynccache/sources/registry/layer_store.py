@@ -22,7 +22,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,19 +437,26 @@ class _Tee:
         os.unlink(self.name, dir_fd=self.folder)
 
 
-def _apply_checked(tree: LayerTree, blob: Blob) -> LayerResult:
-    """Apply a blob and check its digest; a corrupt blob is reported as such, not as bad tar."""
-    ahead = ReadAhead(lambda: decompressed(blob, blob.digest))
+@contextlib.contextmanager
+def _corrupt_blob_named(blob: Blob) -> Iterator[None]:
+    """A parse error of a corrupt blob is reported as the digest mismatch it is, not as bad tar."""
     try:
-        try:
-            result = tree.apply(ahead.read)
-        finally:
-            ahead.close()
+        yield
     except (UnsafeArchive, TruncatedArchive) as exc:
         mismatch = blob.mismatch()
         if mismatch is not None:
             raise mismatch from exc
         raise
+
+
+def _apply_checked(tree: LayerTree, blob: Blob) -> LayerResult:
+    """Apply a blob and check its digest."""
+    ahead = ReadAhead(lambda: decompressed(blob, blob.digest))
+    with _corrupt_blob_named(blob):
+        try:
+            result = tree.apply(ahead.read)
+        finally:
+            ahead.close()
     blob.finish()
     return result
 
@@ -476,13 +483,8 @@ def _fill_stream(tree: LayerTree, image: str, digest: str, size: int, read: Read
     """Thread: fill the last layer's hardlinks to files outside the root from the blob fetched
     again, read to its end and checked (what was written is not kept if it does not match)."""
     blob = Blob(read, image, digest, size, None)
-    try:
+    with _corrupt_blob_named(blob):
         tree.fill_links(decompressed(blob, digest))
-    except (UnsafeArchive, TruncatedArchive) as exc:
-        mismatch = blob.mismatch()
-        if mismatch is not None:
-            raise mismatch from exc
-        raise
     blob.finish()
 
 
