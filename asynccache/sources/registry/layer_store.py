@@ -5,22 +5,16 @@ layer (in the ``fetched`` list, which every run and worker sharing the folder re
 another entry is already waiting for it. R2E-Gym images each have ``/testbed`` layers of their
 own; keeping every blob would write each one to disk for nothing.
 
-The blob cache folder may hold links that another user planted (runs share it, and it may be
-a shared folder): it is held by a descriptor, and every folder and file in it is reached
-through that descriptor without following links (``O_NOFOLLOW``), so nothing outside it is
-ever read, unlinked, truncated or appended to. The folder itself may be a link of the user's
-own (to another disk), never one of another user's.
+The blob cache folder is shared, and reached without following links (``blob_folder.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -33,10 +27,17 @@ import anyio.to_thread
 from asynccache._threads import Read, ReadAhead, feed_thread
 from asynccache.errors import (
     DigestMismatch,
-    SetupError,
     TransferFailed,
     TruncatedArchive,
     UnsafeArchive,
+)
+from asynccache.sources.registry.blob_folder import (
+    APPEND_FLAGS,
+    Tee,
+    open_regular,
+    own_folder,
+    read_all,
+    top_folder,
 )
 from asynccache.sources.registry.compression import Blob, decompressed
 from asynccache.tree.layered import LayerResult, LayerTree
@@ -48,8 +49,6 @@ DEFAULT_CACHE_BYTES = 2 << 30
 _PARTIAL_DIR = ".partial"
 #: A partial download untouched this long belongs to no live run (runs share the folder).
 _STALE_PARTIAL_SECONDS = 3600.0
-#: Attempts at making a folder whose name something else keeps taking.
-_OWN_FOLDER_TRIES = 8
 _UNTOUCHED_FILE = "untouched"
 #: Layers fetched once and not kept: a second fetch keeps the blob.
 _FETCHED_FILE = "fetched"
@@ -59,14 +58,6 @@ _MAX_FETCHED_NAMES = 60_000
 #: A line of the fetched list: one digest.
 _DIGEST_LINE = re.compile(r"^(sha(?:256|384|512):[0-9a-f]{64,128})$", re.MULTILINE)
 _MAX_LINE = 160
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Flags of every file opened in the cache (a FIFO planted there must not block the open).
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_APPEND_FLAGS = (
-    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-)
-
 #: Opens a layer blob and gives its chunks.
 BlobOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 
@@ -75,74 +66,6 @@ BlobOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 class _Cached:
     size: int
     used: float
-
-
-def _top_folder(path: Path) -> int:
-    """Open the blob cache folder (creating it); a link there is followed if it is the user's.
-
-    A link owned by another user (planted before this run made the folder) is refused.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o755)
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, os.geteuid()):
-        raise SetupError(
-            f"the layer cache folder {path} is a link owned by another user (uid "
-            f"{info.st_uid}); remove it or choose another --layer_cache_dir"
-        )
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except NotADirectoryError:
-        raise SetupError(
-            f"the layer cache folder {path} is not a folder; choose another --layer_cache_dir"
-        ) from None
-
-
-def _own_folder(name: str | Path, dir_fd: int | None = None) -> int:
-    """Open the folder name (creating it) without following a link: what else is there goes.
-
-    Other processes (a pool's workers, other runs) may do the same at once: whichever removes
-    a planted link first, the others open the folder it made. Bounded: a name that keeps being
-    replaced fails.
-    """
-    for _ in range(_OWN_FOLDER_TRIES):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o755, dir_fd=dir_fd)
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-        except FileNotFoundError:
-            continue  # removed by another process between the two calls
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-        # a link or a file planted in its place: removed (never followed), made anew; gone
-        # already, or a folder again, when another process did it first
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(name, dir_fd=dir_fd)
-    raise OSError(errno.ELOOP, "replaced again each time it was made", os.fspath(name))
-
-
-def _open_regular(name: str, dir_fd: int, flags: int = _READ_FLAGS) -> int | None:
-    """A descriptor of the regular file name in dir_fd; None when there is none (or not one)."""
-    try:
-        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):
-            return None  # a link, or a FIFO nobody reads
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _read_all(fd: int) -> bytes:
-    """The content of an open regular file."""
-    with open(fd, "rb", buffering=0, closefd=False) as handle:
-        return handle.read()
 
 
 class LayerStore:
@@ -179,11 +102,11 @@ class LayerStore:
         """Sync: create the folder, drop partial downloads, load what earlier runs learnt."""
         if self.folder is None:
             return
-        self._dir = folder = _top_folder(self.folder)
-        partial = _own_folder(_PARTIAL_DIR, folder)
+        self._dir = folder = top_folder(self.folder)
+        partial = own_folder(_PARTIAL_DIR, folder)
         for part in (self.work_name or "").split("/"):
             if part:  # a shard's or a worker's partial downloads live apart
-                shared, partial = partial, _own_folder(part, partial)
+                shared, partial = partial, own_folder(part, partial)
                 os.close(shared)
         self._partial = partial
         # Other runs may be writing theirs right now: only long-untouched ones are stale.
@@ -198,10 +121,10 @@ class LayerStore:
         for name in stale:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=partial)
-        fd = _open_regular(_UNTOUCHED_FILE, folder)
+        fd = open_regular(_UNTOUCHED_FILE, folder)
         if fd is not None:
             try:
-                lines = _read_all(fd).decode("utf-8", "replace").splitlines()
+                lines = read_all(fd).decode("utf-8", "replace").splitlines()
             finally:
                 os.close(fd)
             for line in lines:
@@ -252,13 +175,13 @@ class LayerStore:
         self, tree: LayerTree, image: str, digest: str, size: int, open_blob: BlobOpener
     ) -> None:
         self.fetches += 1
-        tee: _Tee | None = None
+        tee: Tee | None = None
         if (
             self._partial is not None
             and size <= self.max_bytes
             and await self._wanted_again(digest)
         ):
-            tee = _Tee(self._partial, f"{self._name(digest)}.{secrets.token_hex(4)}")
+            tee = Tee(self._partial, f"{self._name(digest)}.{secrets.token_hex(4)}")
         kept = False
         try:
             async with open_blob() as chunks:
@@ -302,7 +225,7 @@ class LayerStore:
         """
         if self._dir is None:
             return
-        fd = _open_regular(_FETCHED_FILE, self._dir)
+        fd = open_regular(_FETCHED_FILE, self._dir)
         if fd is None:
             return
         try:
@@ -364,11 +287,11 @@ class LayerStore:
 
         def append() -> None:
             assert self._dir is not None
-            fd = _open_regular(name, self._dir, _APPEND_FLAGS)
+            fd = open_regular(name, self._dir, APPEND_FLAGS)
             if fd is None:
                 # a link or something else planted in its place: replaced, never followed
                 os.unlink(name, dir_fd=self._dir)
-                fd = _open_regular(name, self._dir, _APPEND_FLAGS)
+                fd = open_regular(name, self._dir, APPEND_FLAGS)
                 if fd is None:
                     return
             try:
@@ -417,26 +340,6 @@ class LayerStore:
                 os.unlink(name, dir_fd=self._dir)
 
 
-class _Tee:
-    """A partial download: a new file in the partial folder, written as the blob streams in."""
-
-    def __init__(self, folder: int, name: str) -> None:
-        self.folder = folder
-        self.name = name
-
-    def create(self) -> int:
-        """The new file's descriptor (never a file that was there, never through a link)."""
-        return os.open(self.name, _NEW_FILE_FLAGS, 0o644, dir_fd=self.folder)
-
-    def reopen(self) -> int:
-        """The file written so far, to read again."""
-        return os.open(self.name, _READ_FLAGS, dir_fd=self.folder)
-
-    def remove(self) -> None:
-        """Sync: drop the partial download."""
-        os.unlink(self.name, dir_fd=self.folder)
-
-
 @contextlib.contextmanager
 def _corrupt_blob_named(blob: Blob) -> Iterator[None]:
     """A parse error of a corrupt blob is reported as the digest mismatch it is, not as bad tar."""
@@ -462,7 +365,7 @@ def _apply_checked(tree: LayerTree, blob: Blob) -> LayerResult:
 
 
 def _apply_stream(
-    tree: LayerTree, image: str, digest: str, size: int, tee: _Tee | None, read: Read
+    tree: LayerTree, image: str, digest: str, size: int, tee: Tee | None, read: Read
 ) -> LayerResult:
     """Thread: apply a blob as it streams in, teeing it to tee; check it at the end."""
     out = tee.create() if tee is not None else None
@@ -492,7 +395,7 @@ def _apply_file(
     tree: LayerTree, image: str, digest: str, size: int, name: str, folder: int
 ) -> LayerResult | None:
     """Thread: apply a cached blob, checking its digest again; None when it is gone."""
-    fd = _open_regular(name, folder)
+    fd = open_regular(name, folder)
     if fd is None:
         return None
     with open(fd, "rb", buffering=0) as handle:
