@@ -116,7 +116,9 @@ def packed_by_git(packed: bytes, objects: Path, scratch: Path) -> bytes:
             subprocess.run(
                 [b"git", b"-C", bytes(other), b"update-ref", name, oid], env=git_env(), check=True
             )
-    subprocess.run(["git", "-C", str(other), "pack-refs", "--all", "--prune"], env=git_env())
+    subprocess.run(
+        ["git", "-C", str(other), "pack-refs", "--all", "--prune"], env=git_env(), check=True
+    )
     return (other / "packed-refs").read_bytes()
 
 
