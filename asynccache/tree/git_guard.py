@@ -192,12 +192,7 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
 
     git.reset_refs()
     _pack_refs(git, kept)
-    # -a -d without -A/-k: the new pack holds exactly what HEAD, the kept refs and the index
-    # reach; deltas and compressed data are reused (no -f); -n: no info/refs listing.
-    # --window=0: no new delta search. An object whose delta base is gone is stored whole
-    # (a few percent more pack on the bench repositories) instead of searched against its
-    # neighbours, which was 40% of the guard's CPU and grows with what a hostile pack holds.
-    git.run("repack", "-a", "-d", "-n", "-q", "--no-write-bitmap-index", "--window=0")
+    _repack(git)
     _remove_loose_objects(gitdir / "objects")
 
     _remove_state(gitdir)
@@ -255,19 +250,44 @@ def _is_ref_name(name: str) -> bool:
     return not any(part.startswith(".") or part.endswith(".lock") for part in name.split("/"))
 
 
-def _remove_loose_objects(objects: Path) -> None:
-    """Remove every loose object (and git's temporary files) left after ``repack -a -d``.
+def _repack(git: ShadowGit) -> None:
+    """Make one pack of what HEAD, the kept refs and the index reach the only file of
+    ``objects/pack``.
 
-    That repack packs every object HEAD, the kept refs and the index reach and removes their
-    loose copies, so what is still loose nothing reaches; this is what ``git prune`` would
-    remove, without its second walk of the whole history.
+    What ``git repack -a -d`` does, run as its ``pack-objects`` directly, so that the process
+    that walks the history is the one that dies with the worker (a repack's pack-objects would
+    not). Every other file of the folder goes, a pack without its index too: git never reads
+    one, but ``git index-pack`` would give its objects back.
     """
-    for folder in (objects, objects / "pack"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.name.startswith("tmp_") or (folder == objects and _FANOUT.fullmatch(path.name)):
-                _remove(path)
+    pack = git.gitdir / "objects" / "pack"
+    pack.mkdir(exist_ok=True)
+    # The options repack gives pack-objects for -a; deltas and compressed data are reused.
+    # --window=0: no new delta search. An object whose delta base is gone is stored whole
+    # (a few percent more pack on the bench repositories) instead of searched against its
+    # neighbours, which was 40% of the guard's CPU and grows with what a hostile pack holds.
+    _, out = git.run(
+        "pack-objects", "--keep-true-parents", "--non-empty", "--all", "--reflog",
+        "--indexed-objects", "--delta-base-offset", "--window=0", "-q", str(pack / "pack"),
+    )  # fmt: skip
+    name = out.strip()  # nothing when nothing is reachable (--non-empty)
+    if name and not _HEX.fullmatch(name):
+        raise git.fail("git pack-objects named no pack")
+    kept = {f"pack-{name}.pack", f"pack-{name}.idx", f"pack-{name}.rev"} if name else set()
+    for path in pack.iterdir():
+        if path.name not in kept:
+            _remove(path)
+
+
+def _remove_loose_objects(objects: Path) -> None:
+    """Remove every loose object (and git's temporary files) left after ``_repack``.
+
+    That pack holds every object HEAD, the kept refs and the index reach, so what is still
+    loose nothing needs; this is what ``git prune-packed`` and ``git prune`` would remove,
+    without prune's second walk of the whole history.
+    """
+    for path in objects.iterdir():
+        if path.name.startswith("tmp_") or _FANOUT.fullmatch(path.name):
+            _remove(path)
 
 
 def _check_git_dir(git: ShadowGit) -> list[str]:

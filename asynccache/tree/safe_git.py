@@ -64,7 +64,7 @@ _SHADOW_CONFIG = """\
 
 #: Commands that walk the history (as long as a hostile repository makes it): started so that
 #: they die with the worker that started them. The others read a few files and end at once.
-_WALKING = frozenset({"for-each-ref", "merge-base", "repack", "fsck", "prune", "rev-list"})
+_WALKING = frozenset({"for-each-ref", "merge-base", "pack-objects", "fsck"})
 #: Files of a git folder that the shadow copies (HEAD and refs; the split index's shared parts).
 _COPIED_FILES = ("HEAD", "packed-refs", "shallow")
 #: Largest HEAD, packed-refs or shallow file copied (a large fork's packed-refs: tens of MiB).
@@ -265,7 +265,7 @@ class ShadowGit:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a git command and the git processes it started (repack runs pack-objects)."""
+    """Kill a git command and the git processes it started."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()

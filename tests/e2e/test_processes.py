@@ -152,18 +152,18 @@ def test_a_worker_killed_in_the_leak_guard_leaves_no_git_running(
     reference_trees: ReferenceTrees,
     leftover_containers: Callable[[Path], list[str]],
 ) -> None:
-    # the first `git repack` of the run notes its pid and hangs, as a repack of a huge (or
+    # the first `git pack-objects` of the run notes its pid and hangs, as a repack of a huge (or
     # hostile) pack would; every other git call runs the real git
-    hung, first = tmp_path / "hung-pid", tmp_path / "first-repack"
+    hung, first = tmp_path / "hung-pid", tmp_path / "first-pack"
     script = (
-        f'case " $* " in *" repack "*) if mkdir {first} 2>/dev/null; then\n'
+        f'case " $* " in *" pack-objects "*) if mkdir {first} 2>/dev/null; then\n'
         f"  echo $$ > {hung}.tmp && mv {hung}.tmp {hung}; exec sleep 300; fi;; esac\n"
         'exec REAL_GIT "$@"\n'
     )
     run, cache_dir = start_with_git(tmp_path, images, docker_services, script)
     try:
-        wait_for(lambda: hung.exists() or run.poll() is not None, timeout=300, what="a repack")
-        assert run.poll() is None, "the run ended before its first repack"
+        wait_for(lambda: hung.exists() or run.poll() is not None, timeout=300, what="a pack")
+        assert run.poll() is None, "the run ended before its first pack-objects"
         git = int(hung.read_text())
         worker = int(Path(f"/proc/{git}/stat").read_text().rpartition(")")[2].split()[1])
         assert worker in workers_of(run.pid)

@@ -163,6 +163,45 @@ def test_leftover_temporary_and_loose_files_are_removed(leaky: LeakyRepo) -> Non
     git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
 
 
+def test_objects_pack_holds_one_pack_and_its_index(leaky: LeakyRepo, tmp_path: Path) -> None:
+    pack = leaky.path / ".git/objects/pack"
+    (old,) = pack.glob("*.pack")  # holds the fix and the later commits
+    # git never reads a pack without its index, but `git index-pack` gives its objects back
+    shutil.copyfile(old, pack / "pack-stray.pack")
+    (pack / "notes.txt").write_text("the fix is in pack-stray.pack\n")
+    guard_tree(leaky.path)
+    names = sorted(path.name for path in pack.iterdir())
+    assert [Path(name).suffix for name in names] == [".idx", ".pack"], names
+    assert Path(names[0]).stem == Path(names[1]).stem
+    # an index made for what is left brings back nothing past HEAD
+    revived = tmp_path / "revived"
+    git(tmp_path, "init", "-q", "--bare", str(revived))
+    subprocess.run(
+        ["git", "--git-dir", str(revived), "index-pack", "--stdin", "--keep"],
+        input=(pack / names[1]).read_bytes(), env=git_env(), capture_output=True, check=True,
+    )  # fmt: skip
+    assert has_object(revived, leaky.head)
+    assert not has_object(revived, leaky.fix)
+    git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
+
+
+def test_a_repository_that_reaches_nothing_keeps_no_object(tmp_path: Path) -> None:
+    repo = tmp_path / "testbed"
+    git(tmp_path, "init", "-q", str(repo))
+    (repo / "a.txt").write_text("added then unstaged\n")
+    oid = git(repo, "hash-object", "-w", "a.txt").strip()  # reached by nothing: HEAD is unborn
+    subprocess.run(
+        ["git", "pack-objects", "-q", ".git/objects/pack/pack"],
+        cwd=repo, input=f"{oid}\n", text=True, env=git_env(), capture_output=True, check=True,
+    )  # fmt: skip
+    assert list((repo / ".git/objects/pack").glob("*.pack"))
+    result = guard_tree(repo)
+    assert result == GuardResult(repositories=1, refs_kept=0, refs_dropped=0)
+    assert list((repo / ".git/objects/pack").iterdir()) == []
+    assert git(repo, "count-objects", "-v").splitlines()[0] == "count: 0"
+    assert git(repo, "status", "--porcelain") == "?? a.txt\n"
+
+
 def test_no_reflog_or_pseudo_ref_reaches_past_head(guarded: tuple[LeakyRepo, Path]) -> None:
     repo, _ = guarded
     dotgit = repo.path / ".git"
