@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,18 +23,18 @@ from asynccache.errors import (
     DaemonInterrupted,
     DaemonUnavailable,
     ImageNotFound,
-    InvalidReference,
     NoDaemonFound,
     NoTestbed,
     PullFailed,
-    RateLimited,
     TransferFailed,
-    Unauthorized,
     one_line,
 )
 from asynccache.reference import Reference, parse_reference
 from asynccache.sources.credentials import registry_auth_header
 from asynccache.sources.daemon_gate import DaemonGate, DaemonGateState
+from asynccache.sources.docker_address import SOCKET_PATHS, daemon_address
+from asynccache.sources.docker_errors import raise_on_stream_error, translated
+from asynccache.sources.image_hold import RepositoryHold
 from asynccache.sources.ratelimit import PullGate, StatusCallback
 from asynccache.tree.budget import Budget
 from asynccache.tree.dedup import ContentStore
@@ -49,56 +47,6 @@ T = TypeVar("T")
 
 CHUNK_SIZE = 1 << 20
 CREATE_TIMEOUT = 120.0
-_NOT_FOUND_MARKERS = ("manifest unknown", "not found", "does not exist", "no such image")
-_AUTH_MARKERS = ("unauthorized", "authentication required", "denied")
-_RATE_MARKERS = ("toomanyrequests", "too many requests", "rate limit")
-
-
-#: Where aiodocker (like the docker CLI) looks for the daemon's socket without DOCKER_HOST.
-_SOCKET_PATHS = (
-    Path("/run/docker.sock"),
-    Path("/var/run/docker.sock"),
-    Path.home() / ".docker" / "run" / "docker.sock",
-)
-
-
-def daemon_address() -> str:
-    """The daemon address we try: DOCKER_HOST, else the default socket."""
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
-def classify_pull_error(image: str, message: str, status: int = 0) -> CacheError:
-    """Turn a daemon's pull error message into a domain error.
-
-    Markers are looked for in the message with the image reference taken out, so that a
-    name or a port (``127.0.0.1:42909``, ``ratelimit/app``) never decides the kind of error.
-    """
-    lowered = _without_references(message, image).lower()
-    if status == 429 or any(marker in lowered for marker in _RATE_MARKERS):
-        return RateLimited(image, message)
-    if "pull access denied" in lowered or "repository does not exist" in lowered:
-        return ImageNotFound(image, f"{message} (check the name, or `docker login`)")
-    if status == 404 or any(marker in lowered for marker in _NOT_FOUND_MARKERS):
-        return ImageNotFound(image, message)
-    if status == 401 or any(marker in lowered for marker in _AUTH_MARKERS):
-        return Unauthorized(image, message)
-    return PullFailed(image, message)
-
-
-def _without_references(message: str, image: str) -> str:
-    names = {image}
-    try:
-        ref = parse_reference(image)
-    except InvalidReference:
-        pass  # a container id or another name that is not an image reference
-    else:
-        written = image.partition("@")[0]
-        if written.rfind(":") > written.rfind("/"):
-            written = written[: written.rfind(":")]
-        names |= {written, ref.name, ref.repository, ref.repository.split("/", 1)[-1]}
-    for reference in sorted(names, key=len, reverse=True):
-        message = message.replace(reference, "<image>")
-    return message
 
 
 def container_name(instance_id: str) -> str:
@@ -200,7 +148,7 @@ class DockerBackend:
             self._docker = aiodocker.Docker()
         except AssertionError:
             # aiodocker asserts when it finds no address: Docker absent or not started.
-            raise NoDaemonFound([str(path) for path in _SOCKET_PATHS]) from None
+            raise NoDaemonFound([str(path) for path in SOCKET_PATHS]) from None
         except (ValueError, OSError, aiodocker.DockerError) as exc:
             raise DaemonUnavailable(self.address, str(exc)) from None
         try:
@@ -225,23 +173,12 @@ class DockerBackend:
             await self._docker.close()
             self._docker = None
 
-    @asynccontextmanager
-    async def _translate(self, image: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except aiodocker.DockerError as exc:
-            if exc.status == 900:
-                raise DaemonUnavailable(self.address, one_line(exc)) from None
-            raise classify_pull_error(image, str(exc.message), exc.status) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
-            raise DaemonUnavailable(self.address, one_line(exc)) from None
-
     async def _call(self, target: str, call: Callable[[], Awaitable[T]]) -> T:
         """One daemon call (``target`` names what it is about), its errors translated; while
         the daemon is away it waits for it and runs again. Only for calls that may repeat."""
 
         async def once() -> T:
-            async with self._translate(target):
+            async with translated(self.address, target):
                 return await call()
 
         return await self.daemon.call(once)
@@ -271,7 +208,7 @@ class DockerBackend:
         try:
             with anyio.fail_after(self.pull_timeout):
                 async with (
-                    self._translate(image),
+                    translated(self.address, image),
                     self.docker._query(
                         "images/create",
                         "POST",
@@ -281,7 +218,7 @@ class DockerBackend:
                     ) as response,
                 ):
                     async for line in response.content:
-                        _raise_on_stream_error(image, line)
+                        raise_on_stream_error(image, line)
         except TimeoutError:
             raise PullFailed(image, f"timed out after {self.pull_timeout:.0f} s") from None
 
@@ -320,7 +257,7 @@ class DockerBackend:
             # Shielded: a create cancelled in flight could still finish in the daemon
             # after we gave up on it, leaving a container nobody knows the id of.
             with anyio.CancelScope(shield=True), anyio.fail_after(CREATE_TIMEOUT):
-                async with self._translate(entry.docker_image):
+                async with translated(self.address, entry.docker_image):
                     container = await self.docker.containers.create(spec, name=name)
         except BaseException:
             await self.remove_container(name)
@@ -363,7 +300,7 @@ class DockerBackend:
             if self.daemon.waiting or self.daemon.exhausted:
                 break
             try:
-                async with self._translate(target):
+                async with translated(self.address, target):
                     await call()
             except ImageNotFound:
                 pass  # already gone
@@ -394,7 +331,7 @@ class DockerBackend:
         labels = [f"{CONTAINER_LABEL}={self.cache_dir}"]
         if self.shard_name:
             labels.append(f"{SHARD_LABEL}={self.shard_name}")
-        async with self._translate("containers"):
+        async with translated(self.address, "containers"):
             leaked = await self.docker.containers.list(all=True, filters={"label": labels})
         for container in leaked:
             await self.remove_container(str(container.id))
@@ -475,42 +412,3 @@ class DockerBackend:
         older = self._hold.done_with(image)
         if older is not None:
             await self.remove_image(older)
-
-
-class RepositoryHold:
-    """Which pulled images to remove when, keeping the newest image of each repository.
-
-    Images of one repository share their base layers: the newest finished image of a
-    repository stays until the next one of that repository is done, so the pulls in between
-    find the shared layers present. The rest go at the end of the run.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[str, str] = {}
-
-    def done_with(self, image: str) -> str | None:
-        """Hold ``image`` for its repository; return the older image it replaces, if any."""
-        repository = parse_reference(image).name
-        previous = self._held.get(repository)
-        self._held[repository] = image
-        return previous if previous != image else None
-
-    def drain(self) -> list[str]:
-        """Every image still held (the run is over)."""
-        images = list(self._held.values())
-        self._held.clear()
-        return images
-
-
-def _raise_on_stream_error(image: str, line: bytes) -> None:
-    line = line.strip()
-    if not line:
-        return
-    try:
-        message = json.loads(line)
-    except ValueError:
-        return
-    if isinstance(message, dict) and (message.get("error") or message.get("errorDetail")):
-        detail = message.get("errorDetail") or {}
-        text = detail.get("message") or message.get("error") or "unknown error"
-        raise classify_pull_error(image, str(text), int(detail.get("code") or 0))

@@ -11,7 +11,7 @@ import pytest
 
 from asynccache.errors import ImageNotFound, PullFailed, RateLimited, Unauthorized
 from asynccache.pipeline import is_transient
-from asynccache.sources.docker import classify_pull_error
+from asynccache.sources.docker_errors import classify_pull_error
 from tests.support.cli_runner import ROOT, cli_command, cli_env
 from tests.support.fixtures import write_dataset
 

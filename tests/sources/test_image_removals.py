@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asynccache.sources.docker import RepositoryHold
+from asynccache.sources.image_hold import RepositoryHold
 
 
 def test_newest_image_of_a_repository_is_kept_until_the_next_one_is_done() -> None:
