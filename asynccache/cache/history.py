@@ -26,8 +26,8 @@ from asynccache.tree.digest import (
     tree_lines,
 )
 from asynccache.tree.extract import ExtractResult
-from asynccache.tree.folder import store_unstored
 from asynccache.tree.git_guard import guard_tree
+from asynccache.tree.unstored import store_unstored
 
 __all__ = ["HistoryCloser", "close_history"]
 

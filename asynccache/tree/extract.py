@@ -25,6 +25,7 @@ from asynccache.tree.budget import Budget
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash, digest_of_lines
 from asynccache.tree.exclude import ExcludeRules
+from asynccache.tree.file_data import write_all
 from asynccache.tree.folder import Folder, FolderRules, kind_of
 from asynccache.tree.paths import BadName, MemberPaths, Outside, link_target
 from asynccache.tree.tar_headers import Member
@@ -36,7 +37,7 @@ from asynccache.tree.tarstream import (
     Truncated,
     members,
 )
-from asynccache.tree.writer import FileJob, write_all
+from asynccache.tree.writer import FileJob
 
 __all__ = [
     "ExtractResult",

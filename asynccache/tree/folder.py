@@ -15,29 +15,26 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 from asynccache._fs import current_umask
 from asynccache.errors import UnsafeArchive
 from asynccache.tree.dedup import ContentStore
-from asynccache.tree.digest import file_sha256, identity_of, walk
+from asynccache.tree.digest import identity_of, walk
+from asynccache.tree.file_data import (
+    FILE_FLAGS,
+    SparseWriter,
+    unlinked_unless_done,
+    write_all,
+    write_hashed,
+)
 from asynccache.tree.record import TreeRecord
 from asynccache.tree.tarstream import Sink
-from asynccache.tree.writer import (
-    FILE_FLAGS,
-    MAX_QUEUED_FILE,
-    DirJob,
-    FileJob,
-    FileWriter,
-    Job,
-    SparseWriter,
-    place_file,
-    write_all,
-)
+from asynccache.tree.unstored import store_unstored
+from asynccache.tree.writer import MAX_QUEUED_FILE, DirJob, FileJob, FileWriter, Job, place_file
 
-__all__ = ["Folder", "FolderRules", "kind_of", "store_unstored"]
+__all__ = ["Folder", "FolderRules", "kind_of"]
 
 _IMPLICIT_DIR_MODE = 0o755
 
@@ -61,33 +58,6 @@ def kind_of(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "a regular file"
     return "a special file"
-
-
-class _Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-
-
-def _write_hashed(fd: int, content: _Hasher, pieces: list[bytes], total: int) -> None:
-    """Write pieces to fd and add them to the content hash."""
-    write_all(fd, pieces, total)
-    for piece in pieces:
-        content.update(piece)
-
-
-@contextmanager
-def _unlinked_unless_done(fd: int, full: bytes) -> Iterator[None]:
-    """Close fd at the end; remove the file when its data could not all be written.
-
-    A stream that ends or fails inside a file's data leaves no partial file behind.
-    """
-    try:
-        yield
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(full)
-        raise
-    os.close(fd)
 
 
 def _depth(item: tuple[bytes, tuple[int, int | None, int]]) -> int:
@@ -219,12 +189,12 @@ class Folder:
         """Create the file at rel here, fill(sink) giving its data to sink as it is read."""
         fd, full = self._create(rel, mode)
         content = hashlib.sha256() if self.record.keep_hashes else None
-        with _unlinked_unless_done(fd, full):
+        with unlinked_unless_done(fd, full):
             if size:
                 if content is None:
                     fill(functools.partial(write_all, fd))
                 else:
-                    fill(functools.partial(_write_hashed, fd, content))
+                    fill(functools.partial(write_hashed, fd, content))
             if mtime is not None:
                 os.utime(fd, ns=(mtime, mtime))
             written = os.fstat(fd) if content is not None else None
@@ -252,7 +222,7 @@ class Folder:
         """
         fd, full = self._create(rel, mode)
         self.record.lose_track()
-        with _unlinked_unless_done(fd, full):
+        with unlinked_unless_done(fd, full):
             fill(SparseWriter(fd, segments))
             os.ftruncate(fd, size)
             if mtime is not None:
@@ -424,51 +394,3 @@ class Folder:
     def digest_lines(self) -> list[bytes] | None:
         """The tree digest's lines of what was written, when the record followed every change."""
         return self.record.digest_lines((rel, attrs[0]) for rel, attrs in self.dirs.items())
-
-
-def store_unstored(
-    root: bytes,
-    store: ContentStore,
-    keep: Callable[[bytes, int, str, os.stat_result], None] | None = None,
-) -> tuple[int, int]:
-    """Hand the store every regular file under root that it does not hold; (files, bytes).
-
-    For what was written past the store (placeholders of hardlinks filled from a layer's data,
-    the git guard's new packs): each inode that no name outside root links is read, hashed and
-    stored, or replaced (with every path under root that shares it) by the stored copy.
-    ``keep(path, mode, sha256, stat)`` hears of each file so stored.
-    """
-    base = os.path.join(root, b"")
-    groups: dict[int, tuple[os.stat_result, list[bytes]]] = {}
-    files = size = 0
-    stack = [b""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(base + rel if rel else root) as entries:
-            for entry in entries:
-                name = rel + b"/" + entry.name if rel else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(name)
-                    continue
-                found = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(found.st_mode):
-                    files += 1
-                    size += found.st_size
-                    groups.setdefault(found.st_ino, (found, []))[1].append(name)
-    for found, names in groups.values():
-        if found.st_nlink != len(names):
-            continue  # linked from outside: by the store
-        first = base + names[0]
-        digest, mode = file_sha256(first), stat.S_IMODE(found.st_mode)
-        linked, stored = store.put(first, digest, mode)
-        now = {names[0]: stored}
-        for name in names[1:] if linked else ():
-            os.unlink(base + name)
-            again = store.link(digest, mode, found.st_size, base + name)
-            if again is None:
-                raise FileNotFoundError(errno.ENOENT, "the stored copy vanished", name)
-            now[name] = again
-        if keep is not None:
-            for name in names:
-                keep(name, mode, digest, now.get(name, stored))
-    return files, size

@@ -16,11 +16,11 @@ from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import walk
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import Extractor, ExtractResult, domain_errors
+from asynccache.tree.file_data import FILE_FLAGS, write_all
 from asynccache.tree.folder import Folder
 from asynccache.tree.paths import BadName, parts
 from asynccache.tree.tar_headers import Member
 from asynccache.tree.tarstream import CHUNK, TarReader, members
-from asynccache.tree.writer import FILE_FLAGS, write_all
 
 __all__ = ["LayerResult", "LayerRules", "LayerTree"]
 

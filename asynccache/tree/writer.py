@@ -17,11 +17,8 @@ from dataclasses import dataclass
 
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash, identity_of, sha256_of
+from asynccache.tree.file_data import FILE_FLAGS, write_all
 
-#: Flags of every regular file an extraction creates.
-FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Most buffers gathered into one writev.
-MAX_IOV = 512
 #: Largest file handed to the writer; bigger ones are written by the extracting thread.
 MAX_QUEUED_FILE = 1 << 20
 _MAX_QUEUED_BYTES = 16 << 20
@@ -32,47 +29,6 @@ _MAX_PENDING = 1024
 #: for every small file would cost a thread switch per file.
 _WAKE_JOBS = 32
 _WAKE_BYTES = 1 << 20
-
-
-def write_all(fd: int, pieces: list[bytes], total: int) -> None:
-    """Write pieces to fd in one system call when the kernel takes them all."""
-    if len(pieces) > MAX_IOV:
-        pieces = [b"".join(pieces)]
-    written = os.writev(fd, pieces) if len(pieces) > 1 else os.write(fd, pieces[0])
-    if written < total:
-        rest = memoryview(b"".join(pieces))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-
-
-class SparseWriter:
-    """A sink that writes a sparse member's data, as it is read, at its segments' offsets.
-
-    The holes between segments are never written: the file gets them as holes, as GNU tar
-    gives them (the caller sets the file's full size at the end).
-    """
-
-    def __init__(self, fd: int, segments: list[tuple[int, int]]) -> None:
-        self.fd = fd
-        self._segments = [segment for segment in segments if segment[1]]
-        self._index = 0
-        self._done = 0  # bytes of the current segment written
-
-    def __call__(self, pieces: list[bytes], total: int) -> None:
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                offset, length = self._segments[self._index]
-                take = min(len(view), length - self._done)
-                part, at = view[:take], offset + self._done
-                while part:
-                    written = os.pwrite(self.fd, part, at)
-                    part, at = part[written:], at + written
-                self._done += take
-                view = view[take:]
-                if self._done == length:
-                    self._index += 1
-                    self._done = 0
 
 
 @dataclass(slots=True)
