@@ -224,7 +224,7 @@ def tree_options(options: CacheOptions, cache_root: Path) -> TreeOptions:
     and each tree's last step (history past HEAD removed, digest taken: cache/history.py).
 
     Each process (the main one, every worker) opens the store for itself: each changes it
-    through a work folder of its own (see cache/store.py).
+    through a work folder of its own (see cache/store_tmp.py).
     """
     store = None
     if options.dedup:

@@ -74,7 +74,7 @@ META_DIR_NAME = ".meta"
 LOCK_NAME = ".lock"
 #: Each shard's lock, index part and failures (``3-of-16.lock``, ``.json``, ``.failures.json``).
 SHARDS_DIR_NAME = ".shards"
-#: The object store of deduplicated files (see cache/store.py).
+#: The object store of deduplicated files (see cache/store.py; its names: store_layout.py).
 STORE_DIR_NAME = ".store"
 #: Links per stored object before a new copy starts (ext4 allows 65,000).
 store_max_links = 60_000

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from asynccache.cache.store import Inode, Store, StoredObject
+from asynccache.cache.store import Store
+from asynccache.cache.store_layout import Inode, StoredObject
 from asynccache.cache.transfer import Entry, StreamTree, TransferError
 from asynccache.tree.digest import digest_of_lines, entry_line, file_sha256
 

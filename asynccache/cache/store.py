@@ -1,105 +1,39 @@
 """The object store: each distinct (content, mode) once, hard-linked into every tree that has it.
 
-Objects live in ``cache_dir/.store/ab/cdef...<62 hex>.<mode in octal>[.<copy>]``: the sha256 of
-the content fans out over 256 folders by its first byte (so no folder gets huge), the mode is
-part of the name (a hardlink shares its mode), and a copy number starts a new inode before the
-link count reaches the filesystem's limit (ext4 allows 65,000 links; think of empty
-``__init__.py`` files). Every change is a single link, rename or unlink, so threads and processes
-may share a store without a lock: an object is visible under its name only once complete, and
-one is freed only when nothing but the store links it (see :meth:`Store.collect`).
+Objects are named by their content and mode (``store_layout.py``). Every change is a single
+link, rename or unlink, so threads and processes may share a store without a lock: an object is
+visible under its name only once complete, and one is freed only when nothing but the store
+links it (see :meth:`Store.collect`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import stat
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from asynccache.cache.store_layout import (
+    HEX_DIGITS,
+    Inode,
+    StoredObject,
+    object_name,
+    parse_object_name,
+)
+from asynccache.cache.store_tmp import make_work_folder, remove_work_folder, sweep_work_folders
 from asynccache.config import STORE_DIR_NAME, store_max_links
 from asynccache.tree.digest import file_sha256
 
-__all__ = [
-    "DEFAULT_MAX_LINKS",
-    "STORE_DIR_NAME",
-    "Store",
-    "StoredObject",
-    "is_digest",
-    "object_name",
-    "parse_object_name",
-]
+__all__ = ["DEFAULT_MAX_LINKS", "STORE_DIR_NAME", "Store"]
 
 #: Links per object before a new copy starts: below ext4's 65,000, and a filesystem that
 #: allows fewer is met with EMLINK, which starts a new copy too.
 DEFAULT_MAX_LINKS = store_max_links
 _TMP_NAME = ".tmp"
-_OWNER_NAME = ".owner"
-#: A work folder without its owner lock this long after it was made was left half made.
-_ABANDONED = 3600.0
-_HEX = frozenset("0123456789abcdef")
-#: Inode identity of a file: (st_dev, st_ino).
-Inode = tuple[int, int]
-
-
-def object_name(digest: str, mode: int, copy: int = 0) -> str:
-    """The store path of an object, relative to the store: ``ab/cdef....644[.copy]``."""
-    name = f"{digest[:2]}/{digest[2:]}.{mode:o}"
-    return f"{name}.{copy}" if copy else name
-
-
-def parse_object_name(fanout: str, name: str) -> tuple[str, int, int] | None:
-    """(digest, mode, copy) of a file named ``name`` in folder ``fanout``; None if not an object."""
-    parts = name.split(".")
-    if len(fanout) != 2 or len(parts) not in (2, 3) or len(parts[0]) != 62:
-        return None
-    digest = fanout + parts[0]
-    if not _HEX.issuperset(digest):
-        return None
-    try:
-        mode = int(parts[1], 8)
-        copy = int(parts[2]) if len(parts) == 3 else 0
-    except ValueError:
-        return None
-    if mode > 0o777 or copy < 0 or (len(parts) == 3 and (copy == 0 or parts[2] != str(copy))):
-        return None
-    if parts[1] != f"{mode:o}":
-        return None
-    return digest, mode, copy
-
-
-def _remove_folder(folder: Path) -> None:
-    """Remove a work folder of links (no subfolders)."""
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-        os.rmdir(folder)
-
-
-def is_digest(text: str) -> bool:
-    """True for a sha256 in lower-case hex."""
-    return len(text) == 64 and _HEX.issuperset(text)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """One object as the store holds it."""
-
-    name: str
-    digest: str
-    mode: int
-    copy: int
-    size: int
-    links: int
-    inode: Inode
-    mtime_ns: int
 
 
 class Store:
@@ -128,54 +62,18 @@ class Store:
         """
         self.root.mkdir(exist_ok=True)
         self.tmp_dir.mkdir(exist_ok=True)
-        self._sweep()
-        if self._own is not None:
-            return
-        own = self.tmp_dir / f"{os.getpid()}.{secrets.token_hex(4)}"
-        own.mkdir()
-        # The owner lock gets its name only once locked: another process's sweep must never
-        # find it free while this one is still taking it.
-        taking = own / f"{_OWNER_NAME}.new"
-        fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(taking, own / _OWNER_NAME)
-        self._own, self._owner_fd = own, fd
+        sweep_work_folders(self.tmp_dir)
+        if self._own is None:
+            self._own, self._owner_fd = make_work_folder(self.tmp_dir)
 
     def close(self) -> None:
         """Remove this process's work folder (links it still holds, such as pins, go with it)."""
         own, fd = self._own, self._owner_fd
         self._own = self._owner_fd = None
         if own is not None:
-            _remove_folder(own)
+            remove_work_folder(own)
         if fd is not None:
             os.close(fd)
-
-    def _sweep(self) -> None:
-        for entry in os.scandir(self.tmp_dir):
-            # Other processes sweep and finish at the same time: what is gone is passed over.
-            with contextlib.suppress(FileNotFoundError):
-                self._sweep_entry(entry)
-
-    def _sweep_entry(self, entry: os.DirEntry[str]) -> None:
-        if not entry.is_dir(follow_symlinks=False):
-            os.unlink(entry.path)
-            return
-        try:
-            fd = os.open(
-                os.path.join(entry.path, _OWNER_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
-        except FileNotFoundError:
-            # being set up by its process right now, or left half made long ago
-            if time.time() - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED:
-                _remove_folder(Path(entry.path))
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # its process is alive
-        finally:
-            os.close(fd)
-        _remove_folder(Path(entry.path))
 
     def path(self, digest: str, mode: int, copy: int = 0) -> bytes:
         """The absolute path of an object."""
@@ -313,7 +211,7 @@ class Store:
             entry.name
             for entry in entries
             if len(entry.name) == 2
-            and _HEX.issuperset(entry.name)
+            and HEX_DIGITS.issuperset(entry.name)
             and entry.is_dir(follow_symlinks=False)
         )
 

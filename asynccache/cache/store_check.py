@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asynccache.cache.store import Inode, Store, StoredObject
+from asynccache.cache.store import Store
+from asynccache.cache.store_layout import Inode, StoredObject
 from asynccache.tree.digest import FileHash, file_sha256
 
 __all__ = [

@@ -30,7 +30,7 @@ from typing import IO, Any, BinaryIO
 
 import zstandard
 
-from asynccache.cache.store import is_digest
+from asynccache.cache.store_layout import is_digest
 from asynccache.errors import CacheError
 
 __all__ = [

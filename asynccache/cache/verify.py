@@ -13,8 +13,9 @@ from asynccache.cache.index import write_index
 from asynccache.cache.layout import CacheDir, resolve_instance_path
 from asynccache.cache.parts import cached_records, drop_from_parts
 from asynccache.cache.records import forget, read_digest, size_mb
-from asynccache.cache.store import Inode, Store
+from asynccache.cache.store import Store
 from asynccache.cache.store_check import DamagedObject, check_store, linked_from
+from asynccache.cache.store_layout import Inode
 from asynccache.errors import SetupError
 from asynccache.tree.digest import FileHash, tree_digest, tree_stats
 from asynccache.tree.git_guard import check_tree

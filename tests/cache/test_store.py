@@ -11,13 +11,9 @@ from typing import Any
 
 import pytest
 
-from asynccache.cache.store import (
-    STORE_DIR_NAME,
-    Store,
-    object_name,
-    parse_object_name,
-)
+from asynccache.cache.store import STORE_DIR_NAME, Store
 from asynccache.cache.store_check import check_store
+from asynccache.cache.store_layout import object_name, parse_object_name
 
 
 def sha(data: bytes) -> str:
