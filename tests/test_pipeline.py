@@ -19,7 +19,7 @@ from asynccache.errors import DaemonInterrupted, SetupError
 from asynccache.pipeline import MAX_RESTARTS
 from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult, extract_stream
-from asynccache.tree.git_guard import check_tree
+from asynccache.tree.git_check import check_tree
 from tests.support.leaky_repo import LeakyRepo, copy_repo, git
 
 

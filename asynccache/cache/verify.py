@@ -18,7 +18,7 @@ from asynccache.cache.store_check import DamagedObject, check_store, linked_from
 from asynccache.cache.store_layout import Inode
 from asynccache.errors import SetupError
 from asynccache.tree.digest import FileHash, tree_digest, tree_stats
-from asynccache.tree.git_guard import check_tree
+from asynccache.tree.git_check import check_tree
 
 __all__ = [
     "InstanceCheck",

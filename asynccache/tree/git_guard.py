@@ -6,7 +6,7 @@ objects they hold. ``guard_tree`` keeps HEAD (detached or on a branch) and every
 blob reachable from it or from the index, keeps only the branches and tags at HEAD or one of its
 ancestors, removes remotes, reflogs, stashes, notes, replace refs, ``FETCH_HEAD`` and the like,
 and repacks (reusing the packs' deltas) so that no other object is left. The working tree and the
-index are never touched. ``check_tree`` tells what of that does not hold in a tree.
+index are never touched. ``git_check.check_tree`` tells what of that does not hold in a tree.
 
 git runs in a shadow git folder (``safe_git``): nothing the image's repository names is run.
 """
@@ -24,7 +24,20 @@ from pathlib import Path
 from asynccache.errors import DiskFull, GitGuardFailed
 from asynccache.tree.safe_git import ShadowGit, find_special_files, git_executable, sections
 
-__all__ = ["DEFAULT_TIMEOUT", "GuardResult", "check_tree", "git_executable", "guard_tree"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_GIT_FILES",
+    "OBJECT_SIDECARS",
+    "STALE_FILES",
+    "STATE_FOLDERS",
+    "GuardResult",
+    "git_dirs",
+    "git_executable",
+    "guard_tree",
+    "head_of",
+    "is_ancestor",
+    "is_pseudo_ref",
+]
 
 #: Seconds the guard may take for one tree, submodules included.
 DEFAULT_TIMEOUT = 600.0
@@ -36,13 +49,13 @@ MAX_GIT_FILES = 2_000_000
 _PSEUDO_REF = re.compile(r"[A-Z][A-Z_]*")
 #: Folders that hold reflogs, other worktrees' HEADs and indexes, interrupted operations, or
 #: recorded conflict resolutions: each can name or hold content past HEAD.
-_STATE_FOLDERS = ("logs", "worktrees", "rebase-merge", "rebase-apply", "sequencer", "rr-cache")
+STATE_FOLDERS = ("logs", "worktrees", "rebase-merge", "rebase-apply", "sequencer", "rr-cache")
 #: Files that add history or objects from elsewhere, or list refs and packs as they were.
-_STALE_FILES = ("info/grafts", "info/refs", "objects/info/packs")
+STALE_FILES = ("info/grafts", "info/refs", "objects/info/packs")
 #: Object-folder files that git would trust for reachability or lookups (a commit-graph can give a
 #: commit parents it does not have, a bitmap objects a commit does not reach, alternates objects
 #: from outside the tree) or that keep packs from being rewritten (.keep).
-_OBJECT_SIDECARS = (
+OBJECT_SIDECARS = (
     "info/alternates",
     "info/http-alternates",
     "info/commit-graph",
@@ -100,7 +113,7 @@ def guard_tree(
     deadline = time.monotonic() + timeout
     scratch = tree.parent if scratch is None else scratch
     kept = dropped = 0
-    gitdirs = _git_dirs(dotgit)
+    gitdirs = git_dirs(dotgit)
     for gitdir in gitdirs:
         where = str(gitdir.relative_to(tree))
         try:
@@ -115,36 +128,7 @@ def guard_tree(
     return GuardResult(len(gitdirs), kept, dropped)
 
 
-def check_tree(
-    tree: Path, *, timeout: float = DEFAULT_TIMEOUT, scratch: Path | None = None
-) -> list[str]:
-    """What in ``tree/.git`` (and its submodules) reaches past HEAD; empty when nothing does.
-
-    Reads the tree only; ``scratch`` (default: the system's temporary folder) holds the shadow.
-    """
-    dotgit = tree / ".git"
-    if not dotgit.exists() and not dotgit.is_symlink():
-        return []
-    if dotgit.is_symlink() or not dotgit.is_dir():
-        return [".git is not a folder"]
-    special = list(find_special_files(dotgit, MAX_GIT_FILES))
-    if special:
-        return special[:5]
-    deadline = time.monotonic() + timeout
-    problems: list[str] = []
-    for gitdir in _git_dirs(dotgit):
-        where = str(gitdir.relative_to(tree))
-        try:
-            with ShadowGit(gitdir, where, scratch, deadline) as git:
-                problems += [f"{where}: {problem}" for problem in _check_git_dir(git)]
-        except GitGuardFailed as exc:
-            problems.append(f"{where}: {exc.detail}")
-        except OSError as exc:
-            problems.append(f"{where}: {exc.strerror or exc}")
-    return problems
-
-
-def _git_dirs(dotgit: Path) -> list[Path]:
+def git_dirs(dotgit: Path) -> list[Path]:
     """The tree's git folder, then every submodule's under ``modules/`` (nested ones too)."""
     found = [dotgit]
     pending = [dotgit / "modules"]
@@ -172,7 +156,7 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
         raise git.fail(f"unsupported repository extension {unknown[0]}")
     _remove_object_sidecars(gitdir)
 
-    head, branch = _head(git)
+    head, branch = head_of(git)
     checkout = _last_checkout(gitdir / "logs" / "HEAD") if head and branch is None else None
     abbrev_before = _abbrev(git, head, checkout)
     every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
@@ -187,7 +171,7 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
         kept = [_KeptRef(oid, name, peeled, kind) for oid, name, peeled, kind in fields]
         if branch and branch not in {ref.name for ref in kept}:
             kept.append(_KeptRef(head, branch, "", ""))  # HEAD's own branch, wherever it lives
-    if checkout and checkout.new != head and not _is_ancestor(git, checkout.new):
+    if checkout and checkout.new != head and not is_ancestor(git, checkout.new):
         checkout = _Checkout(head or checkout.new, checkout.rest)  # never keep a later commit
 
     git.reset_refs()
@@ -290,30 +274,7 @@ def _remove_loose_objects(objects: Path) -> None:
             _remove(path)
 
 
-def _check_git_dir(git: ShadowGit) -> list[str]:
-    """What in one git folder reaches past HEAD."""
-    gitdir = git.gitdir
-    problems = [f"{name} is present" for name in _leftovers(gitdir)]
-    remotes = sections(list(git.config), "remote")
-    problems += [f"remote {name or '(default)'} is configured" for name in remotes]
-    head, _ = _head(git)
-    every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
-    merged: set[str] = set()
-    if head:
-        listing = git.run(
-            "for-each-ref", "--merged=HEAD", "--format=%(refname)", "refs/heads", "refs/tags"
-        )[1]
-        merged = set(listing.split())
-    past = [ref for ref in every_ref if ref not in merged]
-    if past:
-        shown = ", ".join(past[:3]) + (f" and {len(past) - 3} more" if len(past) > 3 else "")
-        problems.append(f"refs not at HEAD or an ancestor of it: {shown}")
-    problems += _reflog_problems(git, head)
-    problems += _unreachable(git)
-    return problems
-
-
-def _head(git: ShadowGit) -> tuple[str | None, str | None]:
+def head_of(git: ShadowGit) -> tuple[str | None, str | None]:
     """(HEAD's commit or None when unborn, its branch ref or None when detached)."""
     code, symref = git.run("symbolic-ref", "-q", "HEAD", check=False)
     branch = symref.strip() if code == 0 else None
@@ -324,7 +285,7 @@ def _head(git: ShadowGit) -> tuple[str | None, str | None]:
     return head, branch
 
 
-def _is_ancestor(git: ShadowGit, oid: str) -> bool:
+def is_ancestor(git: ShadowGit, oid: str) -> bool:
     code, _ = git.run("merge-base", "--is-ancestor", oid, "HEAD", check=False)
     return code == 0
 
@@ -360,7 +321,7 @@ def _abbrev(git: ShadowGit, head: str | None, checkout: _Checkout | None) -> int
 
 def _remove_object_sidecars(gitdir: Path) -> None:
     objects = gitdir / "objects"
-    for name in _OBJECT_SIDECARS:
+    for name in OBJECT_SIDECARS:
         _remove(objects / name)
     pack = objects / "pack"
     if pack.is_dir():
@@ -369,30 +330,15 @@ def _remove_object_sidecars(gitdir: Path) -> None:
                 _remove(path)
 
 
-def _leftovers(gitdir: Path) -> list[str]:
-    """Files and folders the guard removes that are present in a git folder."""
-    found = [p.name for p in sorted(gitdir.iterdir()) if _is_pseudo_ref(p)]
-    found += [name for name in _STATE_FOLDERS if (gitdir / name).exists()]
-    found += [name for name in _STALE_FILES if (gitdir / name).exists()]
-    found += [f"objects/{n}" for n in _OBJECT_SIDECARS if (gitdir / "objects" / n).exists()]
-    if "logs" in found and _only_head_reflog(gitdir):
-        found.remove("logs")
-    return found
-
-
-def _only_head_reflog(gitdir: Path) -> bool:
-    return [p.name for p in (gitdir / "logs").iterdir()] == ["HEAD"]
-
-
-def _is_pseudo_ref(path: Path) -> bool:
+def is_pseudo_ref(path: Path) -> bool:
     return path.is_file() and path.name != "HEAD" and bool(_PSEUDO_REF.fullmatch(path.name))
 
 
 def _remove_state(gitdir: Path) -> None:
     for path in gitdir.iterdir():
-        if _is_pseudo_ref(path):
+        if is_pseudo_ref(path):
             path.unlink()
-    for name in (*_STATE_FOLDERS, *_STALE_FILES):
+    for name in (*STATE_FOLDERS, *STALE_FILES):
         _remove(gitdir / name)
 
 
@@ -401,45 +347,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def _reflog_problems(git: ShadowGit, head: str | None) -> list[str]:
-    """The guard leaves at most one HEAD reflog entry, naming HEAD or an ancestor of it."""
-    reflog = git.gitdir / "logs" / "HEAD"
-    if not reflog.is_file():
-        return []
-    lines = reflog.read_bytes().splitlines()
-    if len(lines) > 1:
-        return [f"HEAD's reflog has {len(lines)} entries"]
-    parts = lines[0].split(b" ", 2) if lines else []
-    if len(parts) < 3 or parts[0].strip(b"0"):
-        return ["HEAD's reflog names an earlier HEAD"]
-    new = parts[1].decode("ascii", "replace")
-    if new != head and not _is_ancestor(git, new):
-        return [f"HEAD's reflog names {new}, not HEAD or an ancestor of it"]
-    return []
-
-
-def _unreachable(git: ShadowGit) -> list[str]:
-    """Objects that neither HEAD, the refs nor the index reach (and objects missing)."""
-    report = git.shadow.parent / "fsck.txt"
-    code, _ = git.run(
-        "fsck", "--connectivity-only", "--unreachable", "--no-dangling", "--no-reflogs",
-        "--no-progress", check=False, stdout_to=report,
-    )  # fmt: skip
-    count = 0
-    first = ""
-    with open(report, encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            if line.startswith("unreachable "):
-                count += 1
-                first = first or line.split()[-1]
-    problems = []
-    if count:
-        problems.append(f"{count} objects not reachable from HEAD or the index, e.g. {first}")
-    if code != 0 and not count:
-        problems.append("git fsck found the repository incomplete or damaged")
-    return problems
 
 
 def _clean_config(git: ShadowGit, kept_branches: set[str], abbrev: int) -> None:

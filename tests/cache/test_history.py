@@ -19,7 +19,7 @@ from asynccache.entries import Entry
 from asynccache.errors import GitGuardFailed
 from asynccache.tree.digest import file_sha256, tree_digest, tree_stats
 from asynccache.tree.extract import ExtractResult, extract_tar
-from asynccache.tree.git_guard import check_tree
+from asynccache.tree.git_check import check_tree
 from tests.support.cache_trees import build_sample_tree
 from tests.support.leaky_repo import LeakyRepo, copy_repo
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asynccache.tree.git_guard import check_tree
+from asynccache.tree.git_check import check_tree
 from tests.support import fixtures as fx
 from tests.support.fixtures import (
     CACHE_DIR_LABEL,

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from asynccache.errors import GitGuardFailed
-from asynccache.tree.git_guard import GuardResult, check_tree, guard_tree
+from asynccache.tree.git_check import check_tree
+from asynccache.tree.git_guard import GuardResult, guard_tree
 from tests.support.leaky_repo import LeakyRepo, build_leaky_repo, git, git_env
 
 Snapshot = dict[str, tuple[str, int, str]]
