@@ -5,7 +5,7 @@
 #   * a single-node Slurm on this host (Debian's slurm-wlm and munge: munged, slurmctld and
 #     slurmd, no systemd), for the array-job tests. Slurm is optional: when it cannot be
 #     installed or started, `up` says so and still brings Docker and the registry up;
-# and the Debian packages they and the benchmark use (socat, pv, skopeo, umoci, rsync).
+# and the Debian packages they and the benchmark use (socat, pv, skopeo, umoci, rsync, zstd).
 #
 # Usage: scripts/services.sh up|down|status
 #
@@ -105,6 +105,7 @@ ensure_packages() {
     have skopeo || missing+=(skopeo)
     have umoci || missing+=(umoci)
     have rsync || missing+=(rsync)
+    have zstd || missing+=(zstd)  # reads an export stream in the tests, as a user would
     have openssl || missing+=(openssl)
     if [ "${#missing[@]}" -eq 0 ]; then
         say "packages: all present"

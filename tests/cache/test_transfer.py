@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,33 @@ def test_a_round_trip_rebuilds_each_tree_exactly_and_sends_each_object_once(
             assert os.stat(copy / folder).st_mtime_ns == os.stat(root / folder).st_mtime_ns
     shared = [tmp_path / "dst" / i / "pkg" / "core.py" for i in trees]
     assert os.path.samefile(*shared)  # dedup rebuilt on the receiving side
+
+
+def test_content_shared_far_apart_is_sent_about_once_and_plain_zstd_reads_the_stream(
+    tmp_path: Path,
+) -> None:
+    # two objects that differ only at their end, 24 MiB apart in the stream (as two clones'
+    # packs of one repository are): beyond level 3's own 2 MiB window, within the long window
+    shared = random.Random(7).randbytes(24 << 20)
+    trees = {}
+    for variant in ("a", "b"):
+        root = tmp_path / "src" / variant
+        root.mkdir(parents=True)
+        (root / "pack").write_bytes(shared + variant.encode())
+        trees[f"repo__{variant * 12}"] = root
+    stream = export(trees, None)
+    assert len(stream) < 30 << 20  # the second copy costs next to nothing (48 MiB without)
+    # `zstd -d` with no option (no --long, no memory flag) reads it
+    members = subprocess.run(["zstd", "-dc"], input=stream, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(members), mode="r|") as archive:
+        names = [member.name for member in archive]
+    assert names[0] == "asynccache-export.json" and names[-1] == "end.json"
+    assert sum(name.startswith("objects/") for name in names) == 2
+    target = open_store(tmp_path / "dst")
+    receive(stream, target, tmp_path / "dst")
+    for instance_id, root in trees.items():
+        copy = tmp_path / "dst" / instance_id / "pack"
+        assert copy.read_bytes() == (root / "pack").read_bytes()
 
 
 def test_a_cache_without_a_store_exports_by_hashing_its_files(tmp_path: Path) -> None:
