@@ -7,6 +7,7 @@ git runs in a shadow git folder (``safe_git``): nothing the image's repository n
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from asynccache.tree.git_guard import (
 from asynccache.tree.safe_git import ShadowGit, find_special_files, sections
 
 __all__ = ["check_tree"]
+
+#: A pack's base name, and the files of a pack git reads (reverse index included).
+_PACK_NAME = re.compile(r"pack-(?:[0-9a-f]{40}|[0-9a-f]{64})")
+_PACK_FILES = {"pack", "idx", "rev"}
 
 
 def check_tree(
@@ -87,7 +92,28 @@ def _leftovers(gitdir: Path) -> list[str]:
     found += [f"objects/{n}" for n in OBJECT_SIDECARS if (gitdir / "objects" / n).exists()]
     if "logs" in found and _only_head_reflog(gitdir):
         found.remove("logs")
-    return found
+    return found + _stray_pack_files(gitdir / "objects" / "pack")
+
+
+def _stray_pack_files(pack: Path) -> list[str]:
+    """Files of objects/pack that are not part of a pack git reads (a pack and its index): a
+    pack without its index is invisible to git but ``git index-pack`` gives its objects back."""
+    if not pack.is_dir():
+        return []
+    names = {path.name for path in pack.iterdir()}
+    complete = {
+        name.removesuffix(".idx")
+        for name in names
+        if name.endswith(".idx")
+        and _PACK_NAME.fullmatch(name.removesuffix(".idx"))
+        and name.replace(".idx", ".pack") in names
+    }
+    stray = []
+    for name in sorted(names):
+        base, _, kind = name.rpartition(".")
+        if base not in complete or kind not in _PACK_FILES:
+            stray.append(f"objects/pack/{name}")
+    return stray
 
 
 def _only_head_reflog(gitdir: Path) -> bool:

@@ -170,7 +170,11 @@ def test_objects_pack_holds_one_pack_and_its_index(leaky: LeakyRepo, tmp_path: P
     # git never reads a pack without its index, but `git index-pack` gives its objects back
     shutil.copyfile(old, pack / "pack-stray.pack")
     (pack / "notes.txt").write_text("the fix is in pack-stray.pack\n")
+    problems = "\n".join(check_tree(leaky.path))
+    assert ".git: objects/pack/pack-stray.pack is present" in problems
+    assert ".git: objects/pack/notes.txt is present" in problems
     guard_tree(leaky.path)
+    assert check_tree(leaky.path) == []
     names = sorted(path.name for path in pack.iterdir())
     assert [Path(name).suffix for name in names] == [".idx", ".pack"], names
     assert Path(names[0]).stem == Path(names[1]).stem
