@@ -56,8 +56,9 @@ TREES_PREFIX = "trees/"
 MAX_TREE_JSON = 1 << 30
 _MAX_SMALL_JSON = 1 << 20
 _BLOCK = 1 << 20
-#: zstd's window: the largest a standard decoder takes without options (``zstd -d`` and every
-#: library's default limit), so a stream needs nothing special to be read.
+#: zstd's window: the largest that ``zstd -d`` and zstd's libraries take by default, so a stream
+#: needs no option to be read (the reader holds that much memory; HTTP's zstd encoding allows
+#: only 8 MiB, so a stream is no web resource).
 WINDOW_LOG = 27
 _PATH_MAX = 4095
 
@@ -238,6 +239,11 @@ def read_stream(source: BinaryIO) -> Iterator[StreamItem]:
         tar = tarfile.open(fileobj=reader, mode="r|", bufsize=_BLOCK)  # noqa: SIM115
         yield from _members(tar)
     except zstandard.ZstdError as exc:
+        if "window" in str(exc).lower() or "too much memory" in str(exc).lower():
+            raise TransferError(
+                f"the stream's zstd window is larger than {1 << WINDOW_LOG >> 20} MiB, which no "
+                "export writes; refused"
+            ) from None
         raise TransferError(f"not a zstd-compressed transfer stream ({exc})") from None
     except (tarfile.TarError, EOFError) as exc:
         raise TransferError(f"the stream ended early or is damaged ({exc}); rerun it") from None

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import zstandard
+
 from asynccache import config
 from asynccache.cache.exchange import ExportReport, ImportReport, export_cache, import_cache
 from asynccache.cache.layout import CacheDir
@@ -59,10 +61,27 @@ def add_export_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="only the instance ids listed in FILE, one per line (- for stdin)",
     )
     parser.add_argument(
-        *flag("zstd_level"), type=int, default=3, help="zstd compression level (default 3)"
+        *flag("zstd_level"),
+        type=zstd_level,
+        default=3,
+        help="zstd compression level, 1 to 22 (default 3)",
     )
     parser.set_defaults(func=run_export)
     return parser
+
+
+def zstd_level(text: str) -> int:
+    """A zstd compression level (1 to 22: zstd would quietly clamp anything else)."""
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise argparse.ArgumentTypeError(
+            f"not a zstd level: {text!r} (1 to {zstandard.MAX_COMPRESSION_LEVEL}; 3 is quick, "
+            "19 small)"
+        )
+    return level
 
 
 def add_import_parser(subparsers: Subparsers) -> argparse.ArgumentParser:

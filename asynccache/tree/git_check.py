@@ -30,6 +30,9 @@ __all__ = ["check_tree"]
 #: A pack's base name, and the files of a pack git reads (reverse index included).
 _PACK_NAME = re.compile(r"pack-(?:[0-9a-f]{40}|[0-9a-f]{64})")
 _PACK_FILES = {"pack", "idx", "rev"}
+#: A loose objects' folder: the first two hex digits of their names.
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def check_tree(
@@ -80,8 +83,30 @@ def _check_git_dir(git: ShadowGit) -> list[str]:
         shown = ", ".join(past[:3]) + (f" and {len(past) - 3} more" if len(past) > 3 else "")
         problems.append(f"refs not at HEAD or an ancestor of it: {shown}")
     problems += _reflog_problems(git, head)
+    problems += _shallow_problems(git)
     problems += _unreachable(git)
     return problems
+
+
+def _shallow_problems(git: ShadowGit) -> list[str]:
+    """``shallow`` may name only commits the repository has (a clone lists every branch tip)."""
+    shallow = git.gitdir / "shallow"
+    if not shallow.is_file():
+        return []
+    listed = shallow.read_bytes().decode("ascii", "replace").split()
+    names = [oid for oid in listed if _HEX.fullmatch(oid)]
+    if len(names) < len(listed):
+        return ["shallow holds lines that are not commit names"]
+    if not names:
+        return []
+    _, out = git.run(
+        "cat-file", "--batch-check=%(objectname) %(objecttype)",
+        stdin="".join(f"{oid}\n" for oid in names).encode(),
+    )  # fmt: skip
+    missing = [line.split(" ")[0] for line in out.splitlines() if not line.endswith(" commit")]
+    if missing:
+        return [f"shallow names {len(missing)} commits the repository lacks, e.g. {missing[0]}"]
+    return []
 
 
 def _leftovers(gitdir: Path) -> list[str]:
@@ -92,7 +117,22 @@ def _leftovers(gitdir: Path) -> list[str]:
     found += [f"objects/{n}" for n in OBJECT_SIDECARS if (gitdir / "objects" / n).exists()]
     if "logs" in found and _only_head_reflog(gitdir):
         found.remove("logs")
-    return found + _stray_pack_files(gitdir / "objects" / "pack")
+    stray = _stray_object_files(gitdir / "objects") + _stray_pack_files(gitdir / "objects" / "pack")
+    return found + [name for name in stray if name not in found]
+
+
+def _stray_object_files(objects: Path) -> list[str]:
+    """Entries of objects/ that are neither loose objects' folders, ``pack`` nor ``info``, and
+    files under ``info``: git reads none of them, but one could be a pack of the history."""
+    if not objects.is_dir():
+        return []
+    stray = []
+    for path in sorted(objects.iterdir()):
+        if path.name == "info" and path.is_dir():
+            stray += [f"objects/info/{inner.name}" for inner in sorted(path.iterdir())]
+        elif path.name != "pack" and not (_FANOUT.fullmatch(path.name) and path.is_dir()):
+            stray.append(f"objects/{path.name}")
+    return stray
 
 
 def _stray_pack_files(pack: Path) -> list[str]:

@@ -71,8 +71,6 @@ _UPSTREAM_KEYS = ("remote", "merge", "pushremote")
 _REFLOG_TAIL = 4 << 20
 _CHECKOUT = b"checkout: moving from "
 _HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-#: A loose objects' folder: the first two hex digits of their names.
-_FANOUT = re.compile(r"[0-9a-f]{2}")
 #: What a ref name may hold (see git-check-ref-format); the rest is checked in _is_ref_name.
 _REF_NAME = re.compile(r"refs/[^\x00-\x20\x7f~^:?*\[\\]+(?<![/.])")
 
@@ -122,10 +120,18 @@ def guard_tree(
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"no space left while cleaning {where}: {exc.strerror}") from exc
-            raise GitGuardFailed(where, exc.strerror or str(exc)) from exc
+            raise GitGuardFailed(where, _os_error_detail(exc, tree)) from exc
         kept += k
         dropped += d
     return GuardResult(len(gitdirs), kept, dropped)
+
+
+def _os_error_detail(exc: OSError, tree: Path) -> str:
+    """An OSError in words, with the path it met inside the tree when it names one."""
+    detail = exc.strerror or str(exc)
+    if isinstance(exc.filename, str) and exc.filename.startswith(f"{tree}/"):
+        detail += f" ({exc.filename.removeprefix(f'{tree}/')})"
+    return detail
 
 
 def git_dirs(dotgit: Path) -> list[Path]:
@@ -177,7 +183,8 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     git.reset_refs()
     _pack_refs(git, kept)
     _repack(git)
-    _remove_loose_objects(gitdir / "objects")
+    _remove_unpacked(gitdir / "objects")
+    _prune_shallow(git)
 
     _remove_state(gitdir)
     git.install_refs()
@@ -262,16 +269,45 @@ def _repack(git: ShadowGit) -> None:
             _remove(path)
 
 
-def _remove_loose_objects(objects: Path) -> None:
-    """Remove every loose object (and git's temporary files) left after ``_repack``.
+def _remove_unpacked(objects: Path) -> None:
+    """Leave in ``objects`` only the pack ``_repack`` wrote: loose objects, git's temporary
+    files, ``info/`` files and anything else go.
 
     That pack holds every object HEAD, the kept refs and the index reach, so what is still
     loose nothing needs; this is what ``git prune-packed`` and ``git prune`` would remove,
-    without prune's second walk of the whole history.
+    without prune's second walk of the whole history. Any other file there (a copy of the old
+    pack under another name, say) could give objects back through ``git index-pack``.
     """
     for path in objects.iterdir():
-        if path.name.startswith("tmp_") or _FANOUT.fullmatch(path.name):
-            _remove(path)
+        if path.name == "pack":
+            continue
+        if path.name == "info" and path.is_dir():
+            for inner in path.iterdir():
+                _remove(inner)
+            continue
+        _remove(path)
+
+
+def _prune_shallow(git: ShadowGit) -> None:
+    """Keep in ``shallow`` only the commits the repository still has, as ``git repack -a -d``
+    does after packing: a shallow clone of every branch lists each branch's tip there."""
+    shallow = git.shadow / "shallow"
+    if not shallow.is_file():
+        return
+    listed = list(dict.fromkeys(shallow.read_bytes().decode("ascii", "replace").split()))
+    names = [oid for oid in listed if _HEX.fullmatch(oid)]  # never a revision expression
+    present: set[str] = set()
+    if names:
+        _, out = git.run(
+            "cat-file", "--batch-check=%(objectname) %(objecttype)",
+            stdin="".join(f"{oid}\n" for oid in names).encode(),
+        )  # fmt: skip
+        present = {line.split(" ")[0] for line in out.splitlines() if line.endswith(" commit")}
+    kept = [oid for oid in names if oid in present]
+    if kept:
+        shallow.write_text("".join(f"{oid}\n" for oid in kept))
+    else:
+        shallow.unlink()
 
 
 def head_of(git: ShadowGit) -> tuple[str | None, str | None]:

@@ -296,3 +296,17 @@ def test_a_stream_of_another_version_or_no_stream_at_all_is_named() -> None:
         list(read_stream(io.BytesIO(hostile_stream([], version=2))))
     with pytest.raises(TransferError, match="zstd"):
         list(read_stream(io.BytesIO(b"plain text, not zstd" * 10)))
+
+
+def test_a_stream_whose_window_is_past_the_bound_is_refused_before_it_is_read() -> None:
+    # 256 MiB of window would be 256 MiB of the reader's memory: a hostile stream asks for it
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=28, write_content_size=False
+    )
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(
+        out, closefd=False
+    ) as writer:
+        writer.write(b"x" * (1 << 20))
+    with pytest.raises(TransferError, match="zstd window is larger than 128 MiB"):
+        list(read_stream(io.BytesIO(out.getvalue())))

@@ -72,6 +72,15 @@ def test_an_unknown_flag_of_the_default_command_is_a_usage_error() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("level", ["0", "23", "x"])
+def test_a_zstd_level_zstd_would_clamp_is_a_usage_error(level: str, tmp_path: Path) -> None:
+    done = run_cli("export", "--cache_dir", tmp_path, "--zstd_level", level, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"not a zstd level: '{level}' (1 to 22; 3 is quick, 19 small)")
+    assert parse("export", "--cache_dir", tmp_path, "--zstd_level", "19").zstd_level == 19
+
+
 def test_version_prints_the_package_version() -> None:
     for argv in (["--version"], ["verify", "--version"]):
         done = run_cli(*argv, timeout=60)

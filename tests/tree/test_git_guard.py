@@ -190,6 +190,56 @@ def test_objects_pack_holds_one_pack_and_its_index(leaky: LeakyRepo, tmp_path: P
     git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
 
 
+def test_objects_keeps_nothing_but_its_pack(leaky: LeakyRepo, tmp_path: Path) -> None:
+    objects = leaky.path / ".git/objects"
+    (old,) = (objects / "pack").glob("*.pack")
+    shutil.copyfile(old, objects / "leak.pack")  # the whole history, under another name
+    (objects / "info").mkdir(exist_ok=True)
+    shutil.copyfile(old, objects / "info/history")
+    (objects / "pack/multi-pack-index").write_bytes(b"MIDX")
+    problems = check_tree(leaky.path)
+    for name in ("objects/leak.pack", "objects/info/history", "objects/pack/multi-pack-index"):
+        assert [line for line in problems if f" {name} " in line] == [f".git: {name} is present"]
+    guard_tree(leaky.path)
+    assert sorted(path.name for path in objects.iterdir()) == ["info", "pack"]
+    assert list((objects / "info").iterdir()) == []
+    assert check_tree(leaky.path) == []
+    git(leaky.path, "fsck", "--full", "--strict", "--no-progress")
+
+
+def test_shallow_names_no_commit_the_guard_removed(tmp_path: Path) -> None:
+    upstream = tmp_path / "upstream"
+    main = _linear_repo(upstream, 3)
+    git(upstream, "checkout", "-q", "-b", "fix")
+    (upstream / "fix.txt").write_text("the fix\n")
+    git(upstream, "add", "fix.txt")
+    git(upstream, "commit", "-q", "-m", "fix")
+    fix = git(upstream, "rev-parse", "HEAD").strip()
+    git(upstream, "checkout", "-q", "main")
+    repo = tmp_path / "testbed"
+    # a shallow clone of every branch lists every branch's tip in .git/shallow
+    git(tmp_path, "clone", "-q", "--depth", "1", "--no-single-branch", f"file://{upstream}",
+        str(repo))  # fmt: skip
+    assert fix in (repo / ".git/shallow").read_text()
+    guard_tree(repo)
+    assert (repo / ".git/shallow").read_text() == f"{main[-1]}\n"
+    assert not has_object(repo / ".git", fix)
+    assert check_tree(repo) == []
+    git(repo, "fsck", "--full", "--no-progress")
+    assert git(repo, "log", "--format=%H") == f"{main[-1]}\n"
+    (repo / ".git/shallow").write_text(f"{main[-1]}\n{fix}\n")  # as the guard once left it
+    assert check_tree(repo) == [f".git: shallow names 1 commits the repository lacks, e.g. {fix}"]
+
+
+def test_a_failure_on_a_path_names_it(leaky: LeakyRepo) -> None:
+    pack = leaky.path / ".git/objects/pack"
+    shutil.rmtree(pack)
+    pack.write_text("not a folder\n")
+    with pytest.raises(GitGuardFailed) as failure:
+        guard_tree(leaky.path)
+    assert "(.git/objects/pack/" in str(failure.value)
+
+
 def test_a_repository_that_reaches_nothing_keeps_no_object(tmp_path: Path) -> None:
     repo = tmp_path / "testbed"
     git(tmp_path, "init", "-q", str(repo))
