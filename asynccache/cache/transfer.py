@@ -234,7 +234,9 @@ def read_stream(source: BinaryIO) -> Iterator[StreamItem]:
 
     An object's content must be read (or not) before the next item is asked for.
     """
-    reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+    # the bound is ours, not the library's default: what a hostile stream can make us hold
+    decompressor = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG)
+    reader = decompressor.stream_reader(source, read_across_frames=True)
     try:
         tar = tarfile.open(fileobj=reader, mode="r|", bufsize=_BLOCK)  # noqa: SIM115
         yield from _members(tar)

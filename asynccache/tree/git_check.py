@@ -15,13 +15,16 @@ from asynccache.errors import GitGuardFailed
 from asynccache.tree.git_guard import (
     DEFAULT_TIMEOUT,
     MAX_GIT_FILES,
+    OBJECT_ID,
     OBJECT_SIDECARS,
     STALE_FILES,
     STATE_FOLDERS,
+    commits_present,
     git_dirs,
     head_of,
     is_ancestor,
     is_pseudo_ref,
+    shallow_lines,
 )
 from asynccache.tree.safe_git import ShadowGit, find_special_files, sections
 
@@ -32,7 +35,6 @@ _PACK_NAME = re.compile(r"pack-(?:[0-9a-f]{40}|[0-9a-f]{64})")
 _PACK_FILES = {"pack", "idx", "rev"}
 #: A loose objects' folder: the first two hex digits of their names.
 _FANOUT = re.compile(r"[0-9a-f]{2}")
-_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def check_tree(
@@ -93,17 +95,11 @@ def _shallow_problems(git: ShadowGit) -> list[str]:
     shallow = git.gitdir / "shallow"
     if not shallow.is_file():
         return []
-    listed = shallow.read_bytes().decode("ascii", "replace").split()
-    names = [oid for oid in listed if _HEX.fullmatch(oid)]
-    if len(names) < len(listed):
+    listed = shallow_lines(shallow)
+    if not all(OBJECT_ID.fullmatch(name) for name in listed):
         return ["shallow holds lines that are not commit names"]
-    if not names:
-        return []
-    _, out = git.run(
-        "cat-file", "--batch-check=%(objectname) %(objecttype)",
-        stdin="".join(f"{oid}\n" for oid in names).encode(),
-    )  # fmt: skip
-    missing = [line.split(" ")[0] for line in out.splitlines() if not line.endswith(" commit")]
+    present = commits_present(git, listed)
+    missing = [oid for oid in listed if oid not in present]
     if missing:
         return [f"shallow names {len(missing)} commits the repository lacks, e.g. {missing[0]}"]
     return []

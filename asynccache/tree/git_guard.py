@@ -27,16 +27,19 @@ from asynccache.tree.safe_git import ShadowGit, find_special_files, git_executab
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_GIT_FILES",
+    "OBJECT_ID",
     "OBJECT_SIDECARS",
     "STALE_FILES",
     "STATE_FOLDERS",
     "GuardResult",
+    "commits_present",
     "git_dirs",
     "git_executable",
     "guard_tree",
     "head_of",
     "is_ancestor",
     "is_pseudo_ref",
+    "shallow_lines",
 ]
 
 #: Seconds the guard may take for one tree, submodules included.
@@ -70,7 +73,8 @@ _UPSTREAM_KEYS = ("remote", "merge", "pushremote")
 #: How much of the end of logs/HEAD is read to find the last checkout.
 _REFLOG_TAIL = 4 << 20
 _CHECKOUT = b"checkout: moving from "
-_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+#: An object name (sha1 or sha256), in full.
+OBJECT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 #: What a ref name may hold (see git-check-ref-format); the rest is checked in _is_ref_name.
 _REF_NAME = re.compile(r"refs/[^\x00-\x20\x7f~^:?*\[\\]+(?<![/.])")
 
@@ -224,11 +228,11 @@ def _pack_refs(git: ShadowGit, kept: list[_KeptRef]) -> None:
         return
     lines = [b"# pack-refs with: peeled fully-peeled sorted \n"]
     for ref in sorted(kept, key=lambda ref: os.fsencode(ref.name)):
-        if not _is_ref_name(ref.name) or not _HEX.fullmatch(ref.oid):
+        if not _is_ref_name(ref.name) or not OBJECT_ID.fullmatch(ref.oid):
             raise git.fail(f"cannot keep the ref {ref.name!r}")
         lines.append(os.fsencode(f"{ref.oid} {ref.name}\n"))
         if ref.peeled:
-            if not _HEX.fullmatch(ref.peeled):
+            if not OBJECT_ID.fullmatch(ref.peeled):
                 raise git.fail(f"cannot keep the ref {ref.name!r}")
             lines.append(f"^{ref.peeled}\n".encode())
     (git.shadow / "packed-refs").write_bytes(b"".join(lines))
@@ -261,7 +265,7 @@ def _repack(git: ShadowGit) -> None:
         "--indexed-objects", "--delta-base-offset", "--window=0", "-q", str(pack / "pack"),
     )  # fmt: skip
     name = out.strip()  # nothing when nothing is reachable (--non-empty)
-    if name and not _HEX.fullmatch(name):
+    if name and not OBJECT_ID.fullmatch(name):
         raise git.fail("git pack-objects named no pack")
     kept = {f"pack-{name}.pack", f"pack-{name}.idx", f"pack-{name}.rev"} if name else set()
     for path in pack.iterdir():
@@ -294,20 +298,31 @@ def _prune_shallow(git: ShadowGit) -> None:
     shallow = git.shadow / "shallow"
     if not shallow.is_file():
         return
-    listed = list(dict.fromkeys(shallow.read_bytes().decode("ascii", "replace").split()))
-    names = [oid for oid in listed if _HEX.fullmatch(oid)]  # never a revision expression
-    present: set[str] = set()
-    if names:
-        _, out = git.run(
-            "cat-file", "--batch-check=%(objectname) %(objecttype)",
-            stdin="".join(f"{oid}\n" for oid in names).encode(),
-        )  # fmt: skip
-        present = {line.split(" ")[0] for line in out.splitlines() if line.endswith(" commit")}
-    kept = [oid for oid in names if oid in present]
+    listed = shallow_lines(shallow)
+    present = commits_present(git, listed)
+    kept = [oid for oid in dict.fromkeys(listed) if oid in present]
     if kept:
         shallow.write_text("".join(f"{oid}\n" for oid in kept))
     else:
         shallow.unlink()
+
+
+def shallow_lines(shallow: Path) -> list[str]:
+    """The words of a ``shallow`` file, as written (each should be a commit's name)."""
+    return shallow.read_bytes().decode("ascii", "replace").split()
+
+
+def commits_present(git: ShadowGit, names: list[str]) -> set[str]:
+    """Which of ``names`` are commits of the repository; anything but a full object name is
+    none (never handed to git, which would read it as a revision expression)."""
+    oids = [name for name in names if OBJECT_ID.fullmatch(name)]
+    if not oids:
+        return set()
+    _, out = git.run(
+        "cat-file", "--batch-check=%(objectname) %(objecttype)",
+        stdin="".join(f"{oid}\n" for oid in oids).encode(),
+    )  # fmt: skip
+    return {line.split(" ")[0] for line in out.splitlines() if line.endswith(" commit")}
 
 
 def head_of(git: ShadowGit) -> tuple[str | None, str | None]:
@@ -339,7 +354,7 @@ def _last_checkout(reflog: Path) -> _Checkout | None:
         if len(parts) < 3 or not parts[2].partition(b"\t")[2].startswith(_CHECKOUT):
             continue
         new = parts[1].decode("ascii", "replace")
-        if _HEX.fullmatch(new):
+        if OBJECT_ID.fullmatch(new):
             return _Checkout(new, parts[2])
     return None
 
