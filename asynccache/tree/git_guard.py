@@ -189,6 +189,10 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     _repack(git)
     _remove_unpacked(gitdir / "objects")
     _prune_shallow(git)
+    # asked while the shadow still holds its refs (install_refs moves them into the real folder,
+    # after which the shadow is no repository git would open)
+    abbrev_after = _abbrev(git, head, checkout)
+    pin = abbrev_before if abbrev_after < abbrev_before else 0
 
     _remove_state(gitdir)
     git.install_refs()
@@ -197,8 +201,6 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
         (gitdir / "logs" / "HEAD").write_bytes(
             b"0" * len(head) + f" {checkout.new} ".encode() + checkout.rest + b"\n"
         )
-    abbrev_after = _abbrev(git, head, checkout)
-    pin = abbrev_before if abbrev_after < abbrev_before else 0
     _clean_config(git, {ref.name.removeprefix("refs/heads/") for ref in kept}, pin)
     return len(kept), len(every_ref) - len(kept)
 

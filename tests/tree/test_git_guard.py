@@ -480,6 +480,18 @@ def test_status_keeps_its_abbreviation_when_objects_go(tmp_path: Path) -> None:
     assert git(repo, "config", "core.abbrev").strip() == "8"
 
 
+def test_abbreviation_that_holds_is_not_pinned(leaky: LeakyRepo) -> None:
+    """Removing the history past HEAD leaves git's 7 hex digits: config gets no core.abbrev."""
+    head = git(leaky.path, "rev-parse", "HEAD").strip()
+    assert git(leaky.path, "rev-parse", "--short", "HEAD").strip() == head[:7]
+    guard_tree(leaky.path)
+    assert git(leaky.path, "rev-parse", "--short", "HEAD").strip() == head[:7]
+    unset = subprocess.run(
+        ["git", "config", "core.abbrev"], cwd=leaky.path, env=git_env(), capture_output=True
+    )
+    assert unset.returncode == 1, unset.stdout
+
+
 def test_unreadable_repository_fails_clearly(leaky: LeakyRepo) -> None:
     (leaky.path / ".git/HEAD").write_text("0123456789012345678901234567890123456789\n")
     with pytest.raises(GitGuardFailed) as failure:
