@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from asynccache._collector import tune_for_worker
 from asynccache.config import CacheOptions
 from asynccache.errors import CacheError
 from asynccache.sources.base import Source
@@ -93,6 +94,7 @@ def worker_main(
     # lines but only the warnings of libraries).
     root.setLevel(log_levels[0])
     logging.getLogger("asynccache").setLevel(log_levels[1])
+    tune_for_worker()
     asyncio.run(
         _serve(
             conn,
