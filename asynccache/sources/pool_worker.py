@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from asynccache._collector import tune_for_worker
 from asynccache.config import CacheOptions
 from asynccache.errors import CacheError
 from asynccache.sources.base import Source
@@ -33,6 +32,7 @@ from asynccache.sources.daemon_gate import SharedDaemonGateState
 from asynccache.sources.factory import make_backend, pull_gate
 from asynccache.sources.finishing import finishing
 from asynccache.sources.ratelimit import SharedGateState
+from asynccache.sources.worker_memory import tune_for_worker
 from asynccache.tree.extract import ExtractResult
 from asynccache.tree.options import TreeFactory, TreeOptions
 
