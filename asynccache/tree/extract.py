@@ -267,7 +267,8 @@ class Extractor:
             fill = functools.partial(tar.copy, info)
             folder.write_sparse(rel, mode, mtime, size, segments, fill)
         elif folder.queues(rel, size):
-            # a small file's data is in memory before it is written (the writer hashes it)
+            # its data is in memory before it is created (the writer hashes it first, and
+            # links the store's copy when there is one)
             pieces = self.read_data(tar, info)
             folder.queue_file(FileJob(info.name, rel, folder.base + rel, mode, mtime, pieces, size))
         else:

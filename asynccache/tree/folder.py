@@ -32,7 +32,15 @@ from asynccache.tree.file_data import (
 from asynccache.tree.record import TreeRecord
 from asynccache.tree.tarstream import Sink
 from asynccache.tree.unstored import store_unstored
-from asynccache.tree.writer import MAX_QUEUED_FILE, DirJob, FileJob, FileWriter, Job, place_file
+from asynccache.tree.writer import (
+    MAX_LINKED_FILE,
+    MAX_QUEUED_FILE,
+    DirJob,
+    FileJob,
+    FileWriter,
+    Job,
+    place_file,
+)
 
 __all__ = ["Folder", "FolderRules", "kind_of"]
 
@@ -153,8 +161,10 @@ class Folder:
         self.root_attrs = None
 
     def queues(self, rel: bytes, size: int) -> bool:
-        """A file of size bytes at rel goes to the writer thread (its data read into memory)."""
-        return self.writer is not None and size <= MAX_QUEUED_FILE and rel not in self.dirs
+        """A file of size bytes at rel goes to the writer thread (its data read into memory):
+        a small one, or one the store may hold (see writer.MAX_LINKED_FILE)."""
+        limit = MAX_QUEUED_FILE if self.store is None else MAX_LINKED_FILE
+        return self.writer is not None and size <= limit and rel not in self.dirs
 
     def queue_file(self, job: FileJob) -> None:
         """Hand a small file, its data in memory, to the writer thread (see :meth:`queues`)."""

@@ -21,6 +21,12 @@ from asynccache.tree.file_data import FILE_FLAGS, write_all
 
 #: Largest file handed to the writer; bigger ones are written by the extracting thread.
 MAX_QUEUED_FILE = 1 << 20
+#: Largest file handed to the writer when a content store may hold it: its data is read into
+#: memory and hashed before anything is created, so that a stored copy is linked instead of
+#: written (a shared library or the repository's pack of several MiB is the same in every
+#: image of a repository). Bigger ones are hashed while written, then stored or replaced by a
+#: link to the stored copy.
+MAX_LINKED_FILE = 16 << 20
 _MAX_QUEUED_BYTES = 16 << 20
 _MAX_QUEUED_JOBS = 256
 #: Most paths remembered between flushes (the extracting thread flushes beyond).

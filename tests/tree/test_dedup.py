@@ -18,7 +18,7 @@ from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import ExtractResult, extract_tar
 from asynccache.tree.layered import LayerTree
-from asynccache.tree.writer import MAX_QUEUED_FILE
+from asynccache.tree.writer import MAX_LINKED_FILE, MAX_QUEUED_FILE
 from tests.support.fixtures import snapshot_tree
 from tests.support.tars import tar_of
 from tests.tree.test_writer import random_members
@@ -39,8 +39,10 @@ def member(name: str, data: bytes | None = None, **attributes: Any) -> tuple[Any
 
 
 def sample_members(variant: bytes) -> list[tuple[Any, bytes]]:
-    """A tree with shared and own files, small and large, an empty one, modes, a hardlink."""
+    """A tree with shared and own files, small, large and larger than the writer takes, an
+    empty one, modes, a hardlink."""
     big = bytes(range(256)) * ((MAX_QUEUED_FILE // 256) + 10)
+    huge = bytes(range(256)) * ((MAX_LINKED_FILE // 256) + 1)
     return [
         member("testbed"),
         member("testbed/pkg"),
@@ -52,6 +54,7 @@ def sample_members(variant: bytes) -> list[tuple[Any, bytes]]:
         member("testbed/plain.sh", b"#!/bin/sh\n"),
         member("testbed/big.bin", big),
         member("testbed/big-own.bin", big + variant),
+        member("testbed/huge.bin", huge),
         member("testbed/hard", type=tarfile.LNKTYPE, linkname="testbed/pkg/core.py"),
         member("testbed/link", type=tarfile.SYMTYPE, linkname="pkg/core.py"),
     ]
@@ -94,13 +97,14 @@ def test_the_second_tree_links_what_the_first_wrote_and_reads_the_same(
     assert not os.path.samefile(one / "run.sh", one / "plain.sh")
     assert stat.S_IMODE(os.stat(one / "run.sh").st_mode) == 0o755
     # across trees: every shared file is one inode; own files are not
-    for name in ("pkg/core.py", "pkg/__init__.py", "run.sh", "plain.sh", "big.bin"):
+    for name in ("pkg/core.py", "pkg/__init__.py", "run.sh", "plain.sh", "big.bin", "huge.bin"):
         assert os.path.samefile(one / name, two / name), name
     assert not os.path.samefile(one / "pkg" / "own.py", two / "pkg" / "own.py")
     # the first wrote each distinct file once (the hardlink is a link); the second linked
-    # each small file it shared and wrote the large one (hashed while written), then stored it
-    assert (first.files_written, first.files_linked) == (7, 1)
-    assert (second.files_written, second.files_linked) == (3, 5)
+    # each file it shared that the writer takes (hashed first, big.bin too), and wrote the one
+    # past that (hashed while written) before replacing it by a link to the stored copy
+    assert (first.files_written, first.files_linked) == (8, 1)
+    assert (second.files_written, second.files_linked) == (3, 6)
     # every regular file of both trees is a stored object
     objects = store.inodes()
     for path in regular_files(one) + regular_files(two):
