@@ -276,10 +276,20 @@ class Extractor:
         folder.count(1, size)
 
     def read_data(self, tar: TarReader, info: Member) -> list[bytes]:
-        """Read a member's data into memory (small members only)."""
+        """Read a member's data into memory (members the writer takes only)."""
         pieces: list[bytes] = []
+
+        def keep(more: list[bytes], _size: int) -> None:
+            # one piece per hand-over: a stream read a few bytes at a time (a layer of 1-byte
+            # gzip members, say) would otherwise cost ~60 bytes of memory per byte of the file
+            pieces.append(more[0] if len(more) == 1 else b"".join(more))
+
         if info.size:
-            self.copy(tar, info, lambda more, _size: pieces.extend(more))
+            try:
+                self.copy(tar, info, keep)
+            except BaseException:
+                pieces.clear()  # the traceback keeps this frame, not the data read so far
+                raise
         return pieces
 
     def copy(self, tar: TarReader, info: Member, out: int | Sink) -> None:

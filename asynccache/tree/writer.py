@@ -9,6 +9,7 @@ not do (see :meth:`FileWriter.flush`), so that every error is reported where it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash, identity_of, sha256_of
-from asynccache.tree.file_data import FILE_FLAGS, write_all
+from asynccache.tree.file_data import FILE_FLAGS, unlinked_unless_done, write_all
 
 #: Largest file handed to the writer; bigger ones are written by the extracting thread.
 MAX_QUEUED_FILE = 1 << 20
@@ -51,18 +52,21 @@ class FileJob:
 
 
 def create_file(job: FileJob, umask: int, *, stat_after: bool) -> os.stat_result | None:
-    """Create job's file where nothing is (FileExistsError else) with its mode, data and mtime."""
+    """Create job's file where nothing is (FileExistsError else) with its mode, data and mtime.
+
+    A file it created but could not complete is removed: whoever does the job again must not
+    find it there and take it for what an earlier layer left (and count it off).
+    """
     fd = os.open(job.full, FILE_FLAGS, job.mode)
-    try:
+    with unlinked_unless_done(fd, job.full):  # closes fd either way
         if job.mode & umask:
             os.fchmod(fd, job.mode)
         if job.size:
             write_all(fd, job.pieces, job.size)
         if job.mtime is not None:
             os.utime(fd, ns=(job.mtime, job.mtime))
-        return os.fstat(fd) if stat_after else None
-    finally:
-        os.close(fd)
+        found = os.fstat(fd) if stat_after else None
+    return found
 
 
 def place_file(
@@ -84,7 +88,12 @@ def place_file(
     if found is not None:
         return (identity_of(found), digest), True
     create_file(job, umask, stat_after=False)
-    _, found = store.put(job.full, digest, job.mode)
+    try:
+        _, found = store.put(job.full, digest, job.mode)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(job.full)  # as create_file does: a job done again finds nothing here
+        raise
     return (identity_of(found), digest), False
 
 
@@ -137,10 +146,15 @@ class FileWriter:
         if len(self.pending) >= _MAX_PENDING:
             return False
         with self._lock:
+            # the bytes bound counts the job itself (it may be as large as the bound), except
+            # on an empty queue, which takes any job
             while (
-                len(self._jobs) >= _MAX_QUEUED_JOBS or self._queued_bytes >= _MAX_QUEUED_BYTES
+                len(self._jobs) >= _MAX_QUEUED_JOBS
+                or (self._jobs and self._queued_bytes + job.size > _MAX_QUEUED_BYTES)
             ) and not self._failed:
                 self._waiting_for_room = True  # woken when the queue is half empty
+                if self._writer_asleep:
+                    self._work.notify()  # what waits may be below the marks that wake it
                 self._done.wait()
             self._waiting_for_room = False
             if self._failed:
@@ -218,6 +232,7 @@ class FileWriter:
                     and self._queued_bytes <= _MAX_QUEUED_BYTES // 2
                 ):
                     self._done.notify()
+            del job, done  # a sleeping writer must not hold the last file's data
 
     def _write(self, job: Job) -> tuple[tuple[int, int], FileHash | None]:
         """Create job's file, replacing a regular file or symlink; a folder there is an error.

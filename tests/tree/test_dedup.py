@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
 import stat
 import tarfile
+import traceback
+import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pytest
 
 from asynccache.cache.store import Store
-from asynccache.errors import UnsafeArchive
+from asynccache.errors import TruncatedArchive, UnsafeArchive
 from asynccache.tree.digest import tree_digest, tree_stats
 from asynccache.tree.exclude import ExcludeRules
 from asynccache.tree.extract import ExtractResult, extract_tar
-from asynccache.tree.layered import LayerTree
+from asynccache.tree.folder import Folder
+from asynccache.tree.layered import LayerRules, LayerTree
 from asynccache.tree.writer import MAX_LINKED_FILE, MAX_QUEUED_FILE
 from tests.support.fixtures import snapshot_tree
 from tests.support.tars import tar_of
@@ -240,3 +244,95 @@ def test_exclude_patterns_are_checked() -> None:
         with pytest.raises(ValueError):
             ExcludeRules([bad])
     assert not ExcludeRules([])
+
+
+class _Trickle:
+    """A stream that gives a few bytes a read, as a layer of 1-byte gzip members would."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step, self.at = data, step, 0
+
+    def read(self, size: int = -1) -> bytes:
+        take = self.step if size < 0 else min(size, self.step)
+        chunk = self.data[self.at : self.at + take]
+        self.at += len(chunk)
+        return chunk
+
+
+def test_a_file_read_a_few_bytes_at_a_time_is_held_about_once(store: Store, tmp_path: Path) -> None:
+    """The writer takes files up to 16 MiB in memory: their pieces are joined as they come."""
+    size = MAX_QUEUED_FILE + 1  # past the small-file limit: in memory only because of the store
+    data = tar_of(
+        [member("testbed"), member("testbed/big.bin", bytes(range(256)) * (size // 256) + b"x")]
+    )
+    dest = tmp_path / "cache" / "tree"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        result = extract_tar(cast(BinaryIO, _Trickle(data, 8)), dest, keep_hashes=True, store=store)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.file_count == 1 and (dest / "big.bin").stat().st_size == size
+    # kept as 8-byte pieces it was ~49 bytes of memory for each byte of the file
+    assert peak < 3 * size, peak
+
+
+class _PutFailsOnce(Store):
+    """A store whose first put fails as a full disk would (after the file was written)."""
+
+    failed = False
+
+    def put(self, path: bytes, digest: str, mode: int) -> tuple[bool, os.stat_result]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().put(path, digest, mode)
+
+
+def test_a_file_the_writer_could_not_store_is_done_again_and_counted_once(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "cache").mkdir()
+    flaky = _PutFailsOnce(tmp_path / "cache")
+    flaky.open()
+    size = 2 << 20
+    data = tar_of([member("testbed"), member("testbed/big.bin", b"y" * size)])
+    dest = tmp_path / "cache" / "tree"
+    result = extract(data, dest, store=flaky)
+    assert flaky.failed
+    assert (result.file_count, result.size_bytes) == (1, size)
+    assert (dest / "big.bin").read_bytes() == b"y" * size
+    assert result.digest == tree_digest(dest)
+
+
+def test_a_stream_cut_inside_a_file_keeps_none_of_its_data(store: Store, tmp_path: Path) -> None:
+    """The error's traceback holds the extraction's frames; not the file's data read so far."""
+    data = tar_of([member("testbed"), member("testbed/big.bin", b"z" * (3 << 20))])
+    dest = tmp_path / "cache" / "tree"
+    dest.mkdir()
+    with pytest.raises(TruncatedArchive) as failure:
+        extract_tar(io.BytesIO(data[: 2 << 20]), dest, keep_hashes=True, store=store)
+    held = [
+        frame.f_locals["pieces"]
+        for frame, _ in traceback.walk_tb(failure.value.__traceback__)
+        if frame.f_code.co_name == "read_data"
+    ]
+    assert held == [[]]
+    assert not (dest / "big.bin").exists()
+
+
+def test_only_a_store_makes_the_writer_take_files_past_1_mib(tmp_path: Path) -> None:
+    rules = LayerRules()
+    plain = Folder(bytes(tmp_path), rules)
+    stored = Folder(bytes(tmp_path), rules, store=Store(tmp_path))
+    for folder in (plain, stored):
+        folder.start_writer()
+    try:
+        assert plain.queues(b"f", MAX_QUEUED_FILE) and stored.queues(b"f", MAX_QUEUED_FILE)
+        assert not plain.queues(b"f", MAX_QUEUED_FILE + 1)
+        assert stored.queues(b"f", MAX_LINKED_FILE)
+        assert not stored.queues(b"f", MAX_LINKED_FILE + 1)
+    finally:
+        for folder in (plain, stored):
+            folder.stop_writer(completed=False)

@@ -187,3 +187,42 @@ def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -
     info = os.lstat(tmp_path / "old")
     identity = (info.st_ino, info.st_size, info.st_mtime_ns)
     assert hashes == [(b"old", 0o644, (identity, hashlib.sha256(b"new").hexdigest()))]
+
+
+def test_a_file_as_large_as_the_queue_waits_for_room_and_wakes_the_writer(
+    tmp_path: Path,
+) -> None:
+    """Queued bytes stay within the bound, the arriving file counted; a writer left asleep
+    below its wake-up marks is woken by a file that must wait."""
+    release, started, admitted = threading.Event(), threading.Event(), threading.Event()
+
+    class HeldWriter(FileWriter):
+        def _write(self, job: Any) -> Any:
+            started.set()
+            release.wait(10)
+            return super()._write(job)
+
+    writer = HeldWriter(0o022)
+    big_size = writer_module._MAX_QUEUED_BYTES
+    small = FileJob("s", b"s", os.fsencode(tmp_path / "s"), 0o644, None, [b"x" * 1024], 1024)
+    big = FileJob("b", b"b", os.fsencode(tmp_path / "b"), 0o644, None, [bytes(big_size)], big_size)
+    try:
+        assert writer.submit(small)  # one small file: below the marks that wake the writer
+
+        def submit_big() -> None:
+            if writer.submit(big):
+                admitted.set()
+
+        thread = threading.Thread(target=submit_big)
+        thread.start()
+        assert started.wait(5), "the writer was left asleep"
+        assert not admitted.wait(0.3), "1 KiB + 16 MiB queued: past the bound"
+        release.set()
+        assert admitted.wait(5)
+        thread.join(5)
+        failed, *_ = writer.flush()
+        assert failed == []
+    finally:
+        release.set()
+        writer.close()
+    assert (tmp_path / "b").stat().st_size == big_size
