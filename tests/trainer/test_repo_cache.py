@@ -234,16 +234,25 @@ async def test_checkout_never_blocks_the_event_loop(
     debug, slow = loop.get_debug(), loop.slow_callback_duration
     loop.set_debug(True)
     loop.slow_callback_duration = 0.05
+    # A checkout done in the event loop makes a slow step in every attempt; a machine shared
+    # with other work can stall one step now and then (0.13 s was seen once): three attempts,
+    # one without a slow step passes.
+    attempts: list[list[str]] = []
     try:
-        with caplog.at_level(logging.WARNING, logger="asyncio"):
-            async with anyio.create_task_group() as tg:
-                for number in range(3):
-                    tg.start_soon(_checkout_and_release, cache, tmp_path / f"r{number}", record)
+        for attempt in range(3):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="asyncio"):
+                async with anyio.create_task_group() as tg:
+                    for number in range(3):
+                        dest = tmp_path / f"r{attempt}-{number}"
+                        tg.start_soon(_checkout_and_release, cache, dest, record)
+            attempts.append([r.getMessage() for r in caplog.records if "took" in r.getMessage()])
+            if not attempts[-1]:
+                break
     finally:
         loop.set_debug(debug)
         loop.slow_callback_duration = slow
-    slow_callbacks = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
-    assert slow_callbacks == []
+    assert [] in attempts, attempts
 
 
 async def _checkout_and_release(cache: RepoCache, dest: Path, record: dict[str, Any]) -> None:
