@@ -269,28 +269,11 @@ class Extractor:
         elif folder.queues(rel, size):
             # its data is in memory before it is created (the writer hashes it first, and
             # links the store's copy when there is one)
-            pieces = self.read_data(tar, info)
+            pieces = tar.read_data(info)
             folder.queue_file(FileJob(info.name, rel, folder.base + rel, mode, mtime, pieces, size))
         else:
             folder.write_file(rel, mode, mtime, size, functools.partial(tar.copy, info))
         folder.count(1, size)
-
-    def read_data(self, tar: TarReader, info: Member) -> list[bytes]:
-        """Read a member's data into memory (members the writer takes only)."""
-        pieces: list[bytes] = []
-
-        def keep(more: list[bytes], _size: int) -> None:
-            # one piece per hand-over: a stream read a few bytes at a time (a layer of 1-byte
-            # gzip members, say) would otherwise cost ~60 bytes of memory per byte of the file
-            pieces.append(more[0] if len(more) == 1 else b"".join(more))
-
-        if info.size:
-            try:
-                self.copy(tar, info, keep)
-            except BaseException:
-                pieces.clear()  # the traceback keeps this frame, not the data read so far
-                raise
-        return pieces
 
     def copy(self, tar: TarReader, info: Member, out: int | Sink) -> None:
         """Copy a member's data from the stream to a file descriptor, or collect its pieces."""

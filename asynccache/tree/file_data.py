@@ -15,6 +15,7 @@ from typing import Protocol
 __all__ = [
     "FILE_FLAGS",
     "SparseWriter",
+    "removed_unless_done",
     "unlinked_unless_done",
     "write_all",
     "write_hashed",
@@ -79,16 +80,25 @@ def write_hashed(fd: int, content: _Hasher, pieces: list[bytes], total: int) -> 
 
 
 @contextmanager
+def removed_unless_done(full: bytes) -> Iterator[None]:
+    """Remove the file at full when the block fails: whoever does the work again must not find
+    it there and take it for what an earlier layer left."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(full)
+        raise
+
+
+@contextmanager
 def unlinked_unless_done(fd: int, full: bytes) -> Iterator[None]:
     """Close fd at the end; remove the file when its data could not all be written.
 
     A stream that ends or fails inside a file's data leaves no partial file behind.
     """
-    try:
-        yield
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(full)
-        raise
-    os.close(fd)
+    with removed_unless_done(full):
+        try:
+            yield
+        finally:
+            os.close(fd)

@@ -9,7 +9,6 @@ not do (see :meth:`FileWriter.flush`), so that every error is reported where it 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import threading
@@ -18,7 +17,12 @@ from dataclasses import dataclass
 
 from asynccache.tree.dedup import ContentStore
 from asynccache.tree.digest import FileHash, identity_of, sha256_of
-from asynccache.tree.file_data import FILE_FLAGS, unlinked_unless_done, write_all
+from asynccache.tree.file_data import (
+    FILE_FLAGS,
+    removed_unless_done,
+    unlinked_unless_done,
+    write_all,
+)
 
 #: Largest file handed to the writer; bigger ones are written by the extracting thread.
 MAX_QUEUED_FILE = 1 << 20
@@ -54,8 +58,7 @@ class FileJob:
 def create_file(job: FileJob, umask: int, *, stat_after: bool) -> os.stat_result | None:
     """Create job's file where nothing is (FileExistsError else) with its mode, data and mtime.
 
-    A file it created but could not complete is removed: whoever does the job again must not
-    find it there and take it for what an earlier layer left (and count it off).
+    A file it created but could not complete is removed (see file_data.removed_unless_done).
     """
     fd = os.open(job.full, FILE_FLAGS, job.mode)
     with unlinked_unless_done(fd, job.full):  # closes fd either way
@@ -87,13 +90,9 @@ def place_file(
     found = store.link(digest, job.mode, job.size, job.full)
     if found is not None:
         return (identity_of(found), digest), True
-    create_file(job, umask, stat_after=False)
-    try:
+    create_file(job, umask, stat_after=False)  # FileExistsError leaves what is there alone
+    with removed_unless_done(job.full):  # a file written but not stored is done again
         _, found = store.put(job.full, digest, job.mode)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(job.full)  # as create_file does: a job done again finds nothing here
-        raise
     return (identity_of(found), digest), False
 
 

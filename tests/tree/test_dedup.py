@@ -24,7 +24,7 @@ from asynccache.tree.folder import Folder
 from asynccache.tree.layered import LayerRules, LayerTree
 from asynccache.tree.writer import MAX_LINKED_FILE, MAX_QUEUED_FILE
 from tests.support.fixtures import snapshot_tree
-from tests.support.tars import tar_of
+from tests.support.tars import Trickle, tar_of
 from tests.tree.test_writer import random_members
 
 MTIME = 1_600_000_000
@@ -246,19 +246,6 @@ def test_exclude_patterns_are_checked() -> None:
     assert not ExcludeRules([])
 
 
-class _Trickle:
-    """A stream that gives a few bytes a read, as a layer of 1-byte gzip members would."""
-
-    def __init__(self, data: bytes, step: int) -> None:
-        self.data, self.step, self.at = data, step, 0
-
-    def read(self, size: int = -1) -> bytes:
-        take = self.step if size < 0 else min(size, self.step)
-        chunk = self.data[self.at : self.at + take]
-        self.at += len(chunk)
-        return chunk
-
-
 def test_a_file_read_a_few_bytes_at_a_time_is_held_about_once(store: Store, tmp_path: Path) -> None:
     """The writer takes files up to 16 MiB in memory: their pieces are joined as they come."""
     size = MAX_QUEUED_FILE + 1  # past the small-file limit: in memory only because of the store
@@ -269,7 +256,7 @@ def test_a_file_read_a_few_bytes_at_a_time_is_held_about_once(store: Store, tmp_
     dest.mkdir()
     tracemalloc.start()
     try:
-        result = extract_tar(cast(BinaryIO, _Trickle(data, 8)), dest, keep_hashes=True, store=store)
+        result = extract_tar(cast(BinaryIO, Trickle(data, 8)), dest, keep_hashes=True, store=store)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
