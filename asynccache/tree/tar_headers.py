@@ -87,13 +87,6 @@ def byte_sum(block: bytes | bytearray) -> int:
     return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
-def _octal(field: bytes) -> int:
-    """A number field in octal text; ValueError for anything else (base-256 included)."""
-    if field[0] in (0o200, 0o377):
-        raise ValueError("base-256 number")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
 def number_field(field: bytes) -> int:
     """A number field: octal text or GNU base-256 (Malformed for anything else)."""
     if field[0] in (0o200, 0o377):
@@ -121,37 +114,40 @@ def plain_header(
     """
     if len(buf) != _BLOCK:
         return None
-    fields = _HEADER.unpack(buf)
-    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic) = fields[:10]
-    (uname, gname, devmajor, devminor, prefix) = fields[11:]
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, _, uname, gname,
+     devmajor, devminor, prefix) = _HEADER.unpack(buf)  # fmt: skip
     if kind == tarfile.GNUTYPE_SPARSE:
         return None
+    # Each number inline, as int(field with its trailing NULs and spaces cut, 8): what
+    # frombuf reads (the text before the first NUL, stripped) whenever int() takes it; a NUL
+    # inside the text or a base-256 number makes int() fail, and the slow path decides.
+    # A member costs thousands of these on a large layer: no call per field.
     try:
-        checksum = _octal(chksum)
+        checksum = int(chksum.rstrip(b"\0 ") or b"0", 8)
         if checksum != 256 + byte_sum(buf) - sum(chksum):
             return None
         info = cls()
-        info.mode = _octal(mode)
-        info.uid = _octal(uid)
-        info.gid = _octal(gid)
-        info.size = _octal(size)
-        info.mtime = _octal(mtime)
-        info.devmajor = _octal(devmajor)
-        info.devminor = _octal(devminor)
+        info.mode = int(mode.rstrip(b"\0 ") or b"0", 8)
+        info.uid = int(uid.rstrip(b"\0 ") or b"0", 8)
+        info.gid = int(gid.rstrip(b"\0 ") or b"0", 8)
+        info.size = int(size.rstrip(b"\0 ") or b"0", 8)
+        info.mtime = int(mtime.rstrip(b"\0 ") or b"0", 8)
+        info.devmajor = int(devmajor.rstrip(b"\0 ") or b"0", 8)
+        info.devminor = int(devminor.rstrip(b"\0 ") or b"0", 8)
     except ValueError:
         return None
     info.chksum = checksum
     info.type = kind
-    text = text_field(name, encoding, errors)
-    info.linkname = text_field(linkname, encoding, errors)
-    info.uname = text_field(uname, encoding, errors)
-    info.gname = text_field(gname, encoding, errors)
+    text = name.split(b"\0", 1)[0].decode(encoding, errors)
+    info.linkname = linkname.split(b"\0", 1)[0].decode(encoding, errors)
+    info.uname = uname.split(b"\0", 1)[0].decode(encoding, errors)
+    info.gname = gname.split(b"\0", 1)[0].decode(encoding, errors)
     if kind == tarfile.AREGTYPE and text.endswith("/"):
         info.type = tarfile.DIRTYPE
     if info.type == tarfile.DIRTYPE:
         text = text.rstrip("/")
     if prefix[0] and magic == POSIX_MAGIC and info.type not in tarfile.GNU_TYPES:
-        text = text_field(prefix, encoding, errors) + "/" + text
+        text = prefix.split(b"\0", 1)[0].decode(encoding, errors) + "/" + text
     info.name = text
     return info
 

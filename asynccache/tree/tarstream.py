@@ -197,22 +197,29 @@ class TarReader:
         budget = self.source.budget
         while True:
             at = self.offset
-            self._skip_to(at)
+            buf, pos = self._buf, self._pos
+            if self._position == at and pos + _BLOCK <= len(buf):
+                # the block is buffered where the header starts: most members of a layer
+                block = buf[pos : pos + _BLOCK]
+                self._pos = pos + _BLOCK
+                self._position = at + _BLOCK
+            else:
+                self._skip_to(at)
+                block = self.read(_BLOCK)  # one block is within the header budget
+            if budget is not None:
+                budget.take_member()
+            info = plain_header(Member, block, self.encoding, self.errors)
+            if info is not None and info.type in _QUICK_TYPES:
+                if info.size < 0:
+                    raise Malformed(f"negative size in the header of {info.name!r}")
+                info.offset = at
+                info.offset_data = at + _BLOCK
+                self.offset = info.offset_data
+                if info.type in tarfile.REGULAR_TYPES:
+                    self.offset += _padded(info.size)
+                return info
             self._bound(at, HEADER_BUDGET)
             try:
-                block = self.read(_BLOCK)
-                if budget is not None:
-                    budget.take_member()
-                info = plain_header(Member, block, self.encoding, self.errors)
-                if info is not None and info.type in _QUICK_TYPES:
-                    if info.size < 0:
-                        raise Malformed(f"negative size in the header of {info.name!r}")
-                    info.offset = at
-                    info.offset_data = at + _BLOCK
-                    self.offset = info.offset_data
-                    if info.type in tarfile.REGULAR_TYPES:
-                        self.offset += _padded(info.size)
-                    return info
                 if info is not None and info.type == tarfile.XGLTYPE and info.size >= 0:
                     # a global header on its own: checked, skipped, and the next member is read
                     # within a budget of its own (Docker's extraction never applies one)
@@ -406,25 +413,24 @@ class TarReader:
             sink(pieces, pending)
 
 
-def _parse(call: Callable[[], Member | None], source: Source, at: int) -> Member | None:
-    """Run one parsing step, mapping its failures to domain errors."""
-    try:
-        return call()
-    except (SourceError, Truncated, CacheError):
-        raise
-    except Malformed as exc:
-        raise UnsafeArchive(f"<header at byte {at}>", str(exc)) from None
-    except Exception as exc:
-        if source.at_eof:
-            raise Truncated(f"the stream ended before the header at byte {at}") from None
-        raise UnsafeArchive(f"<header at byte {at}>", f"malformed tar header ({exc})") from None
-
-
 def members(source: Source) -> Iterator[tuple[TarReader, Member]]:
-    """Each member of the tar stream source reads, up to its end-of-archive marker."""
+    """Each member of the tar stream source reads, up to its end-of-archive marker.
+
+    A parsing step's failures become domain errors here, without a call of its own per member.
+    """
     reader = TarReader(source)
     while True:
-        info = _parse(reader.next, source, reader.offset)
+        at = reader.offset
+        try:
+            info = reader.next()
+        except (SourceError, Truncated, CacheError):
+            raise
+        except Malformed as exc:
+            raise UnsafeArchive(f"<header at byte {at}>", str(exc)) from None
+        except Exception as exc:
+            if source.at_eof:
+                raise Truncated(f"the stream ended before the header at byte {at}") from None
+            raise UnsafeArchive(f"<header at byte {at}>", f"malformed tar header ({exc})") from None
         if info is None:
             return
         yield reader, info

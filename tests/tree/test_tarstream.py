@@ -198,7 +198,11 @@ def random_header(rng: random.Random) -> bytes:
         block = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")[-512:]
     data = bytearray(block)
     for _ in range(rng.choice((0, 0, 1, 3))):
-        data[rng.randrange(512)] = rng.choice((0, 0x20, 0x30, 0x37, 0x38, 0x80, 0xFF, 0xC3))
+        # NUL, space, tab, digits, 8, '_', '-', base-256 and UTF-8 lead bytes: what int() and
+        # the fields' NUL and space trimming could read differently from tarfile
+        data[rng.randrange(512)] = rng.choice(
+            (0, 0x20, 0x09, 0x30, 0x37, 0x38, 0x5F, 0x2D, 0x80, 0xFF, 0xC3)
+        )
     return bytes(data)
 
 
