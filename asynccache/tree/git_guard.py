@@ -85,7 +85,6 @@ class GuardResult:
 
     repositories: int = 0
     refs_kept: int = 0
-    refs_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,20 +113,18 @@ def guard_tree(
         raise GitGuardFailed(".git", problem)
     deadline = time.monotonic() + timeout
     scratch = tree.parent if scratch is None else scratch
-    kept = dropped = 0
+    kept = 0
     gitdirs = git_dirs(dotgit)
     for gitdir in gitdirs:
         where = str(gitdir.relative_to(tree))
         try:
             with ShadowGit(gitdir, where, scratch, deadline) as git:
-                k, d = _guard_git_dir(git)
+                kept += _guard_git_dir(git)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"no space left while cleaning {where}: {exc.strerror}") from exc
             raise GitGuardFailed(where, _os_error_detail(exc, tree)) from exc
-        kept += k
-        dropped += d
-    return GuardResult(len(gitdirs), kept, dropped)
+    return GuardResult(len(gitdirs), kept)
 
 
 def _os_error_detail(exc: OSError, tree: Path) -> str:
@@ -157,8 +154,8 @@ def git_dirs(dotgit: Path) -> list[Path]:
     return found
 
 
-def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
-    """Clean one git folder; return (refs kept, refs dropped)."""
+def _guard_git_dir(git: ShadowGit) -> int:
+    """Clean one git folder; return how many refs it keeps."""
     gitdir = git.gitdir
     extensions = {k.removeprefix("extensions.") for k in git.config if k.startswith("extensions.")}
     unknown = sorted(extensions - _KNOWN_EXTENSIONS)
@@ -169,7 +166,6 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
     head, branch = head_of(git)
     checkout = _last_checkout(gitdir / "logs" / "HEAD") if head and branch is None else None
     abbrev_before = _abbrev(git, head, checkout)
-    every_ref = git.run("for-each-ref", "--format=%(refname)")[1].split()
     kept: list[_KeptRef] = []
     if head:
         listing = git.run(
@@ -202,7 +198,7 @@ def _guard_git_dir(git: ShadowGit) -> tuple[int, int]:
             b"0" * len(head) + f" {checkout.new} ".encode() + checkout.rest + b"\n"
         )
     _clean_config(git, {ref.name.removeprefix("refs/heads/") for ref in kept}, pin)
-    return len(kept), len(every_ref) - len(kept)
+    return len(kept)
 
 
 @dataclass(frozen=True)
