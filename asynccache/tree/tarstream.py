@@ -197,11 +197,12 @@ class TarReader:
         budget = self.source.budget
         while True:
             at = self.offset
-            buf, pos = self._buf, self._pos
-            if self._position == at and pos + _BLOCK <= len(buf):
+            buf = self._buf
+            start = self._pos + at - self._position  # past the last member's padding
+            if self._position <= at and start + _BLOCK <= len(buf):
                 # the block is buffered where the header starts: most members of a layer
-                block = buf[pos : pos + _BLOCK]
-                self._pos = pos + _BLOCK
+                block = buf[start : start + _BLOCK]
+                self._pos = start + _BLOCK
                 self._position = at + _BLOCK
             else:
                 self._skip_to(at)
