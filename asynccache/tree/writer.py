@@ -9,6 +9,7 @@ not do (see :meth:`FileWriter.flush`), so that every error is reported where it 
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -40,6 +41,9 @@ _MAX_PENDING = 1024
 #: for every small file would cost a thread switch per file.
 _WAKE_JOBS = 32
 _WAKE_BYTES = 1 << 20
+#: Most jobs the writer does between two turns of the lock: the queue is told of them
+#: together, not one lock and one wake-up check per small file.
+_BATCH_JOBS = 32
 
 
 @dataclass(slots=True)
@@ -204,34 +208,37 @@ class FileWriter:
                 self._writer_asleep = False
                 if self._closed:
                     return
-                job = self._jobs[0]
-            done: tuple[tuple[int, int], FileHash | None] | None
-            try:
-                done = self._write(job)
-            except Exception:  # replayed by the extracting thread, which reports it
-                done = None
+                # the jobs stay queued while written (a failure replays them from the queue)
+                batch = list(itertools.islice(self._jobs, _BATCH_JOBS))
+            done: list[tuple[tuple[int, int], FileHash | None]] = []
+            failed = False
+            for job in batch:
+                try:
+                    done.append(self._write(job))
+                except Exception:  # replayed by the extracting thread, which reports it
+                    failed = True
+                    break
             with self._lock:
                 if self._closed:
                     return
-                if done is None:
-                    self._failed = list(self._jobs)
-                    self._jobs.clear()
-                    self._queued_bytes = 0
-                else:
+                for job, (removed, written) in zip(batch, done, strict=False):
                     self._jobs.popleft()
                     self._queued_bytes -= job.size
-                    removed, written = done
                     self._removed_files += removed[0]
                     self._removed_bytes += removed[1]
                     if written is not None:
                         self._hashes.append((job.rel, job.mode, written))
+                if failed:
+                    self._failed = list(self._jobs)
+                    self._jobs.clear()
+                    self._queued_bytes = 0
                 if not self._jobs or (
                     self._waiting_for_room
                     and len(self._jobs) <= _MAX_QUEUED_JOBS // 2
                     and self._queued_bytes <= _MAX_QUEUED_BYTES // 2
                 ):
                     self._done.notify()
-            del job, done  # a sleeping writer must not hold the last file's data
+            del job, batch, done  # a sleeping writer must not hold the last files' data
 
     def _write(self, job: Job) -> tuple[tuple[int, int], FileHash | None]:
         """Create job's file, replacing a regular file or symlink; a folder there is an error.
