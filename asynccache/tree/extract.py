@@ -49,6 +49,8 @@ __all__ = [
     "extract_tar",
 ]
 
+#: Seconds past which an mtime no longer fits in signed 64-bit nanoseconds.
+_MAX_SECONDS = 2**63 // 1_000_000_000
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
 #: Members named in the one warning about dropped write permission for others.
@@ -255,8 +257,14 @@ class Extractor:
 
     def add_file(self, tar: TarReader, info: Member, rel: bytes) -> None:
         """Write a regular file with its mode and mtime."""
-        mode = self.mode(info)
-        mtime = self.mtime(info)
+        # the common case without a call each: plain permission bits, an mtime in range
+        mode = info.mode
+        mode = self.mode(info) if mode & 0o7002 else mode & 0o775
+        seconds = info.mtime
+        if type(seconds) is int and 0 <= seconds < _MAX_SECONDS:
+            mtime: int | None = seconds * 1_000_000_000
+        else:
+            mtime = self.mtime(info)
         folder = self.folder
         folder.ensure_parent(rel, info.name)
         size = info.size

@@ -379,7 +379,15 @@ class TarReader:
         a few bytes at a time (a layer of 1-byte gzip members, say) would otherwise cost ~60
         bytes of memory per byte of the file."""
         pieces: list[bytes] = []
-        if not info.stored:
+        stored = info.stored
+        if not stored:
+            return pieces
+        start = self._pos
+        if self._position == info.offset_data and start + stored <= len(self._buf):
+            # all buffered (most small files): one slice, as copy would hand it over
+            pieces.append(self._buf[start : start + stored])
+            self._pos = start + stored
+            self._position += stored
             return pieces
 
         def keep(more: list[bytes], _size: int) -> None:
