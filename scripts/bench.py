@@ -24,8 +24,9 @@ Contenders (``--contenders``, or each scenario's default list, ``DEFAULT_CONTEND
 * ``shellN`` and ``skopeo``: the peers (scripts/bench_peers.py): ``curl | gzip -dc | tar -x``
   of every layer, N images at a time, no whiteouts; ``skopeo copy`` + ``umoci raw unpack``.
 
-Before each run the benchmark removes every local image of the bench set, sets the cache folder
-aside, and waits (up to ``--settle`` s) until creating a file costs little again. It records:
+Contenders take turns, every other round in reverse order. Before each run the benchmark removes
+every local image of the bench set, sets the cache folder aside, and waits (up to ``--settle`` s)
+until creating a file costs little again. It records:
 
 * wall time, images per minute, ratio to the scenario's first contender (the baseline);
 * CPU seconds of the contender's process tree (``os.wait4`` rusage of the child: for the
@@ -1331,7 +1332,10 @@ def run_table(
         )
         runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
         for repeat in range(max(args.repeat, args.docker_repeat)):
-            for contender in contenders:
+            # every other round in reverse: a machine whose speed drifts during the run, or
+            # what one contender leaves behind (dirty pages, freed inodes), does not always
+            # favour the same contender
+            for contender in contenders if repeat % 2 == 0 else contenders[::-1]:
                 if repeat >= (args.docker_repeat if contender.uses_docker else args.repeat):
                     continue
                 label = f"{scenario}-{contender.name}-{repeat}"
