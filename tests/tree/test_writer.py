@@ -173,6 +173,41 @@ def test_a_job_the_writer_cannot_do_is_given_back_with_every_later_one(tmp_path:
     assert (removed_files, removed_bytes) == (0, 0)
 
 
+def test_a_failure_past_the_first_batch_keeps_every_count_of_the_jobs_before_it(
+    tmp_path: Path,
+) -> None:
+    """The writer hands back several jobs a turn: the files it replaced and the hashes of the
+    jobs done before a failure are all counted, in order, and the failed job comes back first
+    with every later one."""
+    count, failing = 3 * writer_module._BATCH_JOBS, writer_module._BATCH_JOBS + 5
+    replaced = range(0, failing, 4)
+    for number in replaced:
+        (tmp_path / f"f{number}").write_bytes(b"old!")
+    (tmp_path / f"f{failing}").mkdir()  # a folder where a file must go: the writer stops
+    release = threading.Event()
+
+    class HeldWriter(FileWriter):
+        def _write(self, job: Any) -> Any:
+            release.wait(10)  # every job queued before the first is done
+            return super()._write(job)
+
+    writer = HeldWriter(0o022, hashing=True)
+    jobs = [job(tmp_path, f"f{number}", b"%d" % number) for number in range(count)]
+    try:
+        for queued in jobs:
+            assert writer.submit(queued)
+        release.set()
+        failed, removed_files, removed_bytes, hashes = writer.flush()
+    finally:
+        release.set()
+        writer.close()
+    assert [rel for rel, _mode, _hash in hashes] == [b"f%d" % n for n in range(failing)]
+    assert (removed_files, removed_bytes) == (len(replaced), 4 * len(replaced))
+    assert [queued.name for queued in failed] == [f"f{n}" for n in range(failing, count)]
+    assert (tmp_path / f"f{failing - 1}").read_bytes() == b"%d" % (failing - 1)
+    assert not (tmp_path / f"f{failing + 1}").exists()
+
+
 def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -> None:
     (tmp_path / "old").write_bytes(b"12345")
     writer = FileWriter(0o022, hashing=True)
