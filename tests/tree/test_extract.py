@@ -634,6 +634,23 @@ def test_out_of_range_mtime_is_left_unset_with_warning(extract: Extract, dest: P
     assert result.warnings == (f"testbed/a.txt: mtime {10**30} out of range, left unset",)
 
 
+@pytest.mark.parametrize(
+    ("seconds", "kept"), [(2**63 // NS - 1, True), (2**63 // NS, True), (2**63 // NS + 1, False)]
+)
+def test_an_mtime_is_kept_while_its_nanoseconds_fit_in_64_bits(
+    extract: Extract, dest: Path, seconds: int, kept: bool
+) -> None:
+    records = pax_record(b"mtime", b"%d" % seconds)
+    data = build(dirm("testbed"), end=False)
+    data += raw_pax_member(records, reg("testbed/a.txt", b"a")) + END
+    result = extract(data, dest)
+    if kept:
+        assert os.stat(dest / "a.txt").st_mtime_ns == seconds * NS
+        assert result.warnings == ()
+    else:
+        assert result.warnings == (f"testbed/a.txt: mtime {seconds} out of range, left unset",)
+
+
 @pytest.mark.parametrize("value", [b"1e30", b"", b"12x", b"0x10", b"1.5.2", b"-", b" 12", b".5"])
 def test_a_malformed_pax_mtime_is_rejected(extract: Extract, sandbox: Path, value: bytes) -> None:
     # as GNU tar and Go's archive/tar: never read as 0 (the epoch) and extracted anyway
