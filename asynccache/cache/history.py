@@ -1,5 +1,5 @@
 """An extracted tree's last step before it is named: its git history past HEAD removed (with
-the object store told what the guard wrote and freed), and its digest taken.
+the object store told what the guard wrote and what it released), and its digest taken.
 
 It runs where the tree was extracted (a worker process, beside its siblings), so that neither
 the guard's bookkeeping nor the digest waits on the main process.
@@ -32,8 +32,17 @@ from asynccache.tree.unstored import store_unstored
 __all__ = ["HistoryCloser", "close_history"]
 
 _GIT = b".git"
-#: A stored object: (sha256, mode).
-_Object = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A file of .git as extracted that is a stored object."""
+
+    name: bytes  # its path under .git
+    inode: int
+    digest: str
+    mode: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,13 @@ def _in_git(line: bytes) -> bool:
     return line.startswith(_GIT + b"\0") or line.startswith(_GIT + b"/")
 
 
-def _git_as_extracted(dotgit: Path, result: ExtractResult) -> tuple[int, int, list[_Object]]:
-    """.git's regular files and bytes before the guard, in one walk, with the stored objects
-    (sha256, mode) they are, as the extraction hashed them: what the guard removes of them is
-    freed once nothing else links it."""
+def _git_as_extracted(dotgit: Path, result: ExtractResult) -> tuple[int, int, list[_Held]]:
+    """.git's regular files and bytes before the guard, in one walk, with those that are
+    stored objects, as the extraction hashed them: what the guard removes of them is released
+    to the store."""
     known = result.file_hashes
     files = size = 0
-    held: list[_Object] = []
+    held: list[_Held] = []
     for name, entry in entries_under(os.fsencode(dotgit)):
         info = entry.stat(follow_symlinks=False)
         if not stat.S_ISREG(info.st_mode):
@@ -115,13 +124,14 @@ def _git_as_extracted(dotgit: Path, result: ExtractResult) -> tuple[int, int, li
         size += info.st_size
         hashed = known.get(_GIT + b"/" + name)
         if hashed is not None and hashed[0] == identity_of(info):
-            held.append((hashed[1], stat.S_IMODE(info.st_mode)))
+            mode = stat.S_IMODE(info.st_mode)
+            held.append(_Held(name, info.st_ino, hashed[1], mode, info.st_size))
     return files, size, held
 
 
-def _restore(store: Store, dotgit: Path, held: list[_Object]) -> dict[bytes, FileHash]:
-    """After the git guard: store what it wrote, free what only the files it replaced linked
-    (free_object frees a copy only when the store alone links it).
+def _restore(store: Store, dotgit: Path, held: list[_Held]) -> dict[bytes, FileHash]:
+    """After the git guard: store what it wrote, and release to the store what it removed or
+    replaced (freed once nothing else links it: see Store.release).
 
     Returns the content hash of each file stored, by its path in the tree (for the digest).
     """
@@ -131,6 +141,12 @@ def _restore(store: Store, dotgit: Path, held: list[_Object]) -> dict[bytes, Fil
         stored[_GIT + b"/" + path] = (identity_of(found), digest)
 
     store_unstored(os.fsencode(dotgit), store, keep)
-    for digest, mode in set(held):
-        store.free_object(digest, mode)
+    base = os.path.join(os.fsencode(dotgit), b"")
+    for file in held:
+        try:
+            still = os.lstat(base + file.name).st_ino == file.inode
+        except FileNotFoundError:
+            still = False
+        if not still:
+            store.release(file.digest, file.mode, file.size)
     return stored

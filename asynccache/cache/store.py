@@ -13,6 +13,8 @@ import errno
 import os
 import secrets
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,17 +35,31 @@ __all__ = ["DEFAULT_MAX_LINKS", "STORE_DIR_NAME", "Store"]
 #: Links per object before a new copy starts: below ext4's 65,000, and a filesystem that
 #: allows fewer is met with EMLINK, which starts a new copy too.
 DEFAULT_MAX_LINKS = store_max_links
+#: Bytes of released objects (see Store.release) a process keeps for its next trees before it
+#: frees the oldest.
+RELEASED_BYTES = 1 << 30
 _TMP_NAME = ".tmp"
 
 
 class Store:
     """The content-addressed object store of one cache folder."""
 
-    def __init__(self, cache_dir: Path | str, *, max_links: int = DEFAULT_MAX_LINKS) -> None:
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        *,
+        max_links: int = DEFAULT_MAX_LINKS,
+        released_bytes: int = RELEASED_BYTES,
+    ) -> None:
         if max_links < 2:
             raise ValueError("max_links must be at least 2")
         self.root = Path(os.path.abspath(cache_dir)) / STORE_DIR_NAME
         self.max_links = max_links
+        self.released_bytes = released_bytes
+        # released objects, oldest first, with their sizes (see release)
+        self._released: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._released_total = 0
+        self._released_lock = threading.Lock()
         self._base = os.path.join(os.fsencode(self.root), b"")
         self.tmp_dir = self.root / _TMP_NAME
         # this process's work folder, and the lock that tells other processes it is alive
@@ -67,7 +83,10 @@ class Store:
             self._own, self._owner_fd = make_work_folder(self.tmp_dir)
 
     def close(self) -> None:
-        """Remove this process's work folder (links it still holds, such as pins, go with it)."""
+        """Free the released objects nothing links, then remove this process's work folder
+        (links it still holds, such as pins, go with it)."""
+        if self._own is not None:
+            self.free_released()
         own, fd = self._own, self._owner_fd
         self._own = self._owner_fd = None
         if own is not None:
@@ -346,6 +365,35 @@ class Store:
                     objects += 1
                     freed += size
         return objects, freed
+
+    def release(self, digest: str, mode: int, size: int) -> None:
+        """This process's trees no longer link (digest, mode): free it later rather than now.
+
+        The leak guard replaces a repository's pack with one of its own, and the next image of
+        the same repository often has the very same pack: kept a while, it is linked into that
+        tree instead of written again. Released objects wait up to ``released_bytes`` in all
+        (the oldest are freed first) and the rest at :meth:`close`; each is freed only when
+        nothing but the store links it by then.
+        """
+        key = (digest, mode)
+        due: list[tuple[str, int]] = []
+        with self._released_lock:
+            self._released_total += size - self._released.pop(key, 0)
+            self._released[key] = size
+            while self._released_total > self.released_bytes and self._released:
+                oldest, oldest_size = self._released.popitem(last=False)
+                self._released_total -= oldest_size
+                due.append(oldest)
+        for oldest in due:
+            self.free_object(*oldest)
+
+    def free_released(self) -> int:
+        """Free every released object that nothing but the store links; the bytes freed."""
+        with self._released_lock:
+            due = list(self._released)
+            self._released.clear()
+            self._released_total = 0
+        return sum(self.free_object(digest, mode) for digest, mode in due)
 
     def free_object(self, digest: str, mode: int) -> int:
         """Free each copy of (digest, mode) that nothing but the store links; the bytes freed."""

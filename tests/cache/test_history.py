@@ -102,8 +102,23 @@ def test_the_store_keeps_what_the_guard_wrote_and_frees_what_only_the_old_git_he
     assert after and all(links >= 2 for links in after.values())  # each one stored
     gone = before.keys() - after.keys()
     assert gone  # the guard's repack replaced packs and refs
+    # released: kept for a next tree of the same repository, freed when the run closes
+    assert all(store.has(digest, mode) for digest, mode in gone)
+    store.close()
     for digest, mode in gone:
         assert not store.has(digest, mode)  # nothing links them any more: freed
+    assert all(store.has(digest, mode) for digest, mode in after)
+
+
+def test_a_next_tree_of_the_same_repository_links_the_git_files_the_guard_released(
+    cache: CacheDir, store: Store, leaky_repo: LeakyRepo
+) -> None:
+    first = cache.new_work_dir(ENTRY.instance_id)
+    close_history(first, _extracted(leaky_repo.path, first, store), store)
+    second = cache.new_work_dir("beta__bbbbbbbbbbbb")
+    extracted = _extracted(leaky_repo.path, second, store)
+    assert extracted.files_written == 0  # its old packs and refs too: linked, not written
+    assert extracted.files_linked == extracted.file_count
 
 
 def test_the_closer_gives_a_digest_and_keeps_nothing_the_main_process_does_not_need(

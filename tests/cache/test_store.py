@@ -175,6 +175,47 @@ def test_objects_only_a_removed_tree_linked_are_freed_after_it(
     assert store.has(sha(shared), 0o644) and not store.has(sha(own), 0o644)
 
 
+def stored_then_unlinked(store: Store, tmp_path: Path, data: bytes) -> str:
+    """Store data from a tree file, then remove the file: only the store links it now."""
+    path = write(tmp_path / "tree" / sha(data)[:8], data)
+    store.put(path, sha(data), 0o644)
+    os.unlink(path)
+    return sha(data)
+
+
+def test_a_released_object_waits_for_a_next_tree_and_goes_at_close(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    store = Store(tmp_path / "cache")
+    store.open()
+    released, relinked = b"pack" * 100, b"idx" * 100
+    for data in (released, relinked):
+        store.release(stored_then_unlinked(store, tmp_path, data), 0o644, len(data))
+    assert store.has(sha(released), 0o644) and store.has(sha(relinked), 0o644)
+    again = os.fsencode(tmp_path / "next" / "idx")
+    os.makedirs(os.path.dirname(again))
+    assert store.link(sha(relinked), 0o644, len(relinked), again) is not None  # not rewritten
+    store.close()
+    assert not store.has(sha(released), 0o644)  # nothing linked it any more: freed
+    assert store.has(sha(relinked), 0o644)  # a tree links it again: kept
+    assert Path(os.fsdecode(again)).read_bytes() == relinked
+
+
+def test_released_objects_past_the_bound_are_freed_oldest_first(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    store = Store(tmp_path / "cache", released_bytes=250)
+    store.open()
+    first, second, third = b"1" * 100, b"2" * 100, b"3" * 100
+    digests = [stored_then_unlinked(store, tmp_path, data) for data in (first, second, third)]
+    store.release(digests[0], 0o644, 100)
+    store.release(digests[1], 0o644, 100)
+    store.release(digests[0], 0o644, 100)  # released again: now the newest
+    store.release(digests[2], 0o644, 100)  # 300 bytes wait: the oldest (second) goes
+    assert [store.has(digest, 0o644) for digest in digests] == [True, False, True]
+    assert store.free_released() == 200
+    assert not any(store.has(digest, 0o644) for digest in digests)
+    store.close()
+
+
 def test_check_finds_objects_changed_in_place_or_chmodded(store: Store, tmp_path: Path) -> None:
     good, edited, chmodded = b"good", b"edited", b"chmodded"
     for data in (good, edited, chmodded):
