@@ -145,7 +145,7 @@ def _restore(store: Store, dotgit: Path, held: list[_Held]) -> dict[bytes, FileH
     for file in held:
         try:
             still = os.lstat(base + file.name).st_ino == file.inode
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             still = False
         if not still:
             store.release(file.digest, file.mode, file.size)

@@ -35,9 +35,12 @@ __all__ = ["DEFAULT_MAX_LINKS", "STORE_DIR_NAME", "Store"]
 #: Links per object before a new copy starts: below ext4's 65,000, and a filesystem that
 #: allows fewer is met with EMLINK, which starts a new copy too.
 DEFAULT_MAX_LINKS = store_max_links
-#: Bytes of released objects (see Store.release) a process keeps for its next trees before it
-#: frees the oldest.
+#: Bytes of released objects (see Store.release) one Store keeps for its process's next trees
+#: before it frees the oldest (objects linked again meanwhile count too, and are kept).
 RELEASED_BYTES = 1 << 30
+#: Released objects smaller than this are freed at once: writing them again costs little, and
+#: a repack can release thousands of loose objects.
+RELEASED_MIN_SIZE = 64 << 10
 _TMP_NAME = ".tmp"
 
 
@@ -50,12 +53,14 @@ class Store:
         *,
         max_links: int = DEFAULT_MAX_LINKS,
         released_bytes: int = RELEASED_BYTES,
+        released_min_size: int = RELEASED_MIN_SIZE,
     ) -> None:
         if max_links < 2:
             raise ValueError("max_links must be at least 2")
         self.root = Path(os.path.abspath(cache_dir)) / STORE_DIR_NAME
         self.max_links = max_links
         self.released_bytes = released_bytes
+        self.released_min_size = released_min_size
         # released objects, oldest first, with their sizes (see release)
         self._released: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._released_total = 0
@@ -85,14 +90,18 @@ class Store:
     def close(self) -> None:
         """Free the released objects nothing links, then remove this process's work folder
         (links it still holds, such as pins, go with it)."""
-        if self._own is not None:
-            self.free_released()
         own, fd = self._own, self._owner_fd
-        self._own = self._owner_fd = None
-        if own is not None:
-            remove_work_folder(own)
-        if fd is not None:
-            os.close(fd)
+        try:
+            if own is not None:
+                # what cannot be freed now is left to gc: closing must not fail over it
+                with contextlib.suppress(OSError):
+                    self.free_released()
+        finally:
+            self._own = self._owner_fd = None
+            if own is not None:
+                remove_work_folder(own)
+            if fd is not None:
+                os.close(fd)
 
     def path(self, digest: str, mode: int, copy: int = 0) -> bytes:
         """The absolute path of an object."""
@@ -373,8 +382,12 @@ class Store:
         the same repository often has the very same pack: kept a while, it is linked into that
         tree instead of written again. Released objects wait up to ``released_bytes`` in all
         (the oldest are freed first) and the rest at :meth:`close`; each is freed only when
-        nothing but the store links it by then.
+        nothing but the store links it by then. One smaller than ``released_min_size`` is freed
+        at once.
         """
+        if size < self.released_min_size:
+            self.free_object(digest, mode)
+            return
         key = (digest, mode)
         due: list[tuple[str, int]] = []
         with self._released_lock:

@@ -121,7 +121,7 @@ def plain_header(
     # Each number inline, as int(field with its trailing NULs and spaces cut, 8): what
     # frombuf reads (the text before the first NUL, stripped) whenever int() takes it; a NUL
     # inside the text or a base-256 number makes int() fail, and the slow path decides.
-    # A member costs thousands of these on a large layer: no call per field.
+    # Eight numbers a member, thousands of members a layer: no call per field.
     try:
         checksum = int(chksum.rstrip(b"\0 ") or b"0", 8)
         if checksum != 256 + byte_sum(buf) - sum(chksum):

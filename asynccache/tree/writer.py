@@ -41,9 +41,11 @@ _MAX_PENDING = 1024
 #: for every small file would cost a thread switch per file.
 _WAKE_JOBS = 32
 _WAKE_BYTES = 1 << 20
-#: Most jobs the writer does between two turns of the lock: the queue is told of them
-#: together, not one lock and one wake-up check per small file.
+#: Most jobs and bytes the writer does between two turns of the lock: the queue is told of
+#: them together, not one lock and one wake-up check per small file, and a thread waiting for
+#: room hears of it after a MiB or so, not after many large files.
 _BATCH_JOBS = 32
+_BATCH_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -98,6 +100,19 @@ def place_file(
     with removed_unless_done(job.full):  # a file written but not stored is done again
         _, found = store.put(job.full, digest, job.mode)
     return (identity_of(found), digest), False
+
+
+def _batch(jobs: deque[Job]) -> list[Job]:
+    """The first jobs of the queue for one turn: at most _BATCH_JOBS, and past the first, no
+    more than _BATCH_BYTES of file data in all."""
+    batch: list[Job] = []
+    size = 0
+    for job in itertools.islice(jobs, _BATCH_JOBS):
+        size += job.size
+        if batch and size > _BATCH_BYTES:
+            break
+        batch.append(job)
+    return batch
 
 
 @dataclass(slots=True)
@@ -191,7 +206,7 @@ class FileWriter:
         return failed, *removed, hashes
 
     def close(self) -> None:
-        """Drop what is still queued and stop the thread."""
+        """Drop what is still queued and stop the thread (after the jobs it is doing now)."""
         with self._lock:
             self._closed = True
             self._jobs.clear()
@@ -209,7 +224,7 @@ class FileWriter:
                 if self._closed:
                     return
                 # the jobs stay queued while written (a failure replays them from the queue)
-                batch = list(itertools.islice(self._jobs, _BATCH_JOBS))
+                batch = _batch(self._jobs)
             done: list[tuple[tuple[int, int], FileHash | None]] = []
             failed = False
             for job in batch:

@@ -187,7 +187,7 @@ def test_a_released_object_waits_for_a_next_tree_and_goes_at_close(tmp_path: Pat
     (tmp_path / "cache").mkdir()
     store = Store(tmp_path / "cache")
     store.open()
-    released, relinked = b"pack" * 100, b"idx" * 100
+    released, relinked = b"pack" * 20_000, b"idx" * 30_000  # past RELEASED_MIN_SIZE
     for data in (released, relinked):
         store.release(stored_then_unlinked(store, tmp_path, data), 0o644, len(data))
     assert store.has(sha(released), 0o644) and store.has(sha(relinked), 0o644)
@@ -202,7 +202,7 @@ def test_a_released_object_waits_for_a_next_tree_and_goes_at_close(tmp_path: Pat
 
 def test_released_objects_past_the_bound_are_freed_oldest_first(tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
-    store = Store(tmp_path / "cache", released_bytes=250)
+    store = Store(tmp_path / "cache", released_bytes=250, released_min_size=0)
     store.open()
     first, second, third = b"1" * 100, b"2" * 100, b"3" * 100
     digests = [stored_then_unlinked(store, tmp_path, data) for data in (first, second, third)]
@@ -214,6 +214,14 @@ def test_released_objects_past_the_bound_are_freed_oldest_first(tmp_path: Path) 
     assert store.free_released() == 200
     assert not any(store.has(digest, 0o644) for digest in digests)
     store.close()
+
+
+def test_a_small_released_object_is_freed_at_once(store: Store, tmp_path: Path) -> None:
+    small, large = b"ref\n", b"p" * store.released_min_size
+    for data in (small, large):
+        store.release(stored_then_unlinked(store, tmp_path, data), 0o644, len(data))
+    assert not store.has(sha(small), 0o644)  # a loose object or a ref: cheap to write again
+    assert store.has(sha(large), 0o644)
 
 
 def test_check_finds_objects_changed_in_place_or_chmodded(store: Store, tmp_path: Path) -> None:

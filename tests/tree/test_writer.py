@@ -8,6 +8,7 @@ import os
 import random
 import tarfile
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,19 @@ def test_a_failure_past_the_first_batch_keeps_every_count_of_the_jobs_before_it(
     assert [queued.name for queued in failed] == [f"f{n}" for n in range(failing, count)]
     assert (tmp_path / f"f{failing - 1}").read_bytes() == b"%d" % (failing - 1)
     assert not (tmp_path / f"f{failing + 1}").exists()
+
+
+def test_a_turn_of_the_writer_takes_32_small_files_or_about_a_mib(tmp_path: Path) -> None:
+    """A thread waiting for room hears of it after a batch: a batch of large files stays near
+    a MiB (the first job whatever its size), one of small files near 32 jobs."""
+
+    def sized(count: int, size: int) -> deque[Any]:
+        return deque(job(tmp_path, f"f{n}", bytes(size)) for n in range(count))
+
+    assert len(writer_module._batch(sized(40, 1024))) == writer_module._BATCH_JOBS
+    assert len(writer_module._batch(sized(10, 600 << 10))) == 1
+    assert len(writer_module._batch(sized(10, 300 << 10))) == 3
+    assert len(writer_module._batch(sized(2, 16 << 20))) == 1
 
 
 def test_the_writer_replaces_a_file_and_counts_what_it_removed(tmp_path: Path) -> None:
