@@ -49,8 +49,13 @@ __all__ = [
     "extract_tar",
 ]
 
-#: Seconds past which an mtime no longer fits in signed 64-bit nanoseconds.
-_MAX_SECONDS = 2**63 // 1_000_000_000
+#: Permission bits a file keeps: setuid, setgid, sticky and write for others are dropped (with a
+#: warning, see Extractor.mode).
+_KEPT_MODE_BITS = 0o775
+_DROPPED_MODE_BITS = 0o7777 & ~_KEPT_MODE_BITS
+#: Nanosecond mtimes are signed 64-bit; seconds from this one on no longer fit.
+_NS_LIMIT = 2**63
+_MAX_SECONDS = _NS_LIMIT // 1_000_000_000
 #: Most warnings kept; the rest are counted.
 _MAX_WARNINGS = 100
 #: Members named in the one warning about dropped write permission for others.
@@ -183,7 +188,7 @@ class Extractor:
             self.world_writable += 1
             if len(self.writable_names) < _NAMED_WRITABLE:
                 self.writable_names.append(info.name)
-        return mode & 0o775
+        return mode & _KEPT_MODE_BITS
 
     def mtime(self, info: tarfile.TarInfo) -> int | None:
         """The member's mtime in nanoseconds, or None when it cannot be applied."""
@@ -192,7 +197,7 @@ class Extractor:
             ns = value * 1_000_000_000 if isinstance(value, int) else round(value * 1e9)
         except (ValueError, OverflowError):
             ns = None
-        if ns is None or not -(2**63) <= ns < 2**63:
+        if ns is None or not -_NS_LIMIT <= ns < _NS_LIMIT:
             self.warn(f"{info.name}: mtime {value!r} out of range, left unset")
             return None
         return ns
@@ -259,7 +264,7 @@ class Extractor:
         """Write a regular file with its mode and mtime."""
         # the common case without a call each: plain permission bits, an mtime in range
         mode = info.mode
-        mode = self.mode(info) if mode & 0o7002 else mode & 0o775
+        mode = self.mode(info) if mode & _DROPPED_MODE_BITS else mode & _KEPT_MODE_BITS
         seconds = info.mtime
         if type(seconds) is int and 0 <= seconds < _MAX_SECONDS:
             mtime: int | None = seconds * 1_000_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,23 @@ def test_a_released_object_waits_for_a_next_tree_and_goes_at_close(tmp_path: Pat
     assert not store.has(sha(released), 0o644)  # nothing linked it any more: freed
     assert store.has(sha(relinked), 0o644)  # a tree links it again: kept
     assert Path(os.fsdecode(again)).read_bytes() == relinked
+
+
+def test_close_removes_its_work_folder_when_a_released_object_cannot_be_freed(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "cache").mkdir()
+    store = Store(tmp_path / "cache", released_min_size=0)
+    store.open()
+    digest = stored_then_unlinked(store, tmp_path, b"pack")
+    store.release(digest, 0o644, 4)
+    fanout = store.root / digest[:2]
+    shutil.rmtree(fanout)
+    fanout.write_bytes(b"")  # a file where its folder was: looking the object up fails
+    own = list(store.tmp_dir.iterdir())
+    assert len(own) == 1
+    store.close()  # the error is left to gc; the work folder and its lock go all the same
+    assert not own[0].exists()
 
 
 def test_released_objects_past_the_bound_are_freed_oldest_first(tmp_path: Path) -> None:
